@@ -1,0 +1,709 @@
+"""Tests of wsgate.config: units, addresses, schema rules with key paths, file loading."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from wsgate.config import (
+    Admin,
+    Config,
+    FlowControl,
+    Heartbeat,
+    Limits,
+    Log,
+    Match,
+    Shutdown,
+    Timeouts,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_host_port,
+    parse_size,
+)
+from wsgate.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "wsgate.yaml"
+
+MINIMAL: dict[str, Any] = {
+    "listeners": [{"bind": "127.0.0.1:8080"}],
+    "routes": [{"name": "echo", "backends": [{"url": "ws://127.0.0.1:9001"}]}],
+}
+
+
+def with_(path: str, value: Any, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of MINIMAL with `value` set at a dotted path ("routes.0.match.host")."""
+    data = copy.deepcopy(MINIMAL if base is None else base)
+    *parents, last = path.split(".")
+    node: Any = data
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return data
+
+
+def config_error(data: Any) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return info.value
+
+
+# --------------------------------------------------------------------------
+# Units and addresses
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (0, 0.0),
+        ("0", 0.0),
+        (30, 30.0),
+        (1.5, 1.5),
+        ("250ms", 0.25),
+        ("30s", 30.0),
+        ("1.5s", 1.5),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("0.5h", 1800.0),
+        ("30", 30.0),
+        (" 10s ", 10.0),
+        ("0ms", 0.0),
+    ],
+)
+def test_parse_duration_valid(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("5 seconds", "expected a duration such as 250ms, 30s, 5m or 1h, got '5 seconds'"),
+        ("", "expected a duration such as 250ms, 30s, 5m or 1h, got ''"),
+        ("s", "expected a duration"),
+        ("10d", "expected a duration"),
+        ("1m30s", "expected a duration"),
+        ("5M", "expected a duration"),
+        ("abc", "expected a duration"),
+        (True, "expected a duration such as 250ms, 30s, 5m or 1h, got true"),
+        (None, "expected a duration"),
+        ([1], "expected a duration"),
+        (math.inf, "expected a duration"),
+        (math.nan, "expected a duration"),
+        (-1, "a duration cannot be negative, got -1"),
+        ("-5s", "a duration cannot be negative, got '-5s'"),
+    ],
+)
+def test_parse_duration_invalid(value: object, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_duration(value)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        (0, 0),
+        (512, 512),
+        ("512", 512),
+        ("512B", 512),
+        ("64KiB", 64 * 1024),
+        ("16MiB", 16 * 1024**2),
+        ("1GiB", 1024**3),
+        ("64KB", 64_000),
+        ("64kB", 64_000),
+        ("16MB", 16_000_000),
+        ("1GB", 1_000_000_000),
+        ("1.5KiB", 1536),
+        ("16 MiB", 16 * 1024**2),
+        (2048.0, 2048),
+    ],
+)
+def test_parse_size_valid(value: object, size: int) -> None:
+    assert parse_size(value) == size
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("16 megs", "expected a size such as 64KiB or 16MiB, got '16 megs'"),
+        ("", "expected a size such as 64KiB or 16MiB, got ''"),
+        ("MiB", "expected a size"),
+        ("16M", "expected a size"),
+        ("1.5", "a size must be a whole number of bytes, got '1.5'"),
+        ("0.0001KiB", "a size must be a whole number of bytes"),
+        (1.5, "expected a size such as 64KiB or 16MiB, got 1.5"),
+        (True, "expected a size such as 64KiB or 16MiB, got true"),
+        (None, "expected a size"),
+        (-1, "a size cannot be negative, got -1"),
+        ("-1KiB", "a size cannot be negative, got '-1KiB'"),
+    ],
+)
+def test_parse_size_invalid(value: object, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_size(value)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+        ("0.0.0.0:443", ("0.0.0.0", 443)),
+        ("[::1]:8080", ("::1", 8080)),
+        ("[::]:80", ("::", 80)),
+        (":8080", ("0.0.0.0", 8080)),
+        ("localhost:0", ("localhost", 0)),
+        ("LocalHost:65535", ("localhost", 65535)),
+        ("my_service.internal:9000", ("my_service.internal", 9000)),
+    ],
+)
+def test_parse_host_port_valid(value: str, expected: tuple[str, int]) -> None:
+    assert parse_host_port(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("127.0.0.1", "expected host:port such as 127.0.0.1:8080; the port is missing"),
+        ("127.0.0.1:", "the port must be a number from 0 to 65535"),
+        ("127.0.0.1:65536", "the port must be a number from 0 to 65535, got '127.0.0.1:65536'"),
+        ("127.0.0.1:http", "the port must be a number from 0 to 65535"),
+        ("127.0.0.1:-1", "the port must be a number from 0 to 65535"),
+        ("::1:8080", "put an IPv6 address in brackets, as in [::1]:8080, got '::1:8080'"),
+        ("::1", "put an IPv6 address in brackets"),
+        ("[::1]", "expected host:port such as 127.0.0.1:8080; the port is missing in '[::1]'"),
+        ("[nope]:80", "expected host:port such as 127.0.0.1:8080 or [::1]:8080"),
+        ("[::1:80", "expected host:port"),
+        ("bad host:80", "expected host:port such as 127.0.0.1:8080, got 'bad host:80'"),
+        ("http://x:80", "expected host:port such as 127.0.0.1:8080, got 'http://x:80'"),
+        ("", "expected host:port"),
+        (8080, "expected host:port such as 127.0.0.1:8080, got 8080"),
+    ],
+)
+def test_parse_host_port_invalid(value: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_host_port(value)
+    assert str(info.value).startswith(message)
+
+
+# --------------------------------------------------------------------------
+# Defaults and accepted values
+# --------------------------------------------------------------------------
+
+
+def test_defaults_applied() -> None:
+    config = parse_config(MINIMAL)
+    assert config.admin == Admin(enabled=True, bind="127.0.0.1:9090")
+    assert (config.admin.host, config.admin.port) == ("127.0.0.1", 9090)
+    assert config.timeouts == Timeouts(handshake=10, connect=5, idle=300, close=5)
+    assert config.heartbeat == Heartbeat(interval=30, timeout=10)
+    assert config.limits == Limits(
+        max_connections=100_000,
+        max_connections_per_ip=1000,
+        max_message_size=16 * 1024**2,
+        max_header_bytes=16 * 1024,
+    )
+    assert config.flow_control == FlowControl(high_water=256 * 1024, low_water=64 * 1024)
+    assert config.shutdown == Shutdown(drain_period=30, grace_period=45)
+    assert config.log == Log(level="info", format="text")
+
+    (listener,) = config.listeners
+    assert listener.name == "127.0.0.1:8080"  # derived from bind
+    assert (listener.host, listener.port, listener.tls) == ("127.0.0.1", 8080, None)
+
+    (route,) = config.routes
+    assert route.match == Match(host=None, path_prefix="/")
+    assert route.compression == "passthrough"
+    assert route.upstream_host is None
+    assert route.allowed_origins is None
+    (backend,) = route.backends
+    assert (backend.host, backend.port, backend.weight) == ("127.0.0.1", 9001, 1)
+
+
+def test_models_are_frozen() -> None:
+    config = parse_config(MINIMAL)
+    with pytest.raises(Exception):
+        config.timeouts.idle = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "section", ["admin", "timeouts", "heartbeat", "limits", "flow_control", "shutdown", "log"]
+)
+def test_empty_section_means_defaults(section: str) -> None:
+    # `timeouts:` with everything under it commented out is null in YAML.
+    config = parse_config(with_(section, None))
+    assert getattr(config, section) == getattr(parse_config(MINIMAL), section)
+
+
+def test_values_in_units_are_converted() -> None:
+    config = parse_config(
+        {
+            **MINIMAL,
+            "timeouts": {"handshake": "250ms", "connect": 2, "idle": 0, "close": "1.5s"},
+            "heartbeat": {"interval": "1m", "timeout": "5s"},
+            "limits": {"max_message_size": "1MiB", "max_header_bytes": "8KiB"},
+            "flow_control": {"high_water": "1MB", "low_water": 1000},
+            "shutdown": {"drain_period": 0, "grace_period": "0s"},
+            "log": {"level": "DEBUG", "format": "json"},
+        }
+    )
+    assert config.timeouts == Timeouts(handshake=0.25, connect=2, idle=0, close=1.5)
+    assert config.heartbeat == Heartbeat(interval=60, timeout=5)
+    assert config.limits.max_message_size == 1024**2
+    assert config.limits.max_header_bytes == 8 * 1024
+    assert config.flow_control == FlowControl(high_water=1_000_000, low_water=1000)
+    assert config.shutdown == Shutdown(drain_period=0, grace_period=0)
+    assert config.log == Log(level="debug", format="json")
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port"),
+    [
+        ("ws://127.0.0.1:9001", "127.0.0.1", 9001),
+        ("ws://backend.internal", "backend.internal", 80),
+        ("ws://Backend.Internal/", "backend.internal", 80),
+        ("ws://[::1]:8000", "::1", 8000),
+        ("WS://h:1", "h", 1),
+    ],
+)
+def test_backend_url_valid(url: str, host: str, port: int) -> None:
+    backend = parse_config(with_("routes.0.backends.0.url", url)).routes[0].backends[0]
+    assert (backend.url, backend.host, backend.port) == (url, host, port)
+
+
+@pytest.mark.parametrize(
+    ("host", "stored"),
+    [("chat.example.com", "chat.example.com"), ("Chat.Example.COM", "chat.example.com"),
+     ("*.example.com", "*.example.com"), ("10.0.0.1", "10.0.0.1"), (None, None)],
+)
+def test_match_host_valid(host: str | None, stored: str | None) -> None:
+    assert parse_config(with_("routes.0.match.host", host)).routes[0].match.host == stored
+
+
+def test_route_options() -> None:
+    route = parse_config(
+        with_(
+            "routes.0",
+            {
+                "name": "chat",
+                "match": {"host": "chat.example.com", "path_prefix": "/ws"},
+                "backends": [{"url": "ws://a:1", "weight": 3}, {"url": "ws://b:1", "weight": 1000}],
+                "compression": "strip",
+                "upstream_host": "chat.internal:8000",
+                "allowed_origins": ["https://Chat.Example.com", "http://localhost:3000", "null"],
+            },
+        )
+    ).routes[0]
+    assert route.match == Match(host="chat.example.com", path_prefix="/ws")
+    assert [b.weight for b in route.backends] == [3, 1000]
+    assert route.compression == "strip"
+    assert route.upstream_host == "chat.internal:8000"
+    assert route.allowed_origins == ["https://chat.example.com", "http://localhost:3000", "null"]
+
+
+def test_listener_with_tls_and_ports_zero() -> None:
+    config = parse_config(
+        {
+            **MINIMAL,
+            "listeners": [
+                {"name": "a", "bind": "127.0.0.1:0", "tls": {"cert": "c.pem", "key": "k.pem"}},
+                {"name": "b", "bind": "127.0.0.1:0"},
+            ],
+            "admin": {"bind": "127.0.0.1:0"},
+        }
+    )
+    assert config.listeners[0].tls is not None
+    assert (config.listeners[0].tls.cert, config.listeners[0].tls.key) == ("c.pem", "k.pem")
+    assert config.listeners[1].port == 0
+
+
+def test_admin_may_share_a_port_when_disabled() -> None:
+    data = with_("admin", {"enabled": False, "bind": "127.0.0.1:8080"})
+    assert parse_config(data).admin.enabled is False
+
+
+# --------------------------------------------------------------------------
+# Validation rules: each with its key path
+# --------------------------------------------------------------------------
+
+DUP_ROUTES = [
+    {"name": "a", "backends": [{"url": "ws://x:1"}], "match": {"path_prefix": "/a"}},
+    {"name": "a", "backends": [{"url": "ws://x:1"}], "match": {"path_prefix": "/b"}},
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "message"),
+    [
+        # top level
+        ({"routes": MINIMAL["routes"]}, "listeners", "missing required key"),
+        ({"listeners": MINIMAL["listeners"]}, "routes", "missing required key"),
+        (with_("listeners", []), "listeners", "must have at least one entry"),
+        (with_("routes", []), "routes", "must have at least one entry"),
+        (with_("routes", None), "routes", "expected a list, got an empty value"),
+        (with_("routes", {"name": "a"}), "routes", "expected a list, got a mapping"),
+        (with_("timeouts", [1]), "timeouts", "expected a mapping of keys to values, got a list"),
+        # listeners
+        (with_("listeners.0.bind", "127.0.0.1"), "listeners[0].bind",
+         "expected host:port such as 127.0.0.1:8080; the port is missing in '127.0.0.1'"),
+        (with_("listeners.0.bind", 8080), "listeners[0].bind",
+         "expected host:port such as 127.0.0.1:8080, got 8080"),
+        (with_("listeners.0.bind", "127.0.0.1:99999"), "listeners[0].bind",
+         "the port must be a number from 0 to 65535, got '127.0.0.1:99999'"),
+        (with_("listeners.0", {"name": "x"}), "listeners[0].bind", "missing required key"),
+        (with_("listeners.0.name", ""), "listeners[0].name", "must not be empty"),
+        (with_("listeners.0.name", 7), "listeners[0].name", "expected a string, got 7"),
+        (with_("listeners.0.tls", {"cert": "c.pem"}), "listeners[0].tls.key", "missing required key"),
+        (with_("listeners", [{"bind": "127.0.0.1:1"}, {"bind": "127.0.0.1:1"}]), "listeners[1].bind",
+         "127.0.0.1:1 is already used by listeners[0]"),
+        (with_("listeners", [{"name": "x", "bind": ":1"}, {"name": "x", "bind": ":2"}]),
+         "listeners[1].name", "duplicate listener name 'x' (also listeners[0])"),
+        # admin
+        (with_("admin.bind", "localhost"), "admin.bind", "expected host:port such as 127.0.0.1:8080"),
+        (with_("admin.bind", "127.0.0.1:8080"), "admin.bind",
+         "127.0.0.1:8080 is already used by listener '127.0.0.1:8080'"),
+        (with_("admin.enabled", "maybe"), "admin.enabled", "expected true or false, got 'maybe'"),
+        # routes
+        (with_("routes.0.name", ""), "routes[0].name", "must not be empty"),
+        (with_("routes.0", {"backends": [{"url": "ws://x"}]}), "routes[0].name", "missing required key"),
+        (with_("routes", DUP_ROUTES), "routes[1].name", "duplicate route name 'a' (also routes[0])"),
+        (with_("routes", [{**MINIMAL["routes"][0], "name": "a"}, {**MINIMAL["routes"][0], "name": "b"}]),
+         "routes[1].match", "same host and path_prefix as route 'a', so this route would never be used"),
+        (with_("routes.0.backends", []), "routes[0].backends", "must have at least one entry"),
+        (with_("routes.0.compression", "gzip"), "routes[0].compression",
+         "expected 'passthrough' or 'strip', got 'gzip'"),
+        (with_("routes.0.upstream_host", "http://x/"), "routes[0].upstream_host",
+         "expected a Host header value such as chat.internal"),
+        (with_("routes.0.allowed_origins", "https://a.com"), "routes[0].allowed_origins",
+         "expected a list, got 'https://a.com'"),
+        (with_("routes.0.allowed_origins", ["https://a.com", "https://b.com/"]),
+         "routes[0].allowed_origins[1]",
+         "an origin has no path or trailing slash (browsers send 'https://b.com'), got 'https://b.com/'"),
+        (with_("routes.0.allowed_origins", ["*"]), "routes[0].allowed_origins[0]",
+         "wildcards are not supported in origins"),
+        (with_("routes.0.allowed_origins", ["chat.example.com"]), "routes[0].allowed_origins[0]",
+         "expected an origin such as https://chat.example.com"),
+        # match
+        (with_("routes.0.match.host", "*"), "routes[0].match.host", "'*' alone is not allowed"),
+        (with_("routes.0.match.host", "chat.example.com:443"), "routes[0].match.host",
+         "expected a host name such as chat.example.com, without a port, got 'chat.example.com:443'"),
+        (with_("routes.0.match.host", "https://chat.example.com"), "routes[0].match.host",
+         "expected a host name such as chat.example.com, without a scheme"),
+        (with_("routes.0.match.host", "chat.example.com/ws"), "routes[0].match.host",
+         "expected a host name such as chat.example.com, without a path"),
+        (with_("routes.0.match.host", "a.*.com"), "routes[0].match.host",
+         "expected a host name such as chat.example.com or *.example.com, got 'a.*.com'"),
+        (with_("routes.0.match.path_prefix", "ws"), "routes[0].match.path_prefix",
+         "must start with '/', got 'ws'"),
+        (with_("routes.0.match.path_prefix", "/ws?x=1"), "routes[0].match.path_prefix",
+         "expected a path such as /ws"),
+        (with_("routes.0.match", "/ws"), "routes[0].match",
+         "expected a mapping of keys to values, got '/ws'"),
+        # backends
+        (with_("routes.0.backends.0.url", "http://x"), "routes[0].backends[0].url",
+         "expected a ws:// URL such as ws://10.0.0.11:8000, got 'http://x'"),
+        (with_("routes.0.backends.0.url", "wss://x"), "routes[0].backends[0].url",
+         "wss:// backends are not supported yet; use ws://"),
+        (with_("routes.0.backends.0.url", "127.0.0.1:9001"), "routes[0].backends[0].url",
+         "expected a ws:// URL"),
+        (with_("routes.0.backends.0.url", "ws://"), "routes[0].backends[0].url", "expected a ws:// URL"),
+        (with_("routes.0.backends.0.url", "ws:/x"), "routes[0].backends[0].url", "expected a ws:// URL"),
+        (with_("routes.0.backends.0.url", "ws://x:99999"), "routes[0].backends[0].url",
+         "expected a ws:// URL"),
+        (with_("routes.0.backends.0.url", "ws://x:0"), "routes[0].backends[0].url",
+         "the port must be a number from 1 to 65535"),
+        (with_("routes.0.backends.0.url", "ws://x/chat"), "routes[0].backends[0].url",
+         "a backend URL has no path"),
+        (with_("routes.0.backends.0.url", "ws://x/?a=1"), "routes[0].backends[0].url",
+         "a backend URL must not have a query or fragment"),
+        (with_("routes.0.backends.0.url", "ws://x#f"), "routes[0].backends[0].url",
+         "a backend URL must not have a query or fragment"),
+        (with_("routes.0.backends.0.url", "ws://u:p@x"), "routes[0].backends[0].url",
+         "a backend URL must not contain a user name or password"),
+        (with_("routes.0.backends.0.url", "ws://[nope]:1"), "routes[0].backends[0].url",
+         "expected a ws:// URL"),
+        (with_("routes.0.backends.0.url", 9001), "routes[0].backends[0].url",
+         "expected a ws:// URL such as ws://10.0.0.11:8000, got 9001"),
+        (with_("routes.0.backends", [{"url": "ws://a"}, {"url": "ws://b"}, {"url": "ws://A:80/"}]),
+         "routes[0].backends[2].url", "duplicate backend: ws://A:80/ is already backends[0]"),
+        (with_("routes.0.backends.0", {"weight": 2}), "routes[0].backends[0].url",
+         "missing required key"),
+        (with_("routes.0.backends.0.weight", 0), "routes[0].backends[0].weight",
+         "must be between 1 and 1000, got 0"),
+        (with_("routes.0.backends.0.weight", 1001), "routes[0].backends[0].weight",
+         "must be between 1 and 1000, got 1001"),
+        (with_("routes.0.backends.0.weight", True), "routes[0].backends[0].weight",
+         "expected a whole number, got true"),
+        (with_("routes.0.backends.0.weight", 1.5), "routes[0].backends[0].weight",
+         "expected a whole number, got 1.5"),
+        # timeouts and heartbeat
+        (with_("timeouts.connect", "5 seconds"), "timeouts.connect",
+         "expected a duration such as 250ms, 30s, 5m or 1h, got '5 seconds'"),
+        (with_("timeouts.handshake", 0), "timeouts.handshake", "must be greater than zero"),
+        (with_("timeouts.connect", "0s"), "timeouts.connect", "must be greater than zero"),
+        (with_("timeouts.close", 0), "timeouts.close", "must be greater than zero"),
+        (with_("timeouts.idle", "-1s"), "timeouts.idle", "a duration cannot be negative, got '-1s'"),
+        (with_("heartbeat.timeout", 0), "heartbeat.timeout", "must be greater than zero"),
+        (with_("heartbeat.interval", "often"), "heartbeat.interval", "expected a duration"),
+        # limits
+        (with_("limits.max_connections", 0), "limits.max_connections", "must be at least 1, got 0"),
+        (with_("limits.max_connections_per_ip", 0), "limits.max_connections_per_ip",
+         "must be at least 1, got 0"),
+        (with_("limits.max_connections", "many"), "limits.max_connections",
+         "expected a whole number, got 'many'"),
+        (with_("limits.max_message_size", "16 megs"), "limits.max_message_size",
+         "expected a size such as 64KiB or 16MiB, got '16 megs'"),
+        (with_("limits.max_header_bytes", 512), "limits.max_header_bytes",
+         "must be between 1KiB and 1MiB, got 512 bytes"),
+        (with_("limits.max_header_bytes", "2MiB"), "limits.max_header_bytes",
+         "must be between 1KiB and 1MiB, got 2MiB"),
+        # flow control
+        (with_("flow_control.high_water", 0), "flow_control.high_water", "must be greater than zero"),
+        (with_("flow_control.low_water", "256KiB"), "flow_control.low_water",
+         "must be lower than high_water (256KiB), got 256KiB"),
+        (with_("flow_control.high_water", "32KiB"), "flow_control.low_water",
+         "must be lower than high_water (32KiB), got 64KiB"),
+        # shutdown
+        (with_("shutdown.grace_period", "10s"), "shutdown.grace_period",
+         "must be at least drain_period (30s), got 10s"),
+        (with_("shutdown.drain_period", "1m"), "shutdown.grace_period",
+         "must be at least drain_period (1m), got 45s"),
+        # log
+        (with_("log.level", "verbose"), "log.level",
+         "expected 'debug', 'info', 'warning' or 'error', got 'verbose'"),
+        (with_("log.format", "xml"), "log.format", "expected 'text' or 'json', got 'xml'"),
+    ],
+)
+def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
+    error = config_error(data)
+    assert error.path == path
+    assert error.message.startswith(message), error.message
+    assert "\n" not in error.message  # exactly one problem in each case
+    assert "Value error" not in error.message
+    assert "errors.pydantic.dev" not in error.message
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "allowed"),
+    [
+        (with_("bogus", 1), "bogus",
+         "listeners, admin, routes, timeouts, heartbeat, limits, flow_control, shutdown, log"),
+        (with_("listeners.0.port", 1), "listeners[0].port", "name, bind, tls"),
+        (with_("listeners.0.tls", {"cert": "c", "key": "k", "ca": "x"}), "listeners[0].tls.ca",
+         "cert, key"),
+        (with_("admin.port", 1), "admin.port", "enabled, bind"),
+        (with_("routes.0.hash_key", "ip"), "routes[0].hash_key",
+         "name, match, backends, compression, upstream_host, allowed_origins"),
+        (with_("routes.0.match.path", "/"), "routes[0].match.path", "host, path_prefix"),
+        (with_("routes.0.backends.0.address", "x"), "routes[0].backends[0].address", "url, weight"),
+        (with_("timeouts.read", "1s"), "timeouts.read", "handshake, connect, idle, close"),
+        (with_("heartbeat.pong", "1s"), "heartbeat.pong", "interval, timeout"),
+        (with_("limits.max_frame_size", 1), "limits.max_frame_size",
+         "max_connections, max_connections_per_ip, max_message_size, max_header_bytes"),
+        (with_("flow_control.mid_water", 1), "flow_control.mid_water", "high_water, low_water"),
+        (with_("shutdown.drain", "1s"), "shutdown.drain", "drain_period, grace_period"),
+        (with_("log.file", "x"), "log.file", "level, format"),
+    ],
+)
+def test_unknown_key(data: dict[str, Any], path: str, allowed: str) -> None:
+    error = config_error(data)
+    assert error.path == path
+    assert error.message.startswith(f"unknown key; expected one of: {allowed}")
+
+
+def test_non_string_key() -> None:
+    error = config_error({**MINIMAL, 1: "x"})
+    assert (error.path, error.message) == ("1", "keys must be strings, got 1")
+
+
+def test_unknown_key_suggests_the_closest_name() -> None:
+    error = config_error(with_("routes.0.match.pathprefix", "/"))
+    assert error.message == (
+        "unknown key; expected one of: host, path_prefix (did you mean 'path_prefix'?)"
+    )
+
+
+def test_multiple_errors_are_all_listed() -> None:
+    data = with_("timeouts.connect", "5 seconds")
+    data = with_("routes.0.backends.0.url", "http://x", data)
+    data = with_("log.level", "loud", data)
+    error = config_error(data)
+    assert error.path == "routes[0].backends[0].url"
+    assert error.message.splitlines() == [
+        "expected a ws:// URL such as ws://10.0.0.11:8000, got 'http://x'",
+        "  timeouts.connect: expected a duration such as 250ms, 30s, 5m or 1h, got '5 seconds'",
+        "  log.level: expected 'debug', 'info', 'warning' or 'error', got 'loud'",
+    ]
+    assert str(error).startswith("routes[0].backends[0].url: expected a ws:// URL")
+
+
+def test_many_errors_are_capped() -> None:
+    data = with_("routes.0.backends", [{"url": f"http://x{i}"} for i in range(30)])
+    lines = config_error(data).message.splitlines()
+    assert len(lines) == 22
+    assert lines[-1] == "  ... and 9 more problems"
+
+
+@pytest.mark.parametrize("data", [None, [], "listeners", 3])
+def test_top_level_must_be_a_mapping(data: Any) -> None:
+    error = config_error(data)
+    assert (error.path, error.message) == ("", "the top level must be a mapping")
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "wsgate.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_load_config(tmp_path: Path) -> None:
+    path = write(tmp_path, yaml.safe_dump(MINIMAL))
+    assert load_config(path) == parse_config(MINIMAL)
+    assert load_config(str(path)) == parse_config(MINIMAL)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    error = info.value
+    assert (error.file, error.path) == (str(path), "")
+    assert error.message == "cannot read config file: [Errno 2] No such file or directory"
+    assert str(error) == f"{path}: cannot read config file: [Errno 2] No such file or directory"
+    assert error.__suppress_context__  # no chained traceback
+
+
+def test_directory_is_not_a_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file: "):
+        load_config(tmp_path)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"listeners: \xff\n")
+    with pytest.raises(ConfigError, match="cannot read config file: not UTF-8 text"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("listeners:\n  - bind: 127.0.0.1:8080\n   name: x\n",
+         "invalid YAML at line 3, column 4: "),
+        ("routes: [a, b\n", "invalid YAML at line 2, column 1: "),
+        ("a: b: c\n", "invalid YAML at line 1, column 5: mapping values are not allowed here"),
+        ("listeners: []\nlisteners: []\n", "invalid YAML at line 2, column 1: duplicate key 'listeners'"),
+        ("log:\n  level: info\n  level: debug\n", "invalid YAML at line 3, column 3: duplicate key 'level'"),
+    ],
+)
+def test_invalid_yaml(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.file, info.value.path) == (str(path), "")
+    assert info.value.message.startswith(message), info.value.message
+
+
+def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
+    # Anchors and merges are plain YAML; only the result is validated.
+    text = """
+listeners: [{bind: "127.0.0.1:8080"}]
+routes:
+  - name: a
+    backends:
+      - &b {url: "ws://127.0.0.1:9001", weight: 2}
+      - {<<: *b, url: "ws://127.0.0.1:9002"}
+"""
+    config = load_config(write(tmp_path, text))
+    assert [(b.port, b.weight) for b in config.routes[0].backends] == [(9001, 2), (9002, 2)]
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
+def test_empty_file(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.message == "the top level must be a mapping"
+
+
+def test_validation_error_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, yaml.safe_dump(with_("timeouts.connect", "soon")))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: timeouts.connect: expected a duration such as 250ms, 30s, 5m or 1h, got 'soon'"
+    )
+
+
+# --------------------------------------------------------------------------
+# The example file
+# --------------------------------------------------------------------------
+
+
+def test_example_file_loads() -> None:
+    config = load_config(EXAMPLE)
+    assert [(listener.host, listener.port) for listener in config.listeners] == [("127.0.0.1", 8080)]
+    assert (config.admin.host, config.admin.port) == ("127.0.0.1", 9090)
+    (route,) = config.routes
+    assert route.name == "echo"
+    assert route.match.path_prefix == "/"
+    assert [b.url for b in route.backends] == ["ws://127.0.0.1:9001", "ws://127.0.0.1:9002"]
+
+
+def test_example_file_shows_the_defaults() -> None:
+    config = load_config(EXAMPLE)
+    defaults = parse_config(
+        {"listeners": [{"bind": "127.0.0.1:8080"}], "routes": [{"name": "r", "backends": [{"url": "ws://x"}]}]}
+    )
+    for section in ("admin", "timeouts", "heartbeat", "limits", "flow_control", "shutdown", "log"):
+        assert getattr(config, section) == getattr(defaults, section), section
+    route, default_route = config.routes[0], defaults.routes[0]
+    for key in ("match", "compression", "upstream_host", "allowed_origins"):
+        assert getattr(route, key) == getattr(default_route, key), key
+
+
+def _missing_keys(model: type[BaseModel], data: Any, path: str) -> list[str]:
+    """Schema keys absent from `data`, descending into nested sections and lists."""
+    missing = []
+    for name, field in model.model_fields.items():
+        if not isinstance(data, dict) or name not in data:
+            missing.append(f"{path}{name}")
+            continue
+        value = data[name]
+        nested = field.annotation
+        args = getattr(nested, "__args__", ())
+        inner = next((a for a in (nested, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if inner is None:
+            continue
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if item is not None:
+                missing += _missing_keys(inner, item, f"{path}{name}[{i}].")
+    return missing
+
+
+def test_example_file_has_every_option() -> None:
+    data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    assert _missing_keys(Config, data, "") == []
+
+
+def test_example_file_comments_every_option() -> None:
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines[1:], start=2):
+        text = line.strip()
+        if text and not text.startswith(("#", "- #")):
+            above = lines[number - 2].strip()
+            assert above.startswith(("#", "- #")), f"line {number} has no comment above it: {text}"

@@ -1,0 +1,840 @@
+"""The YAML configuration: schema, units ("30s", "16MiB") and validation with key paths.
+
+A pure core module: it reads a file and returns a frozen pydantic model, or
+raises ``ConfigError``. It never logs and never exits; ``cli`` decides what a
+bad config means for the process.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+import types
+import typing
+from fractions import Fraction
+from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from wsgate.errors import ConfigError
+
+__all__ = [
+    "Admin",
+    "Backend",
+    "Config",
+    "Duration",
+    "FlowControl",
+    "Heartbeat",
+    "Limits",
+    "Listener",
+    "Log",
+    "Match",
+    "Route",
+    "Shutdown",
+    "Size",
+    "Timeouts",
+    "Tls",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_host_port",
+    "parse_size",
+]
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# Beyond this many problems the list stops helping and starts scrolling.
+_MAX_LISTED_PROBLEMS = 20
+
+
+# --------------------------------------------------------------------------
+# Showing values in messages
+# --------------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """Render a config value the way the user wrote it, for 'got ...' clauses."""
+    if value is None:
+        return "an empty value"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, (int, float)):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _format_duration(seconds: float) -> str:
+    """250ms, 30s, 5m, 1h: the shortest unit that shows the value exactly."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _format_size(size: int) -> str:
+    """16MiB, 64KiB or '1000 bytes': binary units only where they are exact."""
+    for unit, factor in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return "1 byte" if size == 1 else f"{size} bytes"
+
+
+# --------------------------------------------------------------------------
+# Units and addresses
+# --------------------------------------------------------------------------
+
+_DURATION_HINT = "expected a duration such as 250ms, 30s, 5m or 1h"
+_DURATION_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>ms|s|m|h)?")
+_DURATION_DIVISORS = {"ms": 1000, "s": 1, "m": Fraction(1, 60), "h": Fraction(1, 3600), None: 1}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a string like "250ms", "30s", "5m", "1h"."""
+    if isinstance(value, bool):
+        raise ValueError(f"{_DURATION_HINT}, got {_show(value)}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        match = _DURATION_RE.fullmatch(text.removeprefix("-"))
+        if match is None:
+            raise ValueError(f"{_DURATION_HINT}, got {_show(value)}")
+        # Fraction keeps "1.1h" exact until the final conversion to float.
+        seconds = float(Fraction(match["num"]) / _DURATION_DIVISORS[match["unit"]])
+        if text.startswith("-"):
+            seconds = -seconds
+    else:
+        raise ValueError(f"{_DURATION_HINT}, got {_show(value)}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{_DURATION_HINT}, got {_show(value)}")
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative, got {_show(value)}")
+    return seconds
+
+
+_SIZE_HINT = "expected a size such as 64KiB or 16MiB"
+_SIZE_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[A-Za-z]*)")
+# Matched case-insensitively: nobody means megabits in a proxy config.
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": KiB,
+    "mib": MiB,
+    "gib": GiB,
+    "tib": 1024 * GiB,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an integer or a string like "512", "64KiB", "16MiB", "1GB"."""
+    if isinstance(value, bool):
+        raise ValueError(f"{_SIZE_HINT}, got {_show(value)}")
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        size = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        match = _SIZE_RE.fullmatch(text.removeprefix("-"))
+        unit = match["unit"].lower() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise ValueError(f"{_SIZE_HINT}, got {_show(value)}")
+        exact = Fraction(match["num"]) * _SIZE_UNITS[unit]
+        if exact.denominator != 1:
+            raise ValueError(f"a size must be a whole number of bytes, got {_show(value)}")
+        size = -int(exact) if text.startswith("-") else int(exact)
+    else:
+        raise ValueError(f"{_SIZE_HINT}, got {_show(value)}")
+    if size < 0:
+        raise ValueError(f"a size cannot be negative, got {_show(value)}")
+    return size
+
+
+_HOST_PORT_HINT = "expected host:port such as 127.0.0.1:8080"
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+# DNS names and IPv4 literals; underscores appear in real service names.
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*"
+)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Split "host:port", "[v6]:port" or ":port" (all interfaces) into (host, port)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{_HOST_PORT_HINT}, got {_show(value)}")
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or not _is_ipv6(host):
+            raise ValueError(f"{_HOST_PORT_HINT} or [::1]:8080, got {_show(value)}")
+        if not rest.startswith(":"):
+            raise ValueError(f"{_HOST_PORT_HINT}; the port is missing in {_show(value)}")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = value.rpartition(":")
+        if not colon:
+            raise ValueError(f"{_HOST_PORT_HINT}; the port is missing in {_show(value)}")
+        if _is_ipv6(host) or _is_ipv6(value):
+            raise ValueError(
+                f"put an IPv6 address in brackets, as in [::1]:8080, got {_show(value)}"
+            )
+        if host == "":
+            host = "0.0.0.0"
+        elif not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError(f"{_HOST_PORT_HINT}, got {_show(value)}")
+    if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
+        raise ValueError(f"the port must be a number from 0 to 65535, got {_show(value)}")
+    return host.lower(), int(port_text)
+
+
+# --------------------------------------------------------------------------
+# Annotated types and small validators
+# --------------------------------------------------------------------------
+
+
+def _error_at(loc: tuple[str | int, ...], message: str) -> PydanticCustomError:
+    """An error that points below the value being validated (e.g. at one list item's key).
+
+    pydantic gives a validator no way to extend the location, so the suffix
+    rides in the context and ``_problems`` appends it.
+    """
+    return PydanticCustomError("wsgate", message, {"wsgate_loc": loc})
+
+
+def _check_int(value: object) -> object:
+    # pydantic's lax mode reads `true` as 1 and 2.0 as 2; in a config both are mistakes.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number, got {_show(value)}")
+    return value
+
+
+def _at_least(low: int) -> AfterValidator:
+    def check(value: int) -> int:
+        if value < low:
+            raise ValueError(f"must be at least {low}, got {value}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _between(low: int, high: int) -> AfterValidator:
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _size_between(low: int, high: int) -> AfterValidator:
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise ValueError(
+                f"must be between {_format_size(low)} and {_format_size(high)}, "
+                f"got {_format_size(value)}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def _positive(value: float) -> float:
+    # 0 means "off" for some settings; where it would mean "never", refuse it.
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _check_host_port(value: object) -> str:
+    parse_host_port(value)  # type: ignore[arg-type]
+    return value  # type: ignore[return-value]
+
+
+def _check_name(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _none_as_empty(value: object) -> object:
+    # `timeouts:` with every line under it commented out is YAML null; it means "defaults".
+    return {} if value is None else value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds; YAML may hold a number of seconds or "250ms", "30s", "5m", "1h"."""
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+"""Bytes; YAML may hold an integer or "512", "64KiB", "16MiB", "1GB"."""
+
+_Int = Annotated[int, BeforeValidator(_check_int)]
+_PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+_HostPort = Annotated[str, BeforeValidator(_check_host_port)]
+_Name = Annotated[str, AfterValidator(_check_name)]
+
+
+def _check_match_host(value: str) -> str:
+    host = value.strip().lower()
+    hint = "expected a host name such as chat.example.com"
+    if host == "*":
+        raise ValueError("'*' alone is not allowed; leave host out (or null) to match any host")
+    for mark, what in (("://", "scheme"), ("/", "path"), (":", "port")):
+        if mark in host:
+            raise ValueError(f"{hint}, without a {what}, got {_show(value)}")
+    name = host.removeprefix("*.")
+    if "*" in name or not _HOSTNAME_RE.fullmatch(name):
+        raise ValueError(
+            f"expected a host name such as chat.example.com or *.example.com, got {_show(value)}"
+        )
+    return host
+
+
+def _check_path_prefix(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/', got {_show(value)}")
+    if "?" in value or "#" in value or any(c.isspace() for c in value):
+        raise ValueError(
+            f"expected a path such as /ws, without a query or spaces, got {_show(value)}"
+        )
+    return value
+
+
+def _check_origin(value: str) -> str:
+    example = "such as https://chat.example.com"
+    if value == "null":  # what browsers send for file:// pages and sandboxed frames
+        return value
+    if "*" in value:
+        raise ValueError(
+            "wildcards are not supported in origins; leave allowed_origins out to accept"
+            f" any origin, got {_show(value)}"
+        )
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"expected an origin {example}, got {_show(value)}") from None
+    if not parts.scheme or not parts.hostname or "@" in parts.netloc:
+        raise ValueError(f"expected an origin {example}, got {_show(value)}")
+    if parts.path or parts.query or parts.fragment or value.endswith(("?", "#")):
+        bare = f"{parts.scheme}://{parts.netloc}".lower()
+        raise ValueError(
+            f"an origin has no path or trailing slash (browsers send {bare!r}), got {_show(value)}"
+        )
+    # Browsers serialize the scheme and host in lowercase; compare like with like.
+    return value.lower()
+
+
+def _check_upstream_host(value: str) -> str:
+    if not value or any(c.isspace() for c in value) or "/" in value:
+        raise ValueError(
+            "expected a Host header value such as chat.internal or chat.internal:8000,"
+            f" got {_show(value)}"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_M = typing.TypeVar("_M", bound=BaseModel)
+# A section whose keys all have defaults; an empty (null) section means all defaults.
+_Section = Annotated[_M, BeforeValidator(_none_as_empty)]
+
+
+class Tls(_Model):
+    """Certificate and key files for a TLS listener (checked when the listener starts)."""
+
+    cert: _Name
+    key: _Name
+
+
+class Listener(_Model):
+    """One address the gateway accepts clients on."""
+
+    name: _Name
+    bind: _HostPort
+    tls: Tls | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        # The bind address is unique among listeners anyway, so it makes a fine name.
+        # Without a usable bind the bind error is the one worth reading, not "name missing".
+        if isinstance(data, dict) and "name" not in data:
+            bind = data.get("bind")
+            return {**data, "name": bind if isinstance(bind, str) and bind else "unnamed"}
+        return data
+
+    @property
+    def host(self) -> str:
+        return parse_host_port(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_host_port(self.bind)[1]
+
+
+class Admin(_Model):
+    """The admin HTTP server: /metrics, /healthz, /readyz, /status."""
+
+    enabled: bool = True
+    bind: _HostPort = "127.0.0.1:9090"
+
+    @property
+    def host(self) -> str:
+        return parse_host_port(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_host_port(self.bind)[1]
+
+
+class Match(_Model):
+    """Which handshakes a route takes: by Host header and path prefix."""
+
+    host: Annotated[str, AfterValidator(_check_match_host)] | None = None
+    path_prefix: Annotated[str, AfterValidator(_check_path_prefix)] = "/"
+
+
+_URL_HINT = "expected a ws:// URL such as ws://10.0.0.11:8000"
+
+
+def _check_backend_url(value: object) -> str:
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        raise ValueError(f"{_URL_HINT}, got {_show(value)}")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{_URL_HINT}, got {_show(value)}") from None
+    scheme = parts.scheme.lower()
+    if scheme == "wss":
+        raise ValueError("wss:// backends are not supported yet; use ws://")
+    if scheme != "ws" or not value[len(scheme) :].startswith("://") or not parts.hostname:
+        raise ValueError(f"{_URL_HINT}, got {_show(value)}")
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"a backend URL must not contain a user name or password, got {_show(value)}"
+        )
+    if parts.query or parts.fragment or "?" in value or "#" in value:
+        raise ValueError(f"a backend URL must not have a query or fragment, got {_show(value)}")
+    if parts.path not in ("", "/"):
+        raise ValueError(
+            "a backend URL has no path (the client's request path is forwarded as is),"
+            f" got {_show(value)}"
+        )
+    bracketed = parts.netloc.startswith("[")
+    if not (_is_ipv6(parts.hostname) if bracketed else _HOSTNAME_RE.fullmatch(parts.hostname)):
+        raise ValueError(f"{_URL_HINT}, got {_show(value)}")
+    if port == 0:
+        raise ValueError(f"the port must be a number from 1 to 65535, got {_show(value)}")
+    return value
+
+
+class Backend(_Model):
+    """One upstream WebSocket server."""
+
+    url: Annotated[str, BeforeValidator(_check_backend_url)]
+    weight: Annotated[_Int, _between(1, 1000)] = 1
+
+    @property
+    def host(self) -> str:
+        """Lowercase host name or address; an IPv6 literal without its brackets."""
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 80
+
+
+class Route(_Model):
+    """A set of backends and the handshakes that go to them."""
+
+    name: _Name
+    match: _Section[Match] = Match()
+    backends: list[Backend] = Field(min_length=1)
+    compression: Literal["passthrough", "strip"] = "passthrough"
+    upstream_host: Annotated[str, AfterValidator(_check_upstream_host)] | None = None
+    allowed_origins: list[Annotated[str, AfterValidator(_check_origin)]] | None = None
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_backends(cls, backends: list[Backend]) -> list[Backend]:
+        # ws://a, ws://a:80 and ws://a/ are one server; compare what we connect to.
+        seen: dict[tuple[str, int], int] = {}
+        for i, backend in enumerate(backends):
+            first = seen.setdefault((backend.host, backend.port), i)
+            if first != i:
+                raise _error_at(
+                    (i, "url"), f"duplicate backend: {backend.url} is already backends[{first}]"
+                )
+        return backends
+
+
+class Timeouts(_Model):
+    """How long each phase of a connection may take."""
+
+    handshake: _PositiveDuration = 10.0
+    connect: _PositiveDuration = 5.0
+    idle: Duration = 300.0
+    close: _PositiveDuration = 5.0
+
+
+class Heartbeat(_Model):
+    """Pings sent to quiet peers, and how long to wait for the pong."""
+
+    interval: Duration = 30.0
+    timeout: _PositiveDuration = 10.0
+
+
+class Limits(_Model):
+    """Caps that protect the gateway from too many or too large inputs."""
+
+    max_connections: Annotated[_Int, _at_least(1)] = 100_000
+    max_connections_per_ip: Annotated[_Int, _at_least(1)] = 1000
+    max_message_size: Size = 16 * MiB
+    max_header_bytes: Annotated[Size, _size_between(KiB, MiB)] = 16 * KiB
+
+
+class FlowControl(_Model):
+    """Write-buffer watermarks: above high, stop reading the other side; below low, resume."""
+
+    high_water: Annotated[Size, AfterValidator(_positive)] = 256 * KiB
+    low_water: Size = Field(default=64 * KiB, validate_default=True)
+
+    @field_validator("low_water")
+    @classmethod
+    def _below_high_water(cls, low: int, info: ValidationInfo) -> int:
+        high = info.data.get("high_water")  # absent when high_water itself was invalid
+        if high is not None and low >= high:
+            raise ValueError(
+                f"must be lower than high_water ({_format_size(high)}), got {_format_size(low)}"
+            )
+        return low
+
+
+class Shutdown(_Model):
+    """How a SIGTERM drains connections."""
+
+    drain_period: Duration = 30.0
+    grace_period: Duration = Field(default=45.0, validate_default=True)
+
+    @field_validator("grace_period")
+    @classmethod
+    def _not_before_drain(cls, grace: float, info: ValidationInfo) -> float:
+        drain = info.data.get("drain_period")
+        if drain is not None and grace < drain:
+            raise ValueError(
+                f"must be at least drain_period ({_format_duration(drain)}), "
+                f"got {_format_duration(grace)}"
+            )
+        return grace
+
+
+class Log(_Model):
+    """Log verbosity and line format."""
+
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
+    format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = "text"
+
+
+class Config(_Model):
+    """The whole configuration file."""
+
+    listeners: list[Listener] = Field(min_length=1)
+    admin: _Section[Admin] = Admin()
+    routes: list[Route] = Field(min_length=1)
+    timeouts: _Section[Timeouts] = Timeouts()
+    heartbeat: _Section[Heartbeat] = Heartbeat()
+    limits: _Section[Limits] = Limits()
+    flow_control: _Section[FlowControl] = FlowControl()
+    shutdown: _Section[Shutdown] = Shutdown()
+    log: _Section[Log] = Log()
+
+    @field_validator("listeners")
+    @classmethod
+    def _unique_listeners(cls, listeners: list[Listener]) -> list[Listener]:
+        binds: dict[tuple[str, int], int] = {}
+        names: dict[str, int] = {}
+        for i, listener in enumerate(listeners):
+            address = parse_host_port(listener.bind)
+            # Port 0 asks the kernel for a fresh port, so it never collides.
+            if address[1] != 0 and binds.setdefault(address, i) != i:
+                raise _error_at(
+                    (i, "bind"),
+                    f"{listener.bind} is already used by listeners[{binds[address]}]",
+                )
+            if names.setdefault(listener.name, i) != i:
+                raise _error_at(
+                    (i, "name"),
+                    f"duplicate listener name {listener.name!r}"
+                    f" (also listeners[{names[listener.name]}])",
+                )
+        return listeners
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_routes(cls, routes: list[Route]) -> list[Route]:
+        names: dict[str, int] = {}
+        matches: dict[tuple[str | None, str], int] = {}
+        for i, route in enumerate(routes):
+            if names.setdefault(route.name, i) != i:
+                raise _error_at(
+                    (i, "name"),
+                    f"duplicate route name {route.name!r} (also routes[{names[route.name]}])",
+                )
+            key = (route.match.host, route.match.path_prefix)
+            if matches.setdefault(key, i) != i:
+                first = routes[matches[key]].name
+                raise _error_at(
+                    (i, "match"),
+                    f"same host and path_prefix as route {first!r},"
+                    " so this route would never be used",
+                )
+        return routes
+
+    @model_validator(mode="after")
+    def _admin_port_free(self) -> Config:
+        address = parse_host_port(self.admin.bind)
+        if self.admin.enabled and address[1] != 0:
+            for listener in self.listeners:
+                if parse_host_port(listener.bind) == address:
+                    raise _error_at(
+                        ("admin", "bind"),
+                        f"{self.admin.bind} is already used by listener {listener.name!r}",
+                    )
+        return self
+
+
+# --------------------------------------------------------------------------
+# Loading and error reporting
+# --------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load, except that a repeated key is an error instead of a silent overwrite."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key; the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        message = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        if exc.context and exc.context_mark is not None:
+            ctx = exc.context_mark
+            message += f" ({exc.context} at line {ctx.line + 1}, column {ctx.column + 1})"
+        return message
+    return f"invalid YAML: {exc}"
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a config file; any failure is a ``ConfigError``."""
+    file = os.fspath(path)
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
+        raise ConfigError("", f"cannot read config file: {reason}", file) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "", f"cannot read config file: not UTF-8 text (byte {exc.start})", file
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise ConfigError("", _yaml_message(exc), file) from None
+    return parse_config(data, file)
+
+
+def parse_config(data: Any, file: str | None = None) -> Config:
+    """Validate an already-parsed mapping; errors name the key path, e.g. routes[0].name."""
+    if not isinstance(data, dict):
+        raise ConfigError("", "the top level must be a mapping", file)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = _problems(exc)
+    (path, message), rest = problems[0], problems[1:]
+    lines = [message]
+    lines += [f"  {p}: {m}" if p else f"  {m}" for p, m in rest[:_MAX_LISTED_PROBLEMS]]
+    if len(rest) > _MAX_LISTED_PROBLEMS:
+        lines.append(f"  ... and {len(rest) - _MAX_LISTED_PROBLEMS} more problems")
+    raise ConfigError(path, "\n".join(lines), file) from None
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """Each pydantic error as (key path, human sentence), in document order."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"]) + tuple(error.get("ctx", {}).get("wsgate_loc", ()))
+        about_key = error["type"] in ("extra_forbidden", "invalid_key")
+        if error["type"] == "extra_forbidden":
+            message = _unknown_key_message(loc)
+        elif error["type"] == "invalid_key":
+            message = f"keys must be strings, got {_show(loc[-1])}"
+        else:
+            message = _describe(error)
+        problems.append((_format_loc(loc, key_last=about_key), message))
+    return problems
+
+
+# pydantic puts these in locations for some validators and unions; they are not YAML keys.
+_INTERNAL_LOC = re.compile(r"function-(before|after|wrap|plain)\[.*\]|.*\[.*\]")
+
+
+def _format_loc(loc: tuple[Any, ...], key_last: bool = False) -> str:
+    out = ""
+    for i, part in enumerate(loc):
+        is_key = key_last and i == len(loc) - 1
+        if isinstance(part, int) and not is_key:
+            out += f"[{part}]"
+        elif isinstance(part, str) and _INTERNAL_LOC.fullmatch(part) and not is_key:
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated[...] and Optional[...] down to the type inside."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that validates the mapping at `loc`, found by walking the schema."""
+    current: Any = Config
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(part, int) and typing.get_origin(current) is list:
+            current = typing.get_args(current)[0]
+        elif (
+            isinstance(part, str)
+            and isinstance(current, type)
+            and issubclass(current, BaseModel)
+            and part in current.model_fields
+        ):
+            current = current.model_fields[part].annotation
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unknown_key_message(loc: tuple[Any, ...]) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return "unknown key"
+    fields = list(model.model_fields)
+    message = f"unknown key; expected one of: {', '.join(fields)}"
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+    if close:
+        message += f" (did you mean {close[0]!r}?)"
+    return message
+
+
+_INT_ERRORS = {"int_type", "int_parsing", "int_from_float"}
+_BOOL_ERRORS = {"bool_type", "bool_parsing"}
+_MAPPING_ERRORS = {"model_type", "model_attributes_type", "dict_type"}
+
+
+def _describe(error: Any) -> str:
+    """A sentence for one pydantic error; pydantic's own wording as a fallback."""
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "wsgate":
+        return error["msg"]
+    if kind == "missing":
+        return "missing required key"
+    if kind in _MAPPING_ERRORS:
+        return f"expected a mapping of keys to values, got {_show(value)}"
+    if kind == "list_type":
+        return f"expected a list, got {_show(value)}"
+    if kind == "too_short":
+        return "must have at least one entry"
+    if kind == "string_type":
+        return f"expected a string, got {_show(value)}"
+    if kind in _BOOL_ERRORS:
+        return f"expected true or false, got {_show(value)}"
+    if kind in _INT_ERRORS:
+        return f"expected a whole number, got {_show(value)}"
+    if kind == "literal_error":
+        return f"expected {error['ctx']['expected']}, got {_show(value)}"
+    message: str = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return message
