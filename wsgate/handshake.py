@@ -1,0 +1,307 @@
+"""Sans-I/O rules of the RFC 6455 opening handshake, on both legs.
+
+The client's request arrives as an `h11.Request`; `check_client_request` either
+returns a `ClientHandshake` or raises `HandshakeError` carrying the HTTP reply.
+`build_upstream_request` turns it into the request sent to a backend, and
+`check_backend_response` decides whether the backend's 101 may be relayed.
+Replies are rendered here by hand so that a rejection can be sent whatever
+state h11 is in after a malformed request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import h11
+
+from .errors import BackendUnavailable, HandshakeError
+
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+SUPPORTED_VERSION = b"13"
+
+Headers = list[tuple[bytes, bytes]]
+
+# Hop-by-hop headers (RFC 9110 7.6.1) plus the legacy ones proxies still meet.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Headers a client may name in Connection but that the handshake cannot lose.
+_NEVER_STRIPPED = frozenset({b"host"})
+# Set by the gateway; a client's own values would let it forge its address.
+_FORWARDING_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"})
+
+
+def accept_key(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept value that answers `key`."""
+    return base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    """Comma-separated tokens of a header value, lowercased, empty ones dropped."""
+    return [t for t in (part.strip().lower() for part in value.split(b",")) if t]
+
+
+def _header_tokens(headers: Headers, name: bytes) -> list[bytes]:
+    """Tokens of every occurrence of header `name` (lowercase), in order."""
+    found: list[bytes] = []
+    for key, value in headers:
+        if key.lower() == name:
+            found.extend(_tokens(value))
+    return found
+
+
+def _header_values(headers: Headers, name: bytes) -> list[bytes]:
+    return [value for key, value in headers if key.lower() == name]
+
+
+def _extension_names(offers: list[bytes]) -> list[bytes]:
+    """`permessage-deflate; client_max_window_bits` -> `permessage-deflate`."""
+    return [offer.split(b";", 1)[0].strip() for offer in offers]
+
+
+def _split_host(host_header: bytes) -> str:
+    """The host name of a Host header, lowercased, without port or brackets."""
+    host = host_header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHandshake:
+    """A valid WebSocket upgrade request, as the client sent it."""
+
+    target: bytes
+    path: str
+    host: str
+    key: bytes
+    headers: Headers
+    protocols: list[bytes]
+    extensions: list[bytes]
+    origin: str | None
+
+
+def check_client_request(request: h11.Request) -> ClientHandshake:
+    """Validate an upgrade request against RFC 6455 4.2.1, or raise `HandshakeError`."""
+    headers: Headers = list(request.headers.raw_items())
+    if request.method != b"GET":
+        raise HandshakeError(405, "WebSocket upgrades must use GET", [("Allow", "GET")])
+    if request.http_version != b"1.1":
+        raise HandshakeError(400, "WebSocket upgrades need HTTP/1.1")
+    if b"websocket" not in _header_tokens(headers, b"upgrade"):
+        raise HandshakeError(
+            426,
+            "this endpoint only serves WebSocket upgrades",
+            [("Upgrade", "websocket"), ("Connection", "Upgrade")],
+        )
+    if b"upgrade" not in _header_tokens(headers, b"connection"):
+        raise HandshakeError(400, "Connection header must contain 'upgrade'")
+    versions = _header_values(headers, b"sec-websocket-version")
+    if not versions:
+        raise HandshakeError(400, "missing Sec-WebSocket-Version")
+    if versions != [SUPPORTED_VERSION]:
+        raise HandshakeError(
+            426, "unsupported WebSocket version", [("Sec-WebSocket-Version", "13")]
+        )
+    keys = _header_values(headers, b"sec-websocket-key")
+    if len(keys) != 1 or not _is_valid_key(keys[0]):
+        raise HandshakeError(400, "Sec-WebSocket-Key must be base64 of 16 bytes")
+    if _header_values(headers, b"content-length") not in ([], [b"0"]) or _header_values(
+        headers, b"transfer-encoding"
+    ):
+        raise HandshakeError(400, "an upgrade request has no body")
+    host_values = _header_values(headers, b"host")
+    if len(host_values) != 1 or not host_values[0].strip():
+        raise HandshakeError(400, "exactly one Host header is required")
+    target = request.target
+    path = target.split(b"?", 1)[0].decode("latin-1")
+    if not path.startswith("/"):
+        raise HandshakeError(400, "the request target must be an absolute path")
+    origins = _header_values(headers, b"origin")
+    return ClientHandshake(
+        target=target,
+        path=path,
+        host=_split_host(host_values[0]),
+        key=keys[0].strip(),
+        headers=headers,
+        protocols=_header_tokens(headers, b"sec-websocket-protocol"),
+        extensions=_extension_names(_header_tokens(headers, b"sec-websocket-extensions")),
+        origin=origins[0].decode("latin-1") if origins else None,
+    )
+
+
+def _is_valid_key(value: bytes) -> bool:
+    try:
+        return len(base64.b64decode(value.strip(), validate=True)) == 16
+    except binascii.Error:
+        return False
+
+
+def check_origin(handshake: ClientHandshake, allowed: list[str] | None) -> None:
+    """Refuse a browser origin that the route does not allow (None allows any).
+
+    Only browsers send Origin, and cross-site browser pages are what the list
+    guards against, so a request without Origin passes.
+    """
+    if allowed is None or handshake.origin is None:
+        return
+    if handshake.origin.lower() not in {o.lower() for o in allowed}:
+        raise HandshakeError(403, "origin not allowed")
+
+
+def build_upstream_request(
+    handshake: ClientHandshake,
+    *,
+    client_ip: str,
+    scheme: str = "http",
+    host: str | None = None,
+    strip_extensions: bool = False,
+) -> h11.Request:
+    """The request to send a backend: end-to-end headers kept, forwarding headers set."""
+    named_in_connection = set(_header_tokens(handshake.headers, b"connection"))
+    drop = (_HOP_BY_HOP | named_in_connection | _FORWARDING_SET) - _NEVER_STRIPPED
+    if strip_extensions:
+        drop = drop | {b"sec-websocket-extensions"}
+    forwarded_for: list[bytes] = []
+    original_host = b""
+    headers: Headers = []
+    for name, value in handshake.headers:
+        lower = name.lower()
+        if lower.startswith(b"proxy-") or lower in drop:
+            continue
+        if lower == b"x-forwarded-for":
+            forwarded_for.append(value.strip())
+            continue
+        if lower == b"host":
+            original_host = value
+            if host is not None:
+                value = host.encode("latin-1")
+        headers.append((name, value))
+    forwarded_for.append(client_ip.encode("ascii"))
+    headers += [
+        (b"Connection", b"Upgrade"),
+        (b"Upgrade", b"websocket"),
+        (b"X-Forwarded-For", b", ".join(forwarded_for)),
+        (b"X-Forwarded-Proto", scheme.encode("ascii")),
+        (b"X-Forwarded-Host", original_host),
+        (b"X-Real-IP", client_ip.encode("ascii")),
+    ]
+    return h11.Request(method=b"GET", target=handshake.target, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """What the backend's 101 settled, and the headers to relay to the client."""
+
+    headers: Headers
+    subprotocol: bytes | None
+    extensions: list[bytes]
+
+    @property
+    def deflate(self) -> bool:
+        """permessage-deflate is on, so RSV1 is legal on data frames."""
+        return b"permessage-deflate" in self.extensions
+
+
+def check_backend_response(
+    response: h11.InformationalResponse, sent: h11.Request
+) -> Negotiated:
+    """Check a backend's 101 against the request it answers; raise `BackendUnavailable` (502)."""
+    headers: Headers = list(response.headers.raw_items())
+    sent_headers: Headers = list(sent.headers.raw_items())
+    if response.status_code != 101:
+        raise BackendUnavailable(502, f"backend answered {response.status_code} to an upgrade")
+    if b"websocket" not in _header_tokens(headers, b"upgrade"):
+        raise BackendUnavailable(502, "backend 101 lacks 'Upgrade: websocket'")
+    if b"upgrade" not in _header_tokens(headers, b"connection"):
+        raise BackendUnavailable(502, "backend 101 lacks 'Connection: upgrade'")
+    (key,) = _header_values(sent_headers, b"sec-websocket-key")
+    accepts = _header_values(headers, b"sec-websocket-accept")
+    if accepts != [accept_key(key.strip())]:
+        raise BackendUnavailable(502, "backend sent a wrong or missing Sec-WebSocket-Accept")
+    chosen = _header_tokens(headers, b"sec-websocket-protocol")
+    if len(chosen) > 1 or (
+        chosen and chosen[0] not in _header_tokens(sent_headers, b"sec-websocket-protocol")
+    ):
+        raise BackendUnavailable(502, "backend chose a subprotocol the client did not offer")
+    offered = _extension_names(_header_tokens(sent_headers, b"sec-websocket-extensions"))
+    accepted = _extension_names(_header_tokens(headers, b"sec-websocket-extensions"))
+    for name in accepted:
+        if name not in offered:
+            raise BackendUnavailable(
+                502, f"backend accepted extension {name.decode('latin-1')!r} the client did not offer"
+            )
+    relayed = [(n, v) for n, v in end_to_end(headers) if n.lower() != b"content-length"]
+    relayed += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
+    return Negotiated(
+        headers=relayed, subprotocol=chosen[0] if chosen else None, extensions=accepted
+    )
+
+
+def end_to_end(headers: Headers) -> Headers:
+    """`headers` without the hop-by-hop ones and those named in Connection."""
+    drop = _HOP_BY_HOP | set(_header_tokens(headers, b"connection"))
+    return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+def render_response(
+    status: int, headers: Headers, body: bytes = b"", reason: bytes | None = None
+) -> bytes:
+    """An HTTP/1.1 response head (and body) ready to write to a socket."""
+    if reason is None:
+        reason = _reason_phrase(status)
+    lines = [b"HTTP/1.1 %d %s" % (status, reason)]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def render_switching_protocols(negotiated: Negotiated) -> bytes:
+    """The 101 to relay to the client."""
+    return render_response(101, negotiated.headers)
+
+
+def render_error(status: int, message: str, extra: list[tuple[str, str]] | None = None) -> bytes:
+    """A short plain-text error reply that closes the connection."""
+    body = (message + "\n").encode("utf-8")
+    headers: Headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in extra or []]
+    headers += [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(len(body)).encode("ascii")),
+        (b"Connection", b"close"),
+    ]
+    return render_response(status, headers, body)
+
+
+def render_rejection(error: HandshakeError) -> bytes:
+    """The reply that `HandshakeError` stands for."""
+    return render_error(error.status, error.reason, error.headers)
+
+
+def render_backend_reply(response: h11.Response, body: bytes) -> bytes:
+    """A backend's non-101 answer, relayed with its status, end-to-end headers and (bounded) body."""
+    headers = [
+        (n, v)
+        for n, v in end_to_end(list(response.headers.raw_items()))
+        if n.lower() != b"content-length"
+    ]
+    headers += [(b"Content-Length", str(len(body)).encode("ascii")), (b"Connection", b"close")]
+    return render_response(response.status_code, headers, body, response.reason or None)
+
+
+def _reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"
