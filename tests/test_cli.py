@@ -1,0 +1,117 @@
+"""The command line as a user runs it: real processes, exit codes, messages."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import websockets
+from peers import STEP_TIMEOUT
+
+import wsgate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wsgate_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wsgate", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_version():
+    result = wsgate_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"wsgate {wsgate.__version__}"
+
+
+def test_check_accepts_the_example_configs():
+    for name in ("wsgate.yaml", "demo.yaml"):
+        result = wsgate_cli("check", "-c", str(REPO / "config" / name))
+        assert result.returncode == 0, result.stderr
+        assert "OK" in result.stdout
+
+
+VALID = """\
+listeners: [{bind: "127.0.0.1:0"}]
+routes:
+  - name: chat
+    backends: [{url: "ws://127.0.0.1:9"}]
+"""
+
+BROKEN = [
+    pytest.param(None, "cannot read config file", id="missing-file"),
+    pytest.param("listeners: [\n  bind: x\n", "invalid YAML at line", id="invalid-yaml"),
+    pytest.param(VALID + "tiemouts: {}\n", "tiemouts: unknown key", id="unknown-key"),
+    pytest.param(VALID + "timeouts: {connect: 5 seconds}\n", "timeouts.connect: expected a duration", id="bad-duration"),
+    pytest.param(VALID.replace("ws://127.0.0.1:9", "http://x"), "routes[0].backends[0].url: expected a ws:// URL", id="bad-url"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BROKEN)
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_config_errors_exit_2_with_file_key_and_reason(tmp_path, command, content, message):
+    path = tmp_path / "wsgate.yaml"
+    if content is not None:
+        path.write_text(content)
+    result = wsgate_cli(command, "-c", str(path))
+    assert result.returncode == 2
+    assert str(path) in result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_serves_until_sigterm(tmp_path):
+    path = tmp_path / "wsgate.yaml"
+    path.write_text(VALID)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wsgate", "run", "-c", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = _read_until(process.stderr, "listening on")
+        assert re.search(r"listening on 127\.0\.0\.1:\d+", line)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=STEP_TIMEOUT) == 0
+    finally:
+        process.kill()
+
+
+def _read_until(stream, marker: str) -> str:
+    for _ in range(50):
+        line = stream.readline()
+        if marker in line or not line:
+            return line
+    raise AssertionError(f"{marker!r} never printed")
+
+
+async def test_demo_serves_an_echo_through_the_gateway():
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wsgate", "demo", "--port", "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        url = None
+        async with asyncio.timeout(STEP_TIMEOUT):
+            while url is None:
+                line = (await process.stdout.readline()).decode()
+                assert line, "the demo exited before printing its URL"
+                if match := re.search(r"connect to (ws://\S+)", line):
+                    url = match.group(1)
+            async with websockets.connect(url) as ws:
+                assert ws.response.headers["X-Echo-Backend"] in ("echo-1", "echo-2")
+                await ws.send("hello through the gateway")
+                assert await ws.recv() == "hello through the gateway"
+            process.send_signal(signal.SIGINT)
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -1,0 +1,7 @@
+"""`python -m wsgate` is the `wsgate` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,170 @@
+"""Command line: `wsgate run | check | demo`, exit codes 0 (ok), 1 (failure), 2 (bad config)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+from . import __version__
+from .config import Backend, Config, load_config
+from .errors import ConfigError
+from .server import Gateway
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+log = logging.getLogger("wsgate")
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where it is installed, else stock asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+async def _serve(config: Config, announce: Callable[[Gateway], None] | None = None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    gateway = Gateway(config)
+    await gateway.start()
+    if announce is not None:
+        announce(gateway)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await gateway.close()
+
+
+def _run_loop(main: Any) -> int:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        try:
+            runner.run(main)
+        except OSError as exc:
+            print(f"wsgate: cannot listen: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"wsgate: invalid configuration: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    _setup_logging(args.log_level or config.log.level, config.log.format)
+    return _run_loop(_serve(config))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    routes = ", ".join(f"{r.name} ({len(r.backends)} backends)" for r in config.routes)
+    print(f"{args.config}: OK; routes: {routes}")
+    return EXIT_OK
+
+
+async def _demo(config: Config) -> None:
+    from .demo import EchoBackends
+
+    echoes = EchoBackends(2)
+    await echoes.start()
+    route = config.routes[0]
+    route = route.model_copy(update={"backends": [Backend(url=url) for url in echoes.urls]})
+    config = config.model_copy(update={"routes": [route, *config.routes[1:]]})
+
+    def announce(gateway: Gateway) -> None:
+        host, port = gateway.addresses[0]
+        print(f"wsgate demo: echo backends at {', '.join(echoes.urls)}", flush=True)
+        print(f"wsgate demo: connect to ws://{host}:{port}/ (Ctrl-C stops)", flush=True)
+
+    try:
+        await _serve(config, announce)
+    finally:
+        await echoes.close()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    with resources.as_file(resources.files("wsgate") / "demo.yaml") as path:
+        config = _load(str(path))
+    if config is None:
+        return EXIT_CONFIG
+    listener = config.listeners[0]
+    bind = f"{args.host}:{args.port}" if ":" not in args.host else f"[{args.host}]:{args.port}"
+    listener = listener.model_validate({**listener.model_dump(), "bind": bind})
+    config = config.model_copy(update={"listeners": [listener]})
+    _setup_logging(args.log_level or config.log.level, config.log.format)
+    return _run_loop(_demo(config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsgate", description="A frame-aware reverse proxy and load balancer for WebSockets."
+    )
+    parser.add_argument("--version", action="version", version=f"wsgate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="serve with a config file")
+    run.add_argument("-c", "--config", required=True, metavar="FILE")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(handler=cmd_run)
+
+    check = commands.add_parser("check", help="validate a config file and exit")
+    check.add_argument("-c", "--config", required=True, metavar="FILE")
+    check.set_defaults(handler=cmd_check)
+
+    demo = commands.add_parser("demo", help="the gateway with two built-in echo backends")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8080, help="port to listen on (8080; 0 picks one)")
+    demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))

@@ -1,0 +1,400 @@
+"""Listeners and the handshake phase: parse, route, connect, check the 101, hand off.
+
+Each accepted socket starts with a `_ClientHandshake` protocol that feeds h11
+until the request head is complete, then a task picks a backend, connects with
+a `_BackendHandshake` protocol and, on a valid 101, passes both transports to a
+`Relay` by `set_protocol`. Bytes that arrive on either side before the hand-off
+are kept and relayed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+from dataclasses import dataclass
+from typing import cast
+
+import h11
+
+from .config import Backend, Config, Listener, Route
+from .errors import BackendUnavailable, HandshakeError
+from .handshake import (
+    build_upstream_request,
+    check_backend_response,
+    check_client_request,
+    check_origin,
+    render_backend_reply,
+    render_error,
+    render_rejection,
+    render_switching_protocols,
+)
+from .hashring import HashRing
+from .relay import Relay
+from .routing import match_route
+
+log = logging.getLogger("wsgate.server")
+
+# A backend's refusal is relayed to the client; its body is cut at this size.
+BACKEND_REPLY_BODY_LIMIT = 64 * 1024
+_MAX_BACKEND_HEAD_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _RoutePlan:
+    route: Route
+    ring: HashRing
+
+    def pick(self, key: bytes) -> Backend:
+        return self.route.backends[self.ring.pick(key)]
+
+
+def _set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Gateway:
+    """Serves every listener of one config; `start` binds, `close` stops."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._plans = {
+            route.name: _RoutePlan(
+                route, HashRing([b.url for b in route.backends], [b.weight for b in route.backends])
+            )
+            for route in config.routes
+        }
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[_ClientHandshake] = set()
+        self._relays: set[Relay] = set()
+        self._per_ip: dict[str, int] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (host, port) each listener is bound to, in config order."""
+        return [server.sockets[0].getsockname()[:2] for server in self._servers]
+
+    @property
+    def connection_count(self) -> int:
+        return sum(self._per_ip.values())
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for listener in self.config.listeners:
+                server = await loop.create_server(
+                    lambda listener=listener: _ClientHandshake(self, listener),
+                    listener.host,
+                    listener.port,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+                self._servers.append(server)
+                log.info("listening on %s:%d (%s)", *server.sockets[0].getsockname()[:2], listener.name)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop accepting, then drop every connection still open."""
+        for server in self._servers:
+            server.close()
+        for connection in list(self._connections):
+            connection.transport.close()
+        for relay in list(self._relays):
+            relay.close()
+        for server in self._servers:
+            await server.wait_closed()
+
+    # -- bookkeeping used by the protocols ------------------------------------
+
+    def _admit(self, ip: str) -> str | None:
+        """Count a new connection from `ip`, or say why it is refused."""
+        limits = self.config.limits
+        if self.connection_count >= limits.max_connections:
+            return "the gateway is at its connection limit"
+        if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+            return "too many connections from your address"
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        return None
+
+    def _release(self, ip: str) -> None:
+        left = self._per_ip[ip] - 1
+        if left:
+            self._per_ip[ip] = left
+        else:
+            del self._per_ip[ip]
+
+    def _plan_for(self, host: str, path: str) -> _RoutePlan | None:
+        route = match_route(self.config.routes, host, path)
+        return None if route is None else self._plans[route.name]
+
+
+class _ClientHandshake(asyncio.Protocol):
+    """A client connection until its upgrade is relayed or refused."""
+
+    def __init__(self, gateway: Gateway, listener: Listener) -> None:
+        self.gateway = gateway
+        self.listener = listener
+        self.transport: asyncio.Transport
+        self.client_ip = ""
+        self.conn_id = next(gateway._ids)
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=gateway.config.limits.max_header_bytes
+        )
+        self.early = bytearray()
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.admitted = False
+        self.lost = False
+        self.handed_off = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        _set_nodelay(transport)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else "unknown"
+        refusal = self.gateway._admit(self.client_ip)
+        if refusal is not None:
+            log.warning("conn=%d refused %s: %s", self.conn_id, self.client_ip, refusal)
+            self._reply(render_error(503, refusal, [("Retry-After", "1")]))
+            return
+        self.admitted = True
+        self.gateway._connections.add(self)
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(
+            self.gateway.config.timeouts.handshake, self._on_handshake_timeout
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self.task is not None:
+            # The request is parsed; what follows is the client's first frames.
+            self.early += data
+            if len(self.early) > self.gateway.config.flow_control.high_water:
+                self.transport.pause_reading()
+            return
+        self.h11.receive_data(data)
+        self._next_request_event()
+
+    def eof_received(self) -> bool:
+        if self.task is None:
+            self.transport.close()
+        elif not self.handed_off:
+            self.task.cancel()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None and not self.task.done() and not self.handed_off:
+            self.task.cancel()
+        if not self.handed_off:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.gateway._connections.discard(self)
+        if self.admitted:
+            self.admitted = False
+            self.gateway._release(self.client_ip)
+
+    def _next_request_event(self) -> None:
+        try:
+            event = self.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            self._reject(HandshakeError(exc.error_status_hint, _h11_reason(exc)))
+            return
+        if event is h11.NEED_DATA:
+            return
+        if isinstance(event, h11.Request):
+            if self.timer is not None:
+                self.timer.cancel()
+            self.early += self.h11.trailing_data[0]
+            self.task = asyncio.get_running_loop().create_task(self._proxy(event))
+            return
+        # ConnectionClosed before a full request: nothing to answer.
+        self.transport.close()
+
+    def _on_handshake_timeout(self) -> None:
+        if self.task is None:
+            log.info("conn=%d %s sent no complete request in time", self.conn_id, self.client_ip)
+            self._reply(render_error(408, "request timeout"))
+
+    def _reply(self, data: bytes) -> None:
+        self.transport.write(data)
+        self.transport.close()
+
+    def _reject(self, error: HandshakeError) -> None:
+        log.info("conn=%d %s rejected: %d %s", self.conn_id, self.client_ip, error.status, error.reason)
+        self._reply(render_rejection(error))
+
+    async def _proxy(self, request: h11.Request) -> None:
+        gateway = self.gateway
+        config = gateway.config
+        backend_transport: asyncio.Transport | None = None
+        try:
+            handshake = check_client_request(request)
+            plan = gateway._plan_for(handshake.host, handshake.path)
+            if plan is None:
+                raise HandshakeError(404, "no route for this host and path")
+            check_origin(handshake, plan.route.allowed_origins)
+            backend = plan.pick(self.client_ip.encode("utf-8"))
+            upstream = build_upstream_request(
+                handshake,
+                client_ip=self.client_ip,
+                scheme="https" if self.listener.tls else "http",
+                host=plan.route.upstream_host,
+                strip_extensions=plan.route.compression == "strip",
+            )
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(config.timeouts.connect):
+                    backend_transport, answer = await loop.create_connection(
+                        lambda: _BackendHandshake(upstream), backend.host, backend.port
+                    )
+                    outcome = await answer.outcome
+            except TimeoutError:
+                raise BackendUnavailable(504, "backend did not answer in time") from None
+            except OSError as exc:
+                raise BackendUnavailable(502, "backend unreachable") from exc
+            if isinstance(outcome, h11.Response):
+                log.info(
+                    "conn=%d backend %s refused the upgrade: %d",
+                    self.conn_id, backend.url, outcome.status_code,
+                )
+                self._reply(render_backend_reply(outcome, bytes(answer.body)))
+                return
+            try:
+                negotiated = check_backend_response(outcome, upstream)
+            except BackendUnavailable as exc:
+                log.warning("conn=%d backend %s is broken: %s", self.conn_id, backend.url, exc.reason)
+                raise
+            self.transport.write(render_switching_protocols(negotiated))
+            self._hand_off(backend_transport, answer)
+            backend_transport = None
+        except HandshakeError as exc:
+            self._reject(exc)
+        except BackendUnavailable as exc:
+            cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+            log.warning("conn=%d %s: %d %s%s", self.conn_id, self.client_ip, exc.status, exc.reason, cause)
+            self._reply(render_error(exc.status, exc.reason))
+        except Exception:
+            log.exception("conn=%d unexpected failure in the handshake", self.conn_id)
+            self._reply(render_error(500, "internal error"))
+        finally:
+            if backend_transport is not None:
+                backend_transport.close()
+
+    def _hand_off(self, backend_transport: asyncio.Transport, answer: _BackendHandshake) -> None:
+        gateway = self.gateway
+        flow = gateway.config.flow_control
+        self.handed_off = True
+        gateway._connections.discard(self)
+        relay = Relay(
+            self.transport,
+            backend_transport,
+            high_water=flow.high_water,
+            low_water=flow.low_water,
+            conn_id=self.conn_id,
+            on_closed=self._on_relay_closed,
+        )
+        gateway._relays.add(relay)
+        if self.lost or answer.lost:
+            # One side left during the hand-off; its protocol already saw the loss.
+            if not answer.lost:
+                backend_transport.close()
+            if not self.lost:
+                self.transport.write(bytes(answer.early))
+                self.transport.close()
+            gateway._relays.discard(relay)
+            self.handed_off = False
+            self._finish()
+            return
+        relay.start(client_early=bytes(self.early), backend_early=bytes(answer.early))
+
+    def _on_relay_closed(self, relay: Relay) -> None:
+        self.gateway._relays.discard(relay)
+        self._finish()
+
+
+def _h11_reason(exc: h11.RemoteProtocolError) -> str:
+    if exc.error_status_hint == 431:
+        return "request header block too large"
+    return f"malformed request: {exc}"
+
+
+class _BackendHandshake(asyncio.Protocol):
+    """The backend leg until its answer to the upgrade is complete."""
+
+    def __init__(self, request: h11.Request) -> None:
+        self.request = request
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_BACKEND_HEAD_SIZE)
+        self.outcome: asyncio.Future[h11.InformationalResponse | h11.Response] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.response: h11.Response | None = None
+        self.body = bytearray()
+        self.early = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        _set_nodelay(transport)
+        self.transport.write(self.h11.send(self.request) + self.h11.send(h11.EndOfMessage()))
+
+    def data_received(self, data: bytes) -> None:
+        if self.outcome.done():
+            # After the 101 and before the hand-off: the backend's first frames.
+            self.early += data
+            return
+        self.h11.receive_data(data)
+        self._next_events()
+
+    def eof_received(self) -> bool:
+        if not self.outcome.done():
+            self.h11.receive_data(b"")
+            self._next_events()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.outcome.done():
+            self._fail("backend closed the connection before answering")
+
+    def _fail(self, reason: str) -> None:
+        self.outcome.set_exception(BackendUnavailable(502, reason))
+        if self.transport is not None:
+            self.transport.close()
+
+    def _next_events(self) -> None:
+        try:
+            while not self.outcome.done():
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA:
+                    return
+                if isinstance(event, h11.InformationalResponse):
+                    if event.status_code == 101:
+                        self.early += self.h11.trailing_data[0]
+                        self.outcome.set_result(event)
+                elif isinstance(event, h11.Response):
+                    self.response = event
+                elif isinstance(event, h11.Data):
+                    room = BACKEND_REPLY_BODY_LIMIT - len(self.body)
+                    self.body += event.data[:room]
+                    if len(event.data) > room:
+                        self._reply_complete()
+                elif isinstance(event, h11.EndOfMessage):
+                    self._reply_complete()
+                else:
+                    self._fail("backend closed the connection before answering")
+        except h11.RemoteProtocolError as exc:
+            self._fail(f"backend sent a malformed response: {exc}")
+
+    def _reply_complete(self) -> None:
+        assert self.response is not None
+        self.outcome.set_result(self.response)
