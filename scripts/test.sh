@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs wsgate and its test tools into .venv, then runs the whole test suite
+# (arguments are passed on to pytest). Under CI the property tests run deeper.
+WSGATE_EXTRAS=test source "$(dirname "$0")/bootstrap.sh"
+if [ -n "${CI:-}" ]; then
+    export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
+fi
+exec .venv/bin/python -m pytest "$@"
