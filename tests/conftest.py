@@ -88,6 +88,11 @@ async def ws_backend() -> AsyncIterator[Backend]:
         try:
             async for message in connection:
                 backend.messages.append(message)
+                if isinstance(message, str) and message.startswith("close "):
+                    # "close CODE REASON" asks the backend to close the connection.
+                    _, code, reason = message.split(" ", 2)
+                    await connection.close(int(code), reason)
+                    break
                 await connection.send(message)
         finally:
             backend.closes.put_nowait((connection.close_code, connection.close_reason))

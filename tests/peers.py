@@ -6,6 +6,9 @@ import asyncio
 import base64
 import os
 import struct
+from dataclasses import dataclass
+
+from wsgate.handshake import accept_key
 
 # Every wait on the network in a test is bounded by this.
 STEP_TIMEOUT = 10.0
@@ -61,3 +64,89 @@ async def raw_exchange(url: str, data: bytes) -> tuple[int, dict[str, str], byte
         return await read_response_head(reader)
     finally:
         writer.close()
+
+
+def server_frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0) -> bytes:
+    """An unmasked frame as a server sends it (test-only builder); rsv is the 3 RSV bits."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", first, length)
+    elif length < 65536:
+        head = struct.pack("!BBH", first, 126, length)
+    else:
+        head = struct.pack("!BBQ", first, 127, length)
+    return head + payload
+
+
+def close_payload(code: int | None, reason: str = "") -> bytes:
+    return b"" if code is None else struct.pack("!H", code) + reason.encode()
+
+
+@dataclass
+class Frame:
+    opcode: int
+    fin: bool
+    masked: bool
+    payload: bytes
+
+    @property
+    def close(self) -> tuple[int | None, str]:
+        """(code, reason) of a Close frame; code None when it carries no status."""
+        assert self.opcode == 0x8, f"not a close frame: {self}"
+        if not self.payload:
+            return None, ""
+        return struct.unpack("!H", self.payload[:2])[0], self.payload[2:].decode()
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame:
+    """One frame, unmasked; IncompleteReadError at EOF."""
+    first, second = await asyncio.wait_for(reader.readexactly(2), STEP_TIMEOUT)
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", await reader.readexactly(8))
+    masked = bool(second & 0x80)
+    mask = await reader.readexactly(4) if masked else b""
+    payload = await asyncio.wait_for(reader.readexactly(length), STEP_TIMEOUT)
+    if masked:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return Frame(first & 0x0F, bool(first & 0x80), masked, payload)
+
+
+async def read_until_close(reader: asyncio.StreamReader) -> tuple[list[Frame], Frame]:
+    """Frames up to and including the first Close."""
+    frames: list[Frame] = []
+    for _ in range(10_000):
+        frame = await read_frame(reader)
+        if frame.opcode == 0x8:
+            return frames, frame
+        frames.append(frame)
+    raise AssertionError("no close frame in 10,000 frames")
+
+
+async def open_raw_client(url: str, extra: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP client that has completed the upgrade through the gateway."""
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(upgrade_request(extra=extra))
+    status, _, _ = await read_response_head(reader)
+    assert status == 101
+    return reader, writer
+
+
+async def accept_upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, extra: bytes = b"") -> bytes:
+    """Answer the gateway's upgrade request with a valid 101; returns the request head."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), STEP_TIMEOUT)
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    )
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_key(key) + b"\r\n" + extra + b"\r\n"
+    )
+    await writer.drain()
+    return head

@@ -1,39 +1,125 @@
-"""The relay of one proxied connection after the 101.
+"""The relay of one proxied connection after the 101, frame by frame.
 
 Two `asyncio.Protocol` legs, one per side, share one code path with src and dst
-swapped. Flow control is paired: when one leg's write buffer passes its high
-water mark, reading from the other leg stops until the buffer drains.
+swapped. Each leg scans what it reads with a `FrameScanner` and writes the
+frames, byte for byte, to the other leg; only control frames, protocol
+violations and requested frame boundaries leave the fast path.
+
+Close handshake rules, per leg:
+
+- `close_received`: the peer on this leg sent a Close frame.
+- `sealed`: a Close frame was written to this leg; nothing more is written to it.
+- A leg whose peer both sent and was sent a Close is finished: its TCP
+  connection is closed (after pending writes flush).
+- The first Close, from either side or from the gateway, arms one deadline of
+  `timeouts.close`; legs still unfinished then are dropped.
+
+Liveness is judged by a single `Sweeper` for all relays: legs count their reads
+and data reads in plain integers, and the sweep compares them with what it saw
+last time, so no timer is created per message or per read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import ProtocolError
+from .frames import BOUNDARY, CloseCode, ControlFrame, FrameScanner, Opcode, build_close, build_frame
 
 log = logging.getLogger("wsgate.relay")
 
+CLIENT = "client"
+BACKEND = "backend"
+GATEWAY = "gateway"
+
+# Payload of the gateway's own pings; a pong echoing it is the gateway's to swallow.
+_PING_PREFIX = b"wsgate-"
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """What a relay needs from the config, in seconds and bytes."""
+
+    high_water: int
+    low_water: int
+    max_message_size: int
+    close_timeout: float
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    idle_timeout: float
+
 
 class Leg(asyncio.Protocol):
-    """One side of a relay; what it reads it writes to its peer leg."""
+    """One side of a relay; what it reads, it scans and writes to its peer leg."""
 
-    __slots__ = ("relay", "side", "transport", "peer", "bytes_received", "lost")
+    __slots__ = (
+        "relay",
+        "side",
+        "transport",
+        "peer",
+        "scanner",
+        "mask_frames",
+        "forwarding",
+        "reads",
+        "data_reads",
+        "bytes_received",
+        "pending",
+        "close_received",
+        "sealed",
+        "lost",
+        "reading_paused",
+        "ping_payload",
+        "ping_sent_at",
+        "quiet_since",
+        "reads_seen",
+    )
 
-    def __init__(self, relay: Relay, side: str, transport: asyncio.Transport) -> None:
+    def __init__(self, relay: Relay, side: str, transport: asyncio.Transport, scanner: FrameScanner) -> None:
         self.relay = relay
         self.side = side
         self.transport = transport
         self.peer: Leg = self  # set by Relay once both legs exist
+        self.scanner = scanner
+        # The gateway is the backend's client, so frames it writes there are masked.
+        self.mask_frames = side == BACKEND
+        # True while this leg's reads may be written to the peer without a look.
+        self.forwarding = True
+        self.reads = 0
+        self.data_reads = 0
         self.bytes_received = 0
+        # Gateway frames waiting for the stream toward this leg to reach a boundary.
+        self.pending: list[bytes] = []
+        self.close_received = False
+        self.sealed = False
         self.lost = False
+        self.reading_paused = False
+        self.ping_payload = b""
+        self.ping_sent_at = 0.0
+        self.quiet_since = 0.0
+        self.reads_seen = 0
+
+    # -- asyncio callbacks --------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self.reads += 1
         self.bytes_received += len(data)
-        self.peer.transport.write(data)
+        try:
+            out = self.scanner.receive_data(data)
+        except ProtocolError as exc:
+            self.relay.on_violation(self, exc)
+            return
+        if out is data and self.forwarding:
+            self.data_reads += 1
+            self.peer.transport.write(data)
+            return
+        self.relay.route(self, [data] if out is data else out)
 
     def eof_received(self) -> bool:
-        # WebSocket has no half-close; the peer gets what was sent, then FIN.
-        self.relay.close()
+        # WebSocket has no half-close: an EOF ends this side; connection_lost follows.
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -41,64 +127,302 @@ class Leg(asyncio.Protocol):
         self.relay.on_leg_lost(self)
 
     def pause_writing(self) -> None:
+        self.peer.reading_paused = True
         self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.peer.reading_paused = False
+        self.peer.quiet_since = asyncio.get_running_loop().time()
         self.peer.transport.resume_reading()
+
+    # -- writing the gateway's own frames -------------------------------------------
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        """Write a gateway frame to this leg, at the next boundary of the stream toward it."""
+        if self.sealed or self.transport.is_closing():
+            return
+        frame = build_frame(opcode, payload, mask_key=os.urandom(4) if self.mask_frames else None)
+        self._inject(frame)
+
+    def send_close(self, code: int, reason: str = "") -> None:
+        """Write a gateway Close to this leg; nothing is written after it."""
+        if self.sealed or self.transport.is_closing():
+            return
+        frame = build_close(code, reason, mask_key=os.urandom(4) if self.mask_frames else None)
+        self._inject(frame)
+        self.sealed = True
+
+    def _inject(self, frame: bytes) -> None:
+        source = self.peer.scanner
+        if source.at_boundary and not self.pending:
+            self.transport.write(frame)
+            return
+        self.pending.append(frame)
+        source.want_boundary = True
+        self.peer.forwarding = False
+
+    def flush_pending(self) -> None:
+        """The stream toward this leg is at a frame boundary: write what waited."""
+        if self.pending:
+            self.transport.write(b"".join(self.pending))
+            self.pending.clear()
 
 
 class Relay:
     """Pairs a client transport with a backend transport until both are closed."""
 
-    __slots__ = ("client", "backend", "conn_id", "_on_closed", "closed")
+    __slots__ = (
+        "client",
+        "backend",
+        "settings",
+        "conn_id",
+        "_on_closed",
+        "closed",
+        "close_code",
+        "closed_by",
+        "_close_timer",
+        "data_seen",
+        "idle_since",
+        "__weakref__",
+    )
 
     def __init__(
         self,
         client_transport: asyncio.Transport,
         backend_transport: asyncio.Transport,
+        settings: RelaySettings,
         *,
-        high_water: int,
-        low_water: int,
+        deflate: bool = False,
         conn_id: int = 0,
         on_closed: Callable[[Relay], None] | None = None,
     ) -> None:
-        self.client = Leg(self, "client", client_transport)
-        self.backend = Leg(self, "backend", backend_transport)
+        limit = settings.max_message_size
+        self.client = Leg(
+            self, CLIENT, client_transport,
+            FrameScanner(masked=True, max_message_size=limit, allow_rsv1=deflate),
+        )
+        self.backend = Leg(
+            self, BACKEND, backend_transport,
+            FrameScanner(masked=False, max_message_size=limit, allow_rsv1=deflate),
+        )
         self.client.peer = self.backend
         self.backend.peer = self.client
+        self.settings = settings
         self.conn_id = conn_id
         self._on_closed = on_closed
         self.closed = False
-        for leg in (self.client, self.backend):
-            leg.transport.set_write_buffer_limits(high=high_water, low=low_water)
+        self.close_code: int | None = None
+        self.closed_by = ""
+        self._close_timer: asyncio.TimerHandle | None = None
+        self.data_seen = 0
+        self.idle_since = 0.0
 
     def start(self, client_early: bytes = b"", backend_early: bytes = b"") -> None:
         """Take over both transports; bytes read during the handshake are relayed first."""
+        now = asyncio.get_running_loop().time()
+        self.idle_since = now
         for leg in (self.client, self.backend):
+            leg.quiet_since = now
             leg.transport.set_protocol(leg)
+            # After set_protocol, so that an immediate pause_writing reaches the leg.
+            leg.transport.set_write_buffer_limits(
+                high=self.settings.high_water, low=self.settings.low_water
+            )
         if backend_early:
             self.backend.data_received(backend_early)
         if client_early:
             self.client.data_received(client_early)
-        if self.client.transport.is_closing() or self.backend.transport.is_closing():
-            self.close()
-            return
         for leg in (self.client, self.backend):
-            leg.transport.resume_reading()
+            if not leg.reading_paused:
+                leg.transport.resume_reading()
 
-    def close(self) -> None:
-        """Close both legs; each flushes what it still has to write first."""
-        self.client.transport.close()
-        self.backend.transport.close()
+    # -- the slow path: anything but plain data frames ------------------------------
+
+    def route(self, src: Leg, items: list) -> None:
+        """Forward scanner output from `src` to its peer, acting on control frames."""
+        dst = src.peer
+        counted = False
+        for item in items:
+            if item is BOUNDARY:
+                dst.flush_pending()
+            elif isinstance(item, ControlFrame):
+                self._on_control(src, item)
+            else:
+                if not counted:
+                    src.data_reads += 1
+                    counted = True
+                # Until a pending gateway Close goes out, the frame in flight completes.
+                if not dst.sealed or dst.pending:
+                    dst.transport.write(item)
+        src.forwarding = not dst.pending and not dst.sealed
+
+    def _on_control(self, src: Leg, frame: ControlFrame) -> None:
+        dst = src.peer
+        opcode = frame.opcode
+        if opcode == Opcode.PONG and frame.payload == src.ping_payload:
+            return  # the answer to the gateway's own ping
+        if opcode == Opcode.CLOSE:
+            src.close_received = True
+            self._record(src.side, frame.close_code)
+            self._arm_close_timer()
+            if not dst.sealed:
+                dst.transport.write(frame.raw)
+                dst.sealed = True
+            self._finish_legs()
+            return
+        if not dst.sealed:
+            dst.transport.write(frame.raw)
+
+    # -- failures and closes ----------------------------------------------------------
+
+    def on_violation(self, src: Leg, exc: ProtocolError) -> None:
+        """`src` broke the protocol: tell it why, tell the other side we go away."""
+        if src.lost or (src.sealed and src.transport.is_closing()):
+            return
+        if src.scanner.valid_prefix:
+            prefix, src.scanner.valid_prefix = src.scanner.valid_prefix, []
+            self.route(src, prefix)
+        log.info("conn=%d %s protocol violation: %d %s", self.conn_id, src.side, exc.close_code, exc.reason)
+        if src.side == CLIENT:
+            to_src, to_peer = exc.close_code, CloseCode.GOING_AWAY
+        else:
+            to_src, to_peer = exc.close_code, CloseCode.BAD_GATEWAY
+        self._record(GATEWAY, to_src)
+        self._gateway_close(to_peer, "", only=src.peer)
+        src.transport.pause_reading()
+        src.send_close(to_src, exc.reason)
+        # A peer that broke the protocol gets no close handshake: drop it after the flush.
+        src.transport.close()
 
     def on_leg_lost(self, leg: Leg) -> None:
-        leg.peer.transport.close()
-        if self.client.lost and self.backend.lost and not self.closed:
-            self.closed = True
-            if self._on_closed is not None:
-                self._on_closed(self)
+        peer = leg.peer
+        finished = leg.close_received and leg.sealed
+        # Nothing more can be written to a lost leg.
+        leg.sealed = True
+        leg.pending.clear()
+        peer.forwarding = False
+        if peer.lost:
+            self._closed()
+        elif not finished:
+            code = CloseCode.BAD_GATEWAY if leg.side == BACKEND else CloseCode.GOING_AWAY
+            self._record(leg.side, None)
+            self._gateway_close(code, "", only=peer)
+
+    def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "") -> None:
+        """Close both sides with `code` (a gateway decision: idle, shutdown)."""
+        self._record(GATEWAY, code)
+        self._gateway_close(code, reason)
+
+    def _gateway_close(self, code: int, reason: str, only: Leg | None = None) -> None:
+        for leg in (self.client, self.backend) if only is None else (only,):
+            if leg.lost:
+                continue
+            leg.send_close(code, reason)
+            leg.peer.forwarding = False
+        self._arm_close_timer()
+        self._finish_legs()
+
+    def _record(self, who: str, code: int | None) -> None:
+        if not self.closed_by:
+            self.closed_by = who
+            self.close_code = code
+
+    def _finish_legs(self) -> None:
+        for leg in (self.client, self.backend):
+            if leg.lost:
+                continue
+            if leg.sealed and not leg.pending and leg.close_received:
+                leg.transport.close()
+
+    def _arm_close_timer(self) -> None:
+        if self._close_timer is None and not self.closed:
+            self._close_timer = asyncio.get_running_loop().call_later(
+                self.settings.close_timeout, self._on_close_timeout
+            )
+
+    def _on_close_timeout(self) -> None:
+        for leg in (self.client, self.backend):
+            if not leg.lost:
+                leg.transport.abort()
 
     def abort(self) -> None:
         """Drop both legs at once, discarding buffered data."""
         self.client.transport.abort()
         self.backend.transport.abort()
+
+    def _closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if self._on_closed is not None:
+            self._on_closed(self)
+
+    # -- liveness, called by the sweeper ----------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Ping quiet peers, drop dead ones, close idle connections."""
+        settings = self.settings
+        if self.closed_by:
+            return
+        for leg in (self.client, self.backend):
+            if leg.reads != leg.reads_seen or leg.reading_paused:
+                leg.reads_seen = leg.reads
+                leg.quiet_since = now
+                leg.ping_sent_at = 0.0
+            elif leg.ping_sent_at:
+                if now - leg.ping_sent_at >= settings.heartbeat_timeout:
+                    self._on_dead(leg)
+                    return
+            elif settings.heartbeat_interval and now - leg.quiet_since >= settings.heartbeat_interval:
+                leg.ping_payload = _PING_PREFIX + os.urandom(8).hex().encode()
+                leg.ping_sent_at = now
+                leg.send_frame(Opcode.PING, leg.ping_payload)
+        data = self.client.data_reads + self.backend.data_reads
+        if data != self.data_seen:
+            self.data_seen = data
+            self.idle_since = now
+        elif settings.idle_timeout and now - self.idle_since >= settings.idle_timeout:
+            log.info("conn=%d idle for %.1fs: closing", self.conn_id, now - self.idle_since)
+            self.close(CloseCode.GOING_AWAY, "idle timeout")
+
+    def _on_dead(self, leg: Leg) -> None:
+        log.info("conn=%d %s did not answer a ping: dropping it", self.conn_id, leg.side)
+        code = CloseCode.BAD_GATEWAY if leg.side == BACKEND else CloseCode.GOING_AWAY
+        self._record(GATEWAY, code)
+        leg.transport.abort()
+
+
+class Sweeper:
+    """One timer for every relay: heartbeats and idle timeouts without per-connection timers."""
+
+    def __init__(self, tick: float) -> None:
+        self.tick = tick
+        self.relays: set[Relay] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.tick, self._run, loop)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for relay in list(self.relays):
+            try:
+                relay.sweep(now)
+            except Exception:
+                log.exception("conn=%d sweep failed; dropping the connection", relay.conn_id)
+                relay.abort()
+        self._timer = loop.call_later(self.tick, self._run, loop)
+
+
+def sweep_tick(settings: RelaySettings) -> float:
+    """How often to sweep: a quarter of the shortest enabled timer, 20 ms to 1 s."""
+    timers = [t for t in (settings.heartbeat_interval, settings.heartbeat_timeout, settings.idle_timeout) if t]
+    return min(1.0, max(0.02, min(timers, default=4.0) / 4))

@@ -20,6 +20,7 @@ import h11
 
 from .config import Backend, Config, Listener, Route
 from .errors import BackendUnavailable, HandshakeError
+from .frames import CloseCode
 from .handshake import (
     build_upstream_request,
     check_backend_response,
@@ -31,7 +32,7 @@ from .handshake import (
     render_switching_protocols,
 )
 from .hashring import HashRing
-from .relay import Relay
+from .relay import Relay, RelaySettings, Sweeper, sweep_tick
 from .routing import match_route
 
 log = logging.getLogger("wsgate.server")
@@ -67,9 +68,20 @@ class Gateway:
             )
             for route in config.routes
         }
+        self.relay_settings = RelaySettings(
+            high_water=config.flow_control.high_water,
+            low_water=config.flow_control.low_water,
+            max_message_size=config.limits.max_message_size,
+            close_timeout=config.timeouts.close,
+            heartbeat_interval=config.heartbeat.interval,
+            heartbeat_timeout=config.heartbeat.timeout,
+            idle_timeout=config.timeouts.idle,
+        )
+        self._sweeper = Sweeper(sweep_tick(self.relay_settings))
         self._servers: list[asyncio.Server] = []
         self._connections: set[_ClientHandshake] = set()
-        self._relays: set[Relay] = set()
+        self._relays = self._sweeper.relays
+        self._all_closed = asyncio.Event()
         self._per_ip: dict[str, int] = {}
         self._ids = itertools.count(1)
 
@@ -84,6 +96,7 @@ class Gateway:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._sweeper.start()
         try:
             for listener in self.config.listeners:
                 server = await loop.create_server(
@@ -100,13 +113,22 @@ class Gateway:
             raise
 
     async def close(self) -> None:
-        """Stop accepting, then drop every connection still open."""
+        """Stop accepting, close every connection with 1001, drop what is left after `timeouts.close`."""
         for server in self._servers:
             server.close()
         for connection in list(self._connections):
             connection.transport.close()
         for relay in list(self._relays):
-            relay.close()
+            relay.close(CloseCode.GOING_AWAY, "gateway shutting down")
+        if self._relays:
+            self._all_closed.clear()
+            try:
+                async with asyncio.timeout(self.config.timeouts.close):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                for relay in list(self._relays):
+                    relay.abort()
+        self._sweeper.stop()
         for server in self._servers:
             await server.wait_closed()
 
@@ -274,7 +296,7 @@ class _ClientHandshake(asyncio.Protocol):
                 log.warning("conn=%d backend %s is broken: %s", self.conn_id, backend.url, exc.reason)
                 raise
             self.transport.write(render_switching_protocols(negotiated))
-            self._hand_off(backend_transport, answer)
+            self._hand_off(backend_transport, answer, negotiated.deflate)
             backend_transport = None
         except HandshakeError as exc:
             self._reject(exc)
@@ -289,16 +311,17 @@ class _ClientHandshake(asyncio.Protocol):
             if backend_transport is not None:
                 backend_transport.close()
 
-    def _hand_off(self, backend_transport: asyncio.Transport, answer: _BackendHandshake) -> None:
+    def _hand_off(
+        self, backend_transport: asyncio.Transport, answer: _BackendHandshake, deflate: bool
+    ) -> None:
         gateway = self.gateway
-        flow = gateway.config.flow_control
         self.handed_off = True
         gateway._connections.discard(self)
         relay = Relay(
             self.transport,
             backend_transport,
-            high_water=flow.high_water,
-            low_water=flow.low_water,
+            gateway.relay_settings,
+            deflate=deflate,
             conn_id=self.conn_id,
             on_closed=self._on_relay_closed,
         )
@@ -317,7 +340,10 @@ class _ClientHandshake(asyncio.Protocol):
         relay.start(client_early=bytes(self.early), backend_early=bytes(answer.early))
 
     def _on_relay_closed(self, relay: Relay) -> None:
-        self.gateway._relays.discard(relay)
+        gateway = self.gateway
+        gateway._relays.discard(relay)
+        if not gateway._relays:
+            gateway._all_closed.set()
         self._finish()
 
 

@@ -1,0 +1,340 @@
+"""The frame-aware relay through a running gateway: violations, closes, failures, liveness."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+import websockets
+from conftest import gateway_config
+from peers import (
+    STEP_TIMEOUT,
+    accept_upgrade,
+    client_frame,
+    close_payload,
+    open_raw_client,
+    read_frame,
+    read_until_close,
+    server_frame,
+)
+
+TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
+MASK = b"\x11\x22\x33\x44"
+
+
+def masked_head(first: int, second_len: bytes) -> bytes:
+    """A client frame header with an arbitrary length field, then the mask key."""
+    return bytes([first]) + second_len + MASK
+
+
+CLIENT_VIOLATIONS = [
+    pytest.param(server_frame(TEXT, b"unmasked"), 1002, id="unmasked"),
+    pytest.param(client_frame(0x3, b"x"), 1002, id="reserved-opcode-3"),
+    pytest.param(client_frame(0xB, b"x"), 1002, id="reserved-opcode-0xB"),
+    pytest.param(client_frame(PING, b"p" * 126), 1002, id="long-control"),
+    pytest.param(client_frame(PING, b"p", fin=False), 1002, id="fragmented-control"),
+    pytest.param(client_frame(CONT, b"orphan"), 1002, id="orphan-continuation"),
+    pytest.param(client_frame(TEXT, b"a", fin=False) + client_frame(TEXT, b"b"), 1002, id="data-inside-message"),
+    pytest.param(bytes([0xC1]) + client_frame(TEXT, b"rsv1")[1:], 1002, id="rsv1-without-deflate"),
+    pytest.param(bytes([0xA1]) + client_frame(TEXT, b"rsv2")[1:], 1002, id="rsv2"),
+    pytest.param(bytes([0x91]) + client_frame(TEXT, b"rsv3")[1:], 1002, id="rsv3"),
+    pytest.param(masked_head(0x82, bytes([0xFF]) + struct.pack("!Q", 1 << 63)), 1002, id="length-top-bit"),
+    pytest.param(client_frame(CLOSE, b"\x03"), 1002, id="close-1-byte"),
+    pytest.param(client_frame(CLOSE, close_payload(1005)), 1002, id="close-code-1005"),
+    pytest.param(client_frame(CLOSE, close_payload(999)), 1002, id="close-code-999"),
+    pytest.param(client_frame(CLOSE, close_payload(1000) + b"\xff\xfe"), 1007, id="close-reason-not-utf8"),
+    pytest.param(client_frame(BINARY, b"x" * 2048), 1009, id="too-big"),
+    pytest.param(client_frame(TEXT, b"x" * 1000, fin=False) + client_frame(CONT, b"x" * 1000), 1009, id="too-big-fragments"),
+]
+
+
+@pytest.mark.parametrize(("bad", "code"), CLIENT_VIOLATIONS)
+async def test_client_violation_closes_client_with_code_and_backend_with_1001(
+    start_gateway, ws_backend, bad, code
+):
+    url = await start_gateway(gateway_config([ws_backend.url], limits={"max_message_size": "1500B"}))
+    reader, writer = await open_raw_client(url)
+    try:
+        # A good message first, in the same write: it must still be delivered.
+        writer.write(client_frame(TEXT, b"before") + bad)
+        frames, close = await read_until_close(reader)
+        assert close.close[0] == code
+        assert not close.masked
+        assert [f.payload for f in frames if f.opcode == TEXT] in ([b"before"], [])
+        assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "")
+        assert ws_backend.messages[:1] == ["before"]
+        # The offender gets no close handshake: the gateway hangs up.
+        assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b""
+    finally:
+        writer.close()
+
+
+BACKEND_VIOLATIONS = [
+    pytest.param(client_frame(TEXT, b"masked"), 1002, id="masked"),
+    pytest.param(server_frame(0x4, b"x"), 1002, id="reserved-opcode"),
+    pytest.param(server_frame(TEXT, b"rsv1", rsv=4), 1002, id="rsv1-without-deflate"),
+    pytest.param(server_frame(CLOSE, b"\x03"), 1002, id="close-1-byte"),
+    pytest.param(server_frame(BINARY, b"x" * 2048), 1009, id="too-big"),
+]
+
+
+@pytest.mark.parametrize(("bad", "code"), BACKEND_VIOLATIONS)
+async def test_backend_violation_closes_client_with_1014_and_backend_with_code(
+    start_gateway, raw_backend, bad, code
+):
+    seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def misbehave(reader, writer):
+        await accept_upgrade(reader, writer)
+        writer.write(server_frame(TEXT, b"fine") + bad)
+        _, close = await read_until_close(reader)
+        seen.set_result(close)
+
+    backend = await raw_backend(misbehave)
+    url = await start_gateway(gateway_config([backend.url], limits={"max_message_size": "1500B"}))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(url) as ws:
+            assert await ws.recv() == "fine"
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+        assert ws.close_code == 1014
+        close = await seen
+    assert close.masked, "frames toward a backend are masked by the gateway"
+    assert close.close[0] == code
+
+
+# -- close handshake ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("code", "reason"), [(1000, ""), (1001, "bye"), (4000, "custom reason")])
+async def test_backend_initiated_close_reaches_client(start_gateway, ws_backend, code, reason):
+    url = await start_gateway(gateway_config([ws_backend.url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(url) as ws:
+            await ws.send(f"close {code} {reason}")
+            await ws.wait_closed()
+    assert (ws.close_code, ws.close_reason) == (code, reason)
+
+
+async def test_status_less_close_from_client(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url]))
+    reader, writer = await open_raw_client(url)
+    try:
+        writer.write(client_frame(CLOSE, b""))
+        _, close = await read_until_close(reader)
+        assert close.close == (None, "")
+        assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1005, "")
+        assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b""
+    finally:
+        writer.close()
+
+
+async def test_status_less_close_from_backend(start_gateway, raw_backend):
+    reply: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def close_bare(reader, writer):
+        await accept_upgrade(reader, writer)
+        writer.write(server_frame(CLOSE, b""))
+        _, close = await read_until_close(reader)
+        reply.set_result(close)
+
+    url = await start_gateway(gateway_config([(await raw_backend(close_bare)).url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(url) as ws:
+            await ws.wait_closed()
+        assert ws.close_code == 1005
+        assert (await reply).close == (None, "")
+
+
+async def test_fragmented_message_with_interleaved_pings(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url]))
+    reader, writer = await open_raw_client(url)
+    try:
+        writer.write(
+            client_frame(TEXT, b"hel", fin=False)
+            + client_frame(PING, b"p1")
+            + client_frame(CONT, b"lo ", fin=False)
+            + client_frame(PING, b"p2")
+            + client_frame(CONT, b"world")
+        )
+        frames = [await read_frame(reader) for _ in range(3)]
+        assert sorted(f.payload for f in frames if f.opcode == PONG) == [b"p1", b"p2"]
+        assert [f.payload for f in frames if f.opcode == TEXT] == [b"hello world"]
+        assert ws_backend.messages == ["hello world"]
+    finally:
+        writer.close()
+
+
+# -- failures become close frames ----------------------------------------------------
+
+
+async def test_backend_killed_mid_stream_gives_client_1014(start_gateway, raw_backend):
+    async def die(reader, writer):
+        await accept_upgrade(reader, writer)
+        writer.write(server_frame(BINARY, b"x" * 100_000)[:50_000])  # half a frame, then gone
+        await writer.drain()
+        writer.transport.abort()
+
+    url = await start_gateway(gateway_config([(await raw_backend(die)).url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        ws = await websockets.connect(url)
+        await ws.wait_closed()
+    # The stream toward the client stopped mid-frame, so no clean close frame can follow it.
+    assert ws.close_code in (1014, 1006)
+
+
+async def test_backend_lost_between_messages_gives_client_1014(start_gateway, raw_backend):
+    async def die(reader, writer):
+        await accept_upgrade(reader, writer)
+        writer.write(server_frame(TEXT, b"last words"))
+        await writer.drain()
+        writer.transport.abort()
+
+    url = await start_gateway(gateway_config([(await raw_backend(die)).url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(url) as ws:
+            assert await ws.recv() == "last words"
+            await ws.wait_closed()
+    assert ws.close_code == 1014
+
+
+async def test_client_dropped_gives_backend_1001(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url]))
+    reader, writer = await open_raw_client(url)
+    writer.write(client_frame(TEXT, b"hi"))
+    assert (await read_frame(reader)).payload == b"hi"
+    writer.transport.abort()
+    assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "")
+
+
+async def test_gateway_shutdown_closes_both_sides_with_1001(ws_backend):
+    from wsgate.config import parse_config
+    from wsgate.server import Gateway
+
+    gateway = Gateway(parse_config(gateway_config([ws_backend.url])))
+    await gateway.start()
+    host, port = gateway.addresses[0]
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(f"ws://{host}:{port}") as ws:
+            await ws.send("hi")
+            await ws.recv()
+            await gateway.close()
+            await ws.wait_closed()
+    assert ws.close_code == 1001
+    assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "gateway shutting down")
+
+
+# -- heartbeats and idle timeout ---------------------------------------------------------
+
+HEARTBEAT = {"interval": "100ms", "timeout": "100ms"}
+
+
+async def test_client_that_never_answers_pings_is_dropped(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url], heartbeat=HEARTBEAT))
+    loop = asyncio.get_running_loop()
+    reader, writer = await open_raw_client(url)
+    started = loop.time()
+    try:
+        ping = await read_frame(reader)
+        assert ping.opcode == PING and not ping.masked
+        assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b""
+        elapsed = loop.time() - started
+        assert elapsed >= 0.2, "dropped before interval + timeout"
+        assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "")
+    finally:
+        writer.close()
+    print(f"silent client dropped after {elapsed * 1000:.0f} ms (interval 100 ms + timeout 100 ms)")
+
+
+async def test_backend_that_never_answers_pings_gives_client_1014(start_gateway, raw_backend):
+    pinged = asyncio.Event()
+
+    async def deaf(reader, writer):
+        await accept_upgrade(reader, writer)
+        frame = await read_frame(reader)
+        if frame.opcode == PING and frame.masked:
+            pinged.set()
+        await reader.read()
+
+    url = await start_gateway(gateway_config([(await raw_backend(deaf)).url], heartbeat=HEARTBEAT))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(url, ping_interval=None) as ws:
+            await ws.wait_closed()
+    assert pinged.is_set()
+    assert ws.close_code == 1014
+
+
+async def _answer_pings(
+    reader, writer, *, masked: bool, got: list, pings: asyncio.Event, echo: bool,
+    text: asyncio.Event | None = None,
+) -> None:
+    """A raw peer that answers every ping, echoes text frames, and records what it reads."""
+    build = client_frame if masked else server_frame
+    for _ in range(10_000):
+        frame = await read_frame(reader)
+        got.append(frame)
+        if frame.opcode == PING:
+            writer.write(build(PONG, frame.payload))
+            if sum(f.opcode == PING for f in got) >= 5:
+                pings.set()
+        elif frame.opcode == TEXT:
+            if echo:
+                writer.write(build(TEXT, frame.payload))
+            if text is not None:
+                text.set()
+        elif frame.opcode == CLOSE:
+            return
+
+
+async def test_peers_that_answer_stay_up_and_never_see_gateway_pongs(start_gateway, raw_backend):
+    backend_got: list = []
+    backend_pinged = asyncio.Event()
+
+    async def lively(reader, writer):
+        await accept_upgrade(reader, writer)
+        await _answer_pings(reader, writer, masked=False, got=backend_got, pings=backend_pinged, echo=True)
+
+    url = await start_gateway(gateway_config([(await raw_backend(lively)).url], heartbeat=HEARTBEAT))
+    reader, writer = await open_raw_client(url)
+    client_got: list = []
+    client_pinged = asyncio.Event()
+    echoed = asyncio.Event()
+    answering = asyncio.create_task(
+        _answer_pings(reader, writer, masked=True, got=client_got, pings=client_pinged, echo=False, text=echoed)
+    )
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            # Five pings each way: five heartbeat intervals at least.
+            await client_pinged.wait()
+            await backend_pinged.wait()
+            writer.write(client_frame(TEXT, b"still here"))
+            await echoed.wait()
+    finally:
+        answering.cancel()
+        writer.close()
+    assert not any(f.opcode == PONG for f in client_got + backend_got), "a gateway pong leaked"
+    assert all(f.masked for f in backend_got) and not any(f.masked for f in client_got)
+
+
+async def test_idle_connection_is_closed_with_1001(start_gateway, ws_backend):
+    url = await start_gateway(
+        gateway_config([ws_backend.url], timeouts={"idle": "200ms"}, heartbeat={"interval": "50ms"})
+    )
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(url) as ws:
+            await ws.wait_closed()
+    # Heartbeats ran all along; they are not activity.
+    assert (ws.close_code, ws.close_reason) == (1001, "idle timeout")
+    assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "idle timeout")
+
+
+async def test_busy_connection_is_not_idle(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url], timeouts={"idle": "200ms"}))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(url) as ws:
+            for i in range(10):  # 10 x 50 ms: two and a half idle periods of traffic
+                await ws.send(str(i))
+                assert await ws.recv() == str(i)
+                await asyncio.sleep(0.05)
+    assert ws.close_code == 1000
