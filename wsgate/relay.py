@@ -303,6 +303,11 @@ class Relay:
         peer.forwarding = False
         if peer.lost:
             self._closed()
+        elif not leg.scanner.at_boundary:
+            # The frame in flight toward the peer can never be completed, so no
+            # Close can follow it: hang up after what was already sent.
+            self._record(leg.side, None)
+            peer.transport.close()
         elif not finished:
             code = CloseCode.BAD_GATEWAY if leg.side == BACKEND else CloseCode.GOING_AWAY
             self._record(leg.side, None)
