@@ -37,8 +37,9 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Headers a client may name in Connection but that the handshake cannot lose.
-_NEVER_STRIPPED = frozenset({b"host"})
+# Headers a client may name in Connection but that the handshake cannot lose:
+# without them the backend gets no upgrade, and its 101 cannot be checked.
+_NEVER_STRIPPED = frozenset({b"host", b"sec-websocket-key", b"sec-websocket-version"})
 # Set by the gateway; a client's own values would let it forge its address.
 _FORWARDING_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"})
 
@@ -49,17 +50,20 @@ def accept_key(key: bytes) -> bytes:
 
 
 def _tokens(value: bytes) -> list[bytes]:
-    """Comma-separated tokens of a header value, lowercased, empty ones dropped."""
-    return [t for t in (part.strip().lower() for part in value.split(b",")) if t]
+    """Comma-separated tokens of a header value, empty ones dropped."""
+    return [t for t in (part.strip() for part in value.split(b",")) if t]
 
 
-def _header_tokens(headers: Headers, name: bytes) -> list[bytes]:
-    """Tokens of every occurrence of header `name` (lowercase), in order."""
+def _header_tokens(headers: Headers, name: bytes, *, case_sensitive: bool = False) -> list[bytes]:
+    """Tokens of every occurrence of header `name` (lowercase), in order.
+
+    Most tokens compare case-insensitively; subprotocol names do not (RFC 6455 4.1).
+    """
     found: list[bytes] = []
     for key, value in headers:
         if key.lower() == name:
             found.extend(_tokens(value))
-    return found
+    return found if case_sensitive else [t.lower() for t in found]
 
 
 def _header_values(headers: Headers, name: bytes) -> list[bytes]:
@@ -136,7 +140,7 @@ def check_client_request(request: h11.Request) -> ClientHandshake:
         host=_split_host(host_values[0]),
         key=keys[0].strip(),
         headers=headers,
-        protocols=_header_tokens(headers, b"sec-websocket-protocol"),
+        protocols=_header_tokens(headers, b"sec-websocket-protocol", case_sensitive=True),
         extensions=_extension_names(_header_tokens(headers, b"sec-websocket-extensions")),
         origin=origins[0].decode("latin-1") if origins else None,
     )
@@ -182,7 +186,7 @@ def build_upstream_request(
         if lower.startswith(b"proxy-") or lower in drop:
             continue
         if lower == b"x-forwarded-for":
-            forwarded_for.append(value.strip())
+            forwarded_for += _tokens(value)
             continue
         if lower == b"host":
             original_host = value
@@ -231,10 +235,9 @@ def check_backend_response(
     accepts = _header_values(headers, b"sec-websocket-accept")
     if accepts != [accept_key(key.strip())]:
         raise BackendUnavailable(502, "backend sent a wrong or missing Sec-WebSocket-Accept")
-    chosen = _header_tokens(headers, b"sec-websocket-protocol")
-    if len(chosen) > 1 or (
-        chosen and chosen[0] not in _header_tokens(sent_headers, b"sec-websocket-protocol")
-    ):
+    chosen = _header_tokens(headers, b"sec-websocket-protocol", case_sensitive=True)
+    offered_protocols = _header_tokens(sent_headers, b"sec-websocket-protocol", case_sensitive=True)
+    if len(chosen) > 1 or (chosen and chosen[0] not in offered_protocols):
         raise BackendUnavailable(502, "backend chose a subprotocol the client did not offer")
     offered = _extension_names(_header_tokens(sent_headers, b"sec-websocket-extensions"))
     accepted = _extension_names(_header_tokens(headers, b"sec-websocket-extensions"))

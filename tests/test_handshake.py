@@ -1,0 +1,1054 @@
+"""Tests of wsgate.handshake (no event loop, no sockets).
+
+Requests and responses are h11 event objects built here; rendered replies are
+parsed back by an h11 client connection, an independent peer.
+HYPOTHESIS_PROFILE picks the depth of the property tests (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+
+import h11
+import pytest
+from hypothesis import event, given, reject
+from hypothesis import strategies as st
+
+from wsgate.errors import BackendUnavailable, HandshakeError
+from wsgate.handshake import (
+    ClientHandshake,
+    Negotiated,
+    accept_key,
+    build_upstream_request,
+    check_backend_response,
+    check_client_request,
+    check_origin,
+    render_backend_reply,
+    render_error,
+    render_rejection,
+    render_switching_protocols,
+)
+
+# The example of RFC 6455 section 1.3.
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+CLIENT_IP = "203.0.113.9"
+
+Headers = list[tuple[bytes, bytes]]
+
+BASE: Headers = [
+    (b"Host", b"chat.example.com"),
+    (b"Upgrade", b"websocket"),
+    (b"Connection", b"Upgrade"),
+    (b"Sec-WebSocket-Key", KEY),
+    (b"Sec-WebSocket-Version", b"13"),
+]
+
+# Names the gateway removes (RFC 9110 7.6.1 plus the legacy ones) and sets.
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+}
+GATEWAY_SET = [
+    b"connection",
+    b"upgrade",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-real-ip",
+]
+# Names a client may list in Connection without breaking the upgrade it asks for.
+HANDSHAKE_CRITICAL = {b"host", b"sec-websocket-key", b"sec-websocket-version"}
+
+# ---------------------------------------------------------------- helpers
+
+
+def request(
+    headers: Headers = BASE,
+    *,
+    method: bytes = b"GET",
+    target: bytes = b"/chat",
+    http_version: bytes = b"1.1",
+) -> h11.Request:
+    return h11.Request(method=method, target=target, headers=headers, http_version=http_version)
+
+
+def without(name: bytes, headers: Headers = BASE) -> Headers:
+    return [(n, v) for n, v in headers if n.lower() != name.lower()]
+
+
+def replaced(name: bytes, value: bytes, headers: Headers = BASE) -> Headers:
+    return [(n, value if n.lower() == name.lower() else v) for n, v in headers]
+
+
+def handshake(*extra: tuple[bytes, bytes], target: bytes = b"/chat") -> ClientHandshake:
+    return check_client_request(request([*BASE, *extra], target=target))
+
+
+def raw(event: h11.Request | h11.Response | h11.InformationalResponse) -> Headers:
+    return list(event.headers.raw_items())
+
+
+def lower_names(headers: Headers) -> list[bytes]:
+    return [n.lower() for n, _ in headers]
+
+
+def values(headers: Headers, name: bytes) -> list[bytes]:
+    return [v for n, v in headers if n.lower() == name.lower()]
+
+
+def tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+def upstream(*extra: tuple[bytes, bytes], target: bytes = b"/chat", **kwargs) -> h11.Request:
+    return build_upstream_request(handshake(*extra, target=target), client_ip=CLIENT_IP, **kwargs)
+
+
+def switching(
+    *extra: tuple[bytes, bytes], accept: bytes | None = ACCEPT
+) -> h11.InformationalResponse:
+    headers = [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
+    if accept is not None:
+        headers.append((b"Sec-WebSocket-Accept", accept))
+    return h11.InformationalResponse(status_code=101, headers=[*headers, *extra])
+
+
+def read_reply(data: bytes) -> tuple[list[object], bytes, h11.Connection]:
+    """Parse `data` as the answer to an upgrade request, as an h11 client would."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(request())
+    client.send(h11.EndOfMessage())
+    client.receive_data(data)
+    events: list[object] = []
+    body = b""
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA or event is h11.PAUSED:
+            break
+        events.append(event)
+        if isinstance(event, h11.Data):
+            body += event.data
+        if isinstance(event, h11.EndOfMessage):
+            break
+    return events, body, client
+
+
+# ---------------------------------------------------------------- accept_key
+
+
+def test_accept_key_rfc_example() -> None:
+    assert accept_key(KEY) == ACCEPT
+
+
+# ---------------------------------------------------------------- check_client_request: accepted
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(BASE, id="minimal"),
+        pytest.param(replaced(b"upgrade", b"WebSocket"), id="upgrade-token-case"),
+        pytest.param(replaced(b"upgrade", b"h2c, websocket"), id="upgrade-list"),
+        pytest.param(replaced(b"connection", b"UPGRADE"), id="connection-token-case"),
+        pytest.param(replaced(b"connection", b"keep-alive, Upgrade"), id="connection-list"),
+        pytest.param(
+            replaced(b"connection", b"keep-alive,upgrade,"), id="connection-list-no-spaces"
+        ),
+        pytest.param(
+            [*without(b"connection"), (b"Connection", b"keep-alive"), (b"Connection", b"Upgrade")],
+            id="multiple-connection-headers",
+        ),
+        pytest.param([(n.lower(), v) for n, v in BASE], id="lowercase-names"),
+        pytest.param([(n.upper(), v) for n, v in BASE], id="uppercase-names"),
+        pytest.param([*BASE, (b"Content-Length", b"0")], id="content-length-zero"),
+        pytest.param(list(reversed(BASE)), id="any-order"),
+    ],
+)
+def test_client_request_accepted(headers: Headers) -> None:
+    result = check_client_request(request(headers, target=b"/chat?room=7"))
+    assert result.key == KEY
+    assert result.target == b"/chat?room=7"
+    assert result.path == "/chat"
+    assert result.host == "chat.example.com"
+    assert result.headers == headers
+    assert result.origin is None
+    assert result.protocols == []
+    assert result.extensions == []
+
+
+BAD_REQUESTS = [
+    pytest.param(request(method=b"POST"), 405, {"Allow": "GET"}, id="post"),
+    pytest.param(request(method=b"get"), 405, {"Allow": "GET"}, id="lowercase-get"),
+    pytest.param(request(http_version=b"1.0"), 400, {}, id="http-1.0"),
+    pytest.param(
+        request(without(b"upgrade")),
+        426,
+        {"Upgrade": "websocket", "Connection": "Upgrade"},
+        id="no-upgrade",
+    ),
+    pytest.param(
+        request(replaced(b"upgrade", b"h2c")),
+        426,
+        {"Upgrade": "websocket", "Connection": "Upgrade"},
+        id="upgrade-not-websocket",
+    ),
+    pytest.param(
+        request(replaced(b"upgrade", b"websocket2")),
+        426,
+        {"Upgrade": "websocket", "Connection": "Upgrade"},
+        id="upgrade-token-not-substring",
+    ),
+    pytest.param(request(without(b"connection")), 400, {}, id="no-connection"),
+    pytest.param(
+        request(replaced(b"connection", b"keep-alive")), 400, {}, id="connection-no-upgrade"
+    ),
+    pytest.param(
+        request(replaced(b"connection", b"upgraded")), 400, {}, id="connection-token-not-substring"
+    ),
+    pytest.param(request(without(b"sec-websocket-version")), 400, {}, id="missing-version"),
+    pytest.param(
+        request(replaced(b"sec-websocket-version", b"8")),
+        426,
+        {"Sec-WebSocket-Version": "13"},
+        id="version-8",
+    ),
+    pytest.param(
+        request(replaced(b"sec-websocket-version", b"13, 8")),
+        426,
+        {"Sec-WebSocket-Version": "13"},
+        id="version-list",
+    ),
+    pytest.param(
+        request([*BASE, (b"Sec-WebSocket-Version", b"13")]),
+        426,
+        {"Sec-WebSocket-Version": "13"},
+        id="version-twice",
+    ),
+    pytest.param(request(without(b"sec-websocket-key")), 400, {}, id="missing-key"),
+    pytest.param(
+        request(replaced(b"sec-websocket-key", b"not-base64!")), 400, {}, id="key-not-base64"
+    ),
+    pytest.param(
+        request(replaced(b"sec-websocket-key", base64.b64encode(bytes(15)))),
+        400,
+        {},
+        id="key-15-bytes",
+    ),
+    pytest.param(
+        request(replaced(b"sec-websocket-key", base64.b64encode(bytes(17)))),
+        400,
+        {},
+        id="key-17-bytes",
+    ),
+    pytest.param(
+        request(replaced(b"sec-websocket-key", KEY.rstrip(b"="))), 400, {}, id="key-unpadded"
+    ),
+    pytest.param(request(replaced(b"sec-websocket-key", b"")), 400, {}, id="key-empty"),
+    pytest.param(request([*BASE, (b"Sec-WebSocket-Key", KEY)]), 400, {}, id="key-twice"),
+    pytest.param(
+        request([*BASE, (b"Sec-WebSocket-Key", base64.b64encode(bytes(16)))]),
+        400,
+        {},
+        id="two-keys",
+    ),
+    pytest.param(request([*BASE, (b"Content-Length", b"5")]), 400, {}, id="body-content-length"),
+    pytest.param(request([*BASE, (b"Transfer-Encoding", b"chunked")]), 400, {}, id="body-chunked"),
+    pytest.param(request(replaced(b"host", b"")), 400, {}, id="host-empty"),
+    pytest.param(request(target=b"*"), 400, {}, id="target-asterisk"),
+    pytest.param(request(target=b"chat"), 400, {}, id="target-relative"),
+    pytest.param(
+        request(target=b"http://chat.example.com/chat"), 400, {}, id="target-absolute-form"
+    ),
+]
+
+
+@pytest.mark.parametrize(("bad", "status", "headers"), BAD_REQUESTS)
+def test_client_request_rejected(bad: h11.Request, status: int, headers: dict[str, str]) -> None:
+    with pytest.raises(HandshakeError) as caught:
+        check_client_request(bad)
+    assert caught.value.status == status
+    assert dict(caught.value.headers) == headers
+    assert caught.value.reason
+
+
+def test_http_1_0_without_host_rejected() -> None:
+    with pytest.raises(HandshakeError) as caught:
+        check_client_request(request(without(b"host"), http_version=b"1.0"))
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("host_header", "host"),
+    [
+        (b"chat.example.com", "chat.example.com"),
+        (b"chat.example.com:8443", "chat.example.com"),
+        (b"Chat.Example.COM:80", "chat.example.com"),
+        (b"127.0.0.1:8080", "127.0.0.1"),
+        (b"[::1]", "::1"),
+        (b"[::1]:8080", "::1"),
+        (b"[2001:DB8::A]:443", "2001:db8::a"),
+    ],
+)
+def test_client_request_host(host_header: bytes, host: str) -> None:
+    assert check_client_request(request(replaced(b"host", host_header))).host == host
+
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        (b"/", "/"),
+        (b"/chat", "/chat"),
+        (b"/chat/room?x=1&y=2", "/chat/room"),
+        (b"/?", "/"),
+        (b"/a%20b", "/a%20b"),
+    ],
+)
+def test_client_request_path(target: bytes, path: str) -> None:
+    result = check_client_request(request(target=target))
+    assert (result.target, result.path) == (target, path)
+
+
+def test_client_request_protocols_extensions_origin() -> None:
+    result = handshake(
+        (b"Sec-WebSocket-Protocol", b"chat.v2, chat.v1"),
+        (b"Sec-WebSocket-Protocol", b"superchat"),
+        (
+            b"Sec-WebSocket-Extensions",
+            b"permessage-deflate; client_max_window_bits, x-webkit-deflate-frame",
+        ),
+        (b"Sec-WebSocket-Extensions", b"permessage-deflate ;server_no_context_takeover"),
+        (b"Origin", b"https://chat.example.com"),
+    )
+    assert result.protocols == [b"chat.v2", b"chat.v1", b"superchat"]
+    assert result.extensions == [
+        b"permessage-deflate",
+        b"x-webkit-deflate-frame",
+        b"permessage-deflate",
+    ]
+    assert result.origin == "https://chat.example.com"
+
+
+# ---------------------------------------------------------------- check_origin
+
+
+@pytest.mark.parametrize(
+    ("allowed", "origin", "ok"),
+    [
+        pytest.param(None, b"https://evil.example", True, id="none-allows-all"),
+        pytest.param(None, None, True, id="none-no-origin"),
+        pytest.param(["https://chat.example.com"], None, True, id="missing-origin-passes"),
+        pytest.param([], None, True, id="empty-list-missing-origin"),
+        pytest.param(["https://chat.example.com"], b"https://chat.example.com", True, id="listed"),
+        pytest.param(
+            ["https://a.example", "https://chat.example.com"],
+            b"https://chat.example.com",
+            True,
+            id="second",
+        ),
+        pytest.param(
+            ["https://chat.example.com"], b"HTTPS://Chat.Example.COM", True, id="origin-case"
+        ),
+        pytest.param(
+            ["https://CHAT.example.com"], b"https://chat.example.com", True, id="allowed-case"
+        ),
+        pytest.param(["null"], b"null", True, id="null-origin"),
+        pytest.param(["https://chat.example.com"], b"https://evil.example", False, id="other"),
+        pytest.param(
+            ["https://chat.example.com"], b"http://chat.example.com", False, id="other-scheme"
+        ),
+        pytest.param(
+            ["https://chat.example.com"], b"https://chat.example.com:8443", False, id="other-port"
+        ),
+        pytest.param(
+            ["https://chat.example.com"], b"https://evilchat.example.com", False, id="not-suffix"
+        ),
+        pytest.param(["https://chat.example.com"], b"null", False, id="null-not-listed"),
+        pytest.param([], b"https://chat.example.com", False, id="empty-list"),
+    ],
+)
+def test_check_origin(allowed: list[str] | None, origin: bytes | None, ok: bool) -> None:
+    result = handshake(*([(b"Origin", origin)] if origin is not None else []))
+    if ok:
+        check_origin(result, allowed)
+    else:
+        with pytest.raises(HandshakeError) as caught:
+            check_origin(result, allowed)
+        assert caught.value.status == 403
+
+
+# ---------------------------------------------------------------- build_upstream_request
+
+
+def test_upstream_request_line() -> None:
+    sent = upstream(target=b"/chat/room?x=1&y=%20")
+    assert (sent.method, sent.target, sent.http_version) == (
+        b"GET",
+        b"/chat/room?x=1&y=%20",
+        b"1.1",
+    )
+
+
+def test_upstream_end_to_end_headers_kept_in_order() -> None:
+    extra = [
+        (b"Origin", b"https://chat.example.com"),
+        (b"Cookie", b"session=abc"),
+        (b"Authorization", b"Bearer token"),
+        (b"Sec-WebSocket-Protocol", b"chat.v1, chat.v2"),
+        (b"Sec-WebSocket-Extensions", b"permessage-deflate; client_max_window_bits"),
+        (b"X-Custom", b"1"),
+        (b"Cookie", b"other=def"),
+    ]
+    headers = raw(upstream(*extra))
+    expected = [h for h in [*BASE, *extra] if h[0].lower() not in HOP_BY_HOP]
+    assert headers[: len(expected)] == expected
+    assert lower_names(headers[len(expected) :]) == GATEWAY_SET
+
+
+def test_upstream_header_name_case_preserved() -> None:
+    sent = build_upstream_request(
+        check_client_request(
+            request(
+                [
+                    (b"hOsT", b"chat.example.com"),
+                    (b"upgrade", b"websocket"),
+                    (b"CONNECTION", b"upgrade"),
+                    (b"sec-websocket-key", KEY),
+                    (b"SEC-WEBSOCKET-VERSION", b"13"),
+                    (b"x-MiXeD", b"v"),
+                ]
+            )
+        ),
+        client_ip=CLIENT_IP,
+        host="chat.internal",
+    )
+    assert raw(sent)[:4] == [
+        (b"hOsT", b"chat.internal"),
+        (b"sec-websocket-key", KEY),
+        (b"SEC-WEBSOCKET-VERSION", b"13"),
+        (b"x-MiXeD", b"v"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "hop",
+    [
+        pytest.param((b"Keep-Alive", b"timeout=5"), id="keep-alive"),
+        pytest.param((b"Proxy-Connection", b"keep-alive"), id="proxy-connection"),
+        pytest.param((b"TE", b"trailers"), id="te"),
+        pytest.param((b"Trailer", b"X-Checksum"), id="trailer"),
+        pytest.param((b"Proxy-Authorization", b"Basic Zm9vOmJhcg=="), id="proxy-authorization"),
+        pytest.param((b"proxy-anything", b"1"), id="proxy-star"),
+        pytest.param((b"Connection", b"keep-alive"), id="extra-connection"),
+        pytest.param((b"Upgrade", b"h2c"), id="extra-upgrade"),
+    ],
+)
+def test_upstream_hop_by_hop_removed(hop: tuple[bytes, bytes]) -> None:
+    headers = raw(upstream(hop, (b"X-After", b"kept")))
+    assert hop not in headers
+    assert values(headers, b"connection") == [b"Upgrade"]
+    assert values(headers, b"upgrade") == [b"websocket"]
+    assert values(headers, b"x-after") == [b"kept"]
+
+
+def test_upstream_transfer_encoding_removed() -> None:
+    # check_client_request refuses a body; the rule still holds for any handshake.
+    base = handshake()
+    chunked = dataclasses.replace(base, headers=[*base.headers, (b"Transfer-Encoding", b"chunked")])
+    assert b"transfer-encoding" not in lower_names(
+        raw(build_upstream_request(chunked, client_ip=CLIENT_IP))
+    )
+
+
+def test_upstream_headers_named_in_connection_removed() -> None:
+    sent = upstream(
+        (b"Connection", b"X-Secret, x-other"),
+        (b"X-Secret", b"s"),
+        (b"X-Other", b"o"),
+        (b"X-Kept", b"k"),
+    )
+    names = lower_names(raw(sent))
+    assert b"x-secret" not in names
+    assert b"x-other" not in names
+    assert b"x-kept" in names
+
+
+@pytest.mark.parametrize("name", sorted(HANDSHAKE_CRITICAL))
+def test_upstream_connection_cannot_strip_handshake_headers(name: bytes) -> None:
+    # Naming them in Connection would leave the backend a request that is no upgrade at all.
+    sent = upstream((b"Connection", name))
+    again = check_client_request(sent)
+    assert again.key == KEY
+    assert values(raw(sent), name) == values(BASE, name)
+
+
+def test_upstream_connection_and_upgrade_set() -> None:
+    headers = raw(upstream((b"Connection", b"keep-alive, Upgrade")))
+    assert values(headers, b"connection") == [b"Upgrade"]
+    assert values(headers, b"upgrade") == [b"websocket"]
+
+
+@pytest.mark.parametrize(
+    ("client_values", "expected"),
+    [
+        pytest.param([], CLIENT_IP.encode(), id="none"),
+        pytest.param([b"198.51.100.1"], b"198.51.100.1, " + CLIENT_IP.encode(), id="one"),
+        pytest.param(
+            [b"198.51.100.1, 198.51.100.2", b"198.51.100.3"],
+            b"198.51.100.1, 198.51.100.2, 198.51.100.3, " + CLIENT_IP.encode(),
+            id="several-headers",
+        ),
+        pytest.param([b""], CLIENT_IP.encode(), id="empty"),
+        pytest.param([b", 198.51.100.1,"], b"198.51.100.1, " + CLIENT_IP.encode(), id="empty-elements"),
+    ],
+)
+def test_upstream_x_forwarded_for_appended(client_values: list[bytes], expected: bytes) -> None:
+    headers = raw(upstream(*[(b"X-Forwarded-For", v) for v in client_values]))
+    assert values(headers, b"x-forwarded-for") == [expected]
+
+
+def test_upstream_x_forwarded_for_ipv6() -> None:
+    sent = build_upstream_request(handshake(), client_ip="2001:db8::7")
+    assert values(raw(sent), b"x-forwarded-for") == [b"2001:db8::7"]
+    assert values(raw(sent), b"x-real-ip") == [b"2001:db8::7"]
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_upstream_forwarding_headers_replace_client_values(scheme: str) -> None:
+    headers = raw(
+        upstream(
+            (b"X-Real-IP", b"10.6.6.6"),
+            (b"x-forwarded-proto", b"gopher"),
+            (b"X-Forwarded-Host", b"evil.example"),
+            (b"X-REAL-IP", b"10.7.7.7"),
+            scheme=scheme,
+        )
+    )
+    assert values(headers, b"x-real-ip") == [CLIENT_IP.encode()]
+    assert values(headers, b"x-forwarded-proto") == [scheme.encode()]
+    assert values(headers, b"x-forwarded-host") == [b"chat.example.com"]
+
+
+@pytest.mark.parametrize(
+    ("client_host", "override", "sent_host"),
+    [
+        pytest.param(b"chat.example.com:8443", None, b"chat.example.com:8443", id="kept-with-port"),
+        pytest.param(b"Chat.Example.com", None, b"Chat.Example.com", id="kept-verbatim"),
+        pytest.param(
+            b"chat.example.com:8443", "chat.internal:8000", b"chat.internal:8000", id="rewritten"
+        ),
+    ],
+)
+def test_upstream_host(client_host: bytes, override: str | None, sent_host: bytes) -> None:
+    result = check_client_request(request(replaced(b"host", client_host)))
+    headers = raw(build_upstream_request(result, client_ip=CLIENT_IP, host=override))
+    assert headers[0] == (b"Host", sent_host)  # same place as the client's
+    assert values(headers, b"host") == [sent_host]
+    assert values(headers, b"x-forwarded-host") == [client_host]
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_upstream_strip_extensions(strip: bool) -> None:
+    offer = (b"Sec-WebSocket-Extensions", b"permessage-deflate; client_max_window_bits")
+    headers = raw(upstream(offer, (b"Sec-WebSocket-Protocol", b"chat"), strip_extensions=strip))
+    assert (offer in headers) is not strip
+    assert (b"Sec-WebSocket-Protocol", b"chat") in headers
+
+
+# ---------------------------------------------------------------- check_backend_response
+
+
+def test_backend_minimal() -> None:
+    negotiated = check_backend_response(switching(), upstream())
+    assert negotiated.subprotocol is None
+    assert negotiated.extensions == []
+    assert not negotiated.deflate
+
+
+def test_backend_token_case() -> None:
+    response = h11.InformationalResponse(
+        status_code=101,
+        headers=[
+            (b"upgrade", b"WebSocket"),
+            (b"connection", b"keep-alive, upgrade"),
+            (b"sec-websocket-accept", ACCEPT),
+        ],
+    )
+    assert check_backend_response(response, upstream()).subprotocol is None
+
+
+@pytest.mark.parametrize(
+    ("response", "offer"),
+    [
+        pytest.param(h11.InformationalResponse(status_code=100, headers=[]), [], id="status-100"),
+        pytest.param(switching(accept=None), [], id="accept-missing"),
+        pytest.param(
+            switching(accept=accept_key(b"x3JJHMbDL1EzLkh9GBhXDw==")), [], id="accept-wrong"
+        ),
+        pytest.param(switching(accept=KEY), [], id="accept-is-the-key"),
+        pytest.param(switching((b"Sec-WebSocket-Accept", ACCEPT)), [], id="accept-duplicated"),
+        pytest.param(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=[(b"Connection", b"Upgrade"), (b"Sec-WebSocket-Accept", ACCEPT)],
+            ),
+            [],
+            id="no-upgrade",
+        ),
+        pytest.param(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=[
+                    (b"Upgrade", b"websocket"),
+                    (b"Connection", b"keep-alive"),
+                    (b"Sec-WebSocket-Accept", ACCEPT),
+                ],
+            ),
+            [],
+            id="no-connection-upgrade",
+        ),
+        pytest.param(
+            switching((b"Sec-WebSocket-Protocol", b"chat")), [], id="protocol-none-offered"
+        ),
+        pytest.param(
+            switching((b"Sec-WebSocket-Protocol", b"chat.v3")),
+            [(b"Sec-WebSocket-Protocol", b"chat.v1, chat.v2")],
+            id="protocol-not-offered",
+        ),
+        pytest.param(
+            switching((b"Sec-WebSocket-Protocol", b"chat.v1, chat.v2")),
+            [(b"Sec-WebSocket-Protocol", b"chat.v1, chat.v2")],
+            id="protocol-two-in-one-header",
+        ),
+        pytest.param(
+            switching(
+                (b"Sec-WebSocket-Protocol", b"chat.v1"), (b"Sec-WebSocket-Protocol", b"chat.v2")
+            ),
+            [(b"Sec-WebSocket-Protocol", b"chat.v1, chat.v2")],
+            id="protocol-two-headers",
+        ),
+        pytest.param(
+            switching((b"Sec-WebSocket-Extensions", b"permessage-deflate")),
+            [],
+            id="extension-none-offered",
+        ),
+        pytest.param(
+            switching((b"Sec-WebSocket-Extensions", b"x-webkit-deflate-frame")),
+            [(b"Sec-WebSocket-Extensions", b"permessage-deflate")],
+            id="extension-not-offered",
+        ),
+        pytest.param(
+            switching((b"Sec-WebSocket-Extensions", b"permessage-deflate, x-webkit-deflate-frame")),
+            [(b"Sec-WebSocket-Extensions", b"permessage-deflate; client_max_window_bits")],
+            id="extension-one-of-two-not-offered",
+        ),
+    ],
+)
+def test_backend_response_rejected(response: h11.InformationalResponse, offer: Headers) -> None:
+    with pytest.raises(BackendUnavailable) as caught:
+        check_backend_response(response, upstream(*offer))
+    assert caught.value.status == 502
+    assert caught.value.reason
+
+
+def test_backend_extension_after_strip_rejected() -> None:
+    # compression: strip removed the client's offer; a backend that compresses anyway is broken.
+    sent = upstream((b"Sec-WebSocket-Extensions", b"permessage-deflate"), strip_extensions=True)
+    with pytest.raises(BackendUnavailable):
+        check_backend_response(
+            switching((b"Sec-WebSocket-Extensions", b"permessage-deflate")), sent
+        )
+
+
+@pytest.mark.parametrize(
+    ("offered", "chosen", "subprotocol"),
+    [
+        pytest.param(b"chat.v1, chat.v2", b"chat.v2", b"chat.v2", id="second-offer"),
+        pytest.param(b"chat.v1", b"chat.v1", b"chat.v1", id="only-offer"),
+        pytest.param(b"chat.v1, chat.v2", None, None, id="none-chosen"),
+    ],
+)
+def test_backend_subprotocol(
+    offered: bytes, chosen: bytes | None, subprotocol: bytes | None
+) -> None:
+    extra = [(b"Sec-WebSocket-Protocol", chosen)] if chosen is not None else []
+    negotiated = check_backend_response(
+        switching(*extra), upstream((b"Sec-WebSocket-Protocol", offered))
+    )
+    assert negotiated.subprotocol == subprotocol
+    assert values(negotiated.headers, b"sec-websocket-protocol") == ([chosen] if chosen else [])
+
+
+@pytest.mark.parametrize(
+    ("offered", "accepted", "extensions"),
+    [
+        pytest.param(b"permessage-deflate", None, [], id="offered-not-accepted"),
+        pytest.param(
+            b"permessage-deflate", b"permessage-deflate", [b"permessage-deflate"], id="plain"
+        ),
+        pytest.param(
+            b"permessage-deflate; client_max_window_bits",
+            b"permessage-deflate; server_no_context_takeover; client_max_window_bits=15",
+            [b"permessage-deflate"],
+            id="with-params",
+        ),
+        pytest.param(
+            b"permessage-deflate; client_max_window_bits, x-webkit-deflate-frame",
+            b"x-webkit-deflate-frame",
+            [b"x-webkit-deflate-frame"],
+            id="other-extension",
+        ),
+    ],
+)
+def test_backend_extensions(
+    offered: bytes, accepted: bytes | None, extensions: list[bytes]
+) -> None:
+    extra = [(b"Sec-WebSocket-Extensions", accepted)] if accepted is not None else []
+    negotiated = check_backend_response(
+        switching(*extra), upstream((b"Sec-WebSocket-Extensions", offered))
+    )
+    assert negotiated.extensions == extensions
+    assert negotiated.deflate is (b"permessage-deflate" in extensions)
+    # The backend's answer reaches the client verbatim, parameters and all.
+    assert values(negotiated.headers, b"sec-websocket-extensions") == (
+        [accepted] if accepted else []
+    )
+
+
+@pytest.mark.parametrize(
+    ("extensions", "deflate"),
+    [([], False), ([b"x-webkit-deflate-frame"], False), ([b"permessage-deflate"], True)],
+)
+def test_negotiated_deflate(extensions: list[bytes], deflate: bool) -> None:
+    assert Negotiated(headers=[], subprotocol=None, extensions=extensions).deflate is deflate
+
+
+def test_backend_relayed_headers() -> None:
+    response = h11.InformationalResponse(
+        status_code=101,
+        headers=[
+            (b"Upgrade", b"websocket"),
+            (b"Connection", b"Upgrade, X-Backend-Hop"),
+            (b"Sec-WebSocket-Accept", ACCEPT),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Content-Length", b"0"),
+            (b"X-Backend-Hop", b"secret"),
+            (b"Set-Cookie", b"a=1; Path=/"),
+            (b"X-Backend-Id", b"b-2"),
+            (b"Set-Cookie", b"b=2; HttpOnly"),
+            (b"Proxy-Connection", b"keep-alive"),
+        ],
+    )
+    negotiated = check_backend_response(response, upstream())
+    assert negotiated.headers == [
+        (b"Sec-WebSocket-Accept", ACCEPT),
+        (b"Set-Cookie", b"a=1; Path=/"),
+        (b"X-Backend-Id", b"b-2"),
+        (b"Set-Cookie", b"b=2; HttpOnly"),
+        (b"Upgrade", b"websocket"),
+        (b"Connection", b"Upgrade"),
+    ]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def test_render_switching_protocols_parses() -> None:
+    response = switching((b"Sec-WebSocket-Protocol", b"chat"), (b"Set-Cookie", b"a=1"))
+    negotiated = check_backend_response(response, upstream((b"Sec-WebSocket-Protocol", b"chat")))
+    events, body, client = read_reply(render_switching_protocols(negotiated) + b"\x81\x02hi")
+    (event,) = events
+    assert isinstance(event, h11.InformationalResponse)
+    assert event.status_code == 101
+    assert raw(event) == negotiated.headers
+    assert client.their_state is h11.SWITCHED_PROTOCOL
+    # The head ends exactly where the first frame starts.
+    assert client.trailing_data == (b"\x81\x02hi", False)
+
+
+@pytest.mark.parametrize(("bad", "status", "headers"), BAD_REQUESTS)
+def test_render_rejection_parses(bad: h11.Request, status: int, headers: dict[str, str]) -> None:
+    with pytest.raises(HandshakeError) as caught:
+        check_client_request(bad)
+    events, body, client = read_reply(render_rejection(caught.value))
+    response = events[0]
+    assert isinstance(response, h11.Response)
+    assert response.status_code == status
+    got = [(n.decode(), v.decode()) for n, v in raw(response)]
+    assert all(item in got for item in headers.items())
+    # A 426 also says Connection: Upgrade (RFC 9110 7.8); h11 reads both headers as one list.
+    assert ("Connection", "close") in got
+    assert ("Content-Type", "text/plain; charset=utf-8") in got
+    assert body == (caught.value.reason + "\n").encode()
+    assert isinstance(events[-1], h11.EndOfMessage)
+    assert client.their_state is h11.MUST_CLOSE
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [(403, b"Forbidden"), (502, b"Bad Gateway"), (503, b"Service Unavailable"), (599, b"Unknown")],
+)
+def test_render_error_parses(status: int, reason: bytes) -> None:
+    events, body, client = read_reply(
+        render_error(status, "busy — try later", [("Retry-After", "1")])
+    )
+    response = events[0]
+    assert isinstance(response, h11.Response)
+    assert (response.status_code, response.reason) == (status, reason)
+    assert values(raw(response), b"retry-after") == [b"1"]
+    assert values(raw(response), b"content-length") == [str(len(body)).encode()]
+    assert body == "busy — try later\n".encode()
+    assert client.their_state is h11.MUST_CLOSE
+
+
+@pytest.mark.parametrize(
+    ("reason", "sent_reason"),
+    [(b"Custom Reason", b"Custom Reason"), (b"", b"Unauthorized")],
+)
+def test_render_backend_reply_parses(reason: bytes, sent_reason: bytes) -> None:
+    response = h11.Response(
+        status_code=401,
+        reason=reason,
+        headers=[
+            (b"WWW-Authenticate", b'Bearer realm="chat"'),
+            (b"Connection", b"keep-alive, X-Hop"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"X-Hop", b"1"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Set-Cookie", b"a=1"),
+        ],
+    )
+    body = b'{"error": "login first"}'
+    events, got_body, client = read_reply(render_backend_reply(response, body))
+    relayed = events[0]
+    assert isinstance(relayed, h11.Response)
+    assert (relayed.status_code, relayed.reason) == (401, sent_reason)
+    assert raw(relayed) == [
+        (b"WWW-Authenticate", b'Bearer realm="chat"'),
+        (b"Set-Cookie", b"a=1"),
+        (b"Content-Length", str(len(body)).encode()),
+        (b"Connection", b"close"),
+    ]
+    assert got_body == body
+    assert client.their_state is h11.MUST_CLOSE
+
+
+def test_render_backend_reply_recounts_content_length() -> None:
+    # The body may have been cut; the declared length must match what is sent.
+    response = h11.Response(status_code=500, headers=[(b"Content-Length", b"999999")])
+    events, body, client = read_reply(render_backend_reply(response, b"cut"))
+    assert values(raw(events[0]), b"content-length") == [b"3"]
+    assert body == b"cut"
+
+
+# ---------------------------------------------------------------- properties
+
+# h11's field-vchar is any byte but NUL and whitespace; values may hold inner SP/HTAB.
+_VCHAR = rb"[\x01-\x08\x0e-\x1f\x21-\xff]"
+_RANDOM_VALUE = st.from_regex(rb"(?:%s+(?:[ \t]+%s+)*)?" % (_VCHAR, _VCHAR), fullmatch=True)
+_RANDOM_NAME = st.from_regex(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+", fullmatch=True)
+
+_NAMES = [
+    *sorted(HOP_BY_HOP - {b"transfer-encoding"}),
+    b"proxy-authorization",
+    b"proxy-x",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-real-ip",
+    b"origin",
+    b"cookie",
+    b"sec-websocket-protocol",
+    b"sec-websocket-extensions",
+    b"x-custom",
+]
+# Content-Length, Transfer-Encoding, Host and a second key or version make the
+# request one that h11 or check_client_request refuses; the tables cover them.
+_UNSAFE = {
+    b"content-length",
+    b"transfer-encoding",
+    b"host",
+    b"sec-websocket-key",
+    b"sec-websocket-version",
+}
+
+
+def _any_case(name: bytes) -> st.SearchStrategy[bytes]:
+    flips = st.lists(st.booleans(), min_size=len(name), max_size=len(name))
+    return flips.map(
+        lambda fs: b"".join(
+            name[i : i + 1].upper() if f else name[i : i + 1] for i, f in enumerate(fs)
+        )
+    )
+
+
+_CONNECTION_TOKENS = st.lists(
+    st.sampled_from([*_NAMES, *sorted(HANDSHAKE_CRITICAL), b"upgrade", b"x-unlisted"]).flatmap(
+        _any_case
+    ),
+    max_size=4,
+).map(b", ".join)
+
+_EXTRA_HEADER = st.one_of(
+    st.tuples(st.just(b"Connection"), _CONNECTION_TOKENS),
+    st.tuples(st.sampled_from(_NAMES).flatmap(_any_case), _RANDOM_VALUE),
+    st.tuples(_RANDOM_NAME.filter(lambda n: n.lower() not in _UNSAFE), _RANDOM_VALUE),
+)
+
+
+@given(
+    extra=st.lists(_EXTRA_HEADER, max_size=12),
+    data=st.data(),
+    client_ip=st.sampled_from([CLIENT_IP, "2001:db8::7", "127.0.0.1"]),
+    scheme=st.sampled_from(["http", "https"]),
+    host=st.sampled_from([None, "chat.internal:8000"]),
+    strip=st.booleans(),
+)
+def test_property_upstream_headers(
+    extra: Headers, data: st.DataObject, client_ip: str, scheme: str, host: str | None, strip: bool
+) -> None:
+    headers = data.draw(st.permutations([*BASE, *extra]))
+    result = check_client_request(request(headers))
+    sent = build_upstream_request(
+        result, client_ip=client_ip, scheme=scheme, host=host, strip_extensions=strip
+    )
+    out = raw(sent)
+    names = lower_names(out)
+
+    named = {t for n, v in headers if n.lower() == b"connection" for t in tokens(v)}
+    # What the gateway sets is never forwarded from the client, and set once.
+    for name in GATEWAY_SET:
+        assert names.count(name) == 1
+    assert names[-len(GATEWAY_SET) :] == GATEWAY_SET
+    assert values(out, b"connection") == [b"Upgrade"]
+    assert values(out, b"upgrade") == [b"websocket"]
+    assert values(out, b"x-real-ip") == [client_ip.encode()]
+    # No other hop-by-hop header, Proxy-*, or header the client named in Connection.
+    forwarded = names[: -len(GATEWAY_SET)]
+    for name in forwarded:
+        assert name not in HOP_BY_HOP
+        assert not name.startswith(b"proxy-")
+        assert name not in named or name in HANDSHAKE_CRITICAL
+
+    # Every other header, in order, untouched except Host.
+    drop = HOP_BY_HOP | set(GATEWAY_SET) | (named - HANDSHAKE_CRITICAL)
+    if strip:
+        drop.add(b"sec-websocket-extensions")
+    kept = [
+        (n, host.encode() if host is not None and n.lower() == b"host" else v)
+        for n, v in headers
+        if n.lower() not in drop and not n.lower().startswith(b"proxy-")
+    ]
+    assert out[: -len(GATEWAY_SET)] == kept
+
+    xff = [
+        v for n, v in headers if n.lower() == b"x-forwarded-for" and b"x-forwarded-for" not in named
+    ]
+    assert values(out, b"x-forwarded-for") == [b", ".join([*xff, client_ip.encode()])]
+
+    # The backend gets a valid upgrade with the client's key.
+    again = check_client_request(sent)
+    assert again.key == KEY
+    assert again.target == result.target
+
+
+_VALID = [
+    *BASE,
+    (b"Origin", b"https://chat.example.com"),
+    (b"Sec-WebSocket-Protocol", b"chat.v1, chat.v2"),
+    (b"Sec-WebSocket-Extensions", b"permessage-deflate; client_max_window_bits"),
+]
+_INTERESTING_VALUES = st.sampled_from(
+    [
+        b"",
+        b"0",
+        b"5",
+        b"13",
+        b"8",
+        b"13, 13",
+        b"websocket",
+        b"WebSocket, h2c",
+        b"Upgrade",
+        b"keep-alive",
+        b"Upgrade, Sec-WebSocket-Key",
+        b"Upgrade, Host, Sec-WebSocket-Version",
+        b"chunked",
+        KEY,
+        KEY.rstrip(b"="),
+        base64.b64encode(bytes(15)),
+        base64.b64encode(bytes(16)),
+        b"AAAAAAAAAAAAAAAAAAAAAA==\xff",
+        b"[::1]:8080",
+        b"[::1",
+        b"chat.example.com:",
+        b"\xff\xfe",
+    ]
+)
+_MUTATION = st.tuples(
+    st.sampled_from(["drop", "duplicate", "alter", "insert"]),
+    st.integers(min_value=0, max_value=63),
+    st.one_of(_INTERESTING_VALUES, _RANDOM_VALUE),
+    st.one_of(st.sampled_from([n for n, _ in _VALID]).flatmap(_any_case), _RANDOM_NAME),
+)
+
+
+def _mutate(headers: Headers, mutations: list[tuple[str, int, bytes, bytes]]) -> Headers:
+    headers = list(headers)
+    for kind, index, value, name in mutations:
+        if kind == "insert":
+            headers.insert(index % (len(headers) + 1), (name, value))
+            continue
+        if not headers:
+            continue
+        i = index % len(headers)
+        if kind == "drop":
+            del headers[i]
+        elif kind == "duplicate":
+            headers.insert(i, headers[i])
+        else:
+            headers[i] = (headers[i][0], value)
+    return headers
+
+
+@given(
+    mutations=st.lists(_MUTATION, min_size=1, max_size=6),
+    method=st.sampled_from([b"GET", b"GET", b"GET", b"POST", b"get"]),
+    target=st.sampled_from([b"/chat", b"/chat?room=1", b"/", b"*", b"chat", b"http://h/x"]),
+    http_version=st.sampled_from([b"1.1", b"1.1", b"1.0"]),
+)
+def test_property_mutated_requests(
+    mutations: list[tuple[str, int, bytes, bytes]],
+    method: bytes,
+    target: bytes,
+    http_version: bytes,
+) -> None:
+    headers = _mutate(_VALID, mutations)
+    try:
+        mutated = request(headers, method=method, target=target, http_version=http_version)
+    except h11.LocalProtocolError:
+        reject()  # h11 itself would have refused it (two Hosts, a bad Content-Length, ...)
+    try:
+        result = check_client_request(mutated)
+    except HandshakeError as exc:
+        event(f"rejected {exc.status}")
+        assert exc.status in (400, 405, 426)
+        assert render_rejection(exc).startswith(b"HTTP/1.1 %d " % exc.status)
+        return
+    event("accepted")
+    assert len(base64.b64decode(result.key, validate=True)) == 16
+    assert result.path.startswith("/")
+    # Whatever passed makes a valid upgrade for the backend, with the same key.
+    sent = build_upstream_request(result, client_ip=CLIENT_IP)
+    assert check_client_request(sent).key == result.key
+
+
+def test_backend_subprotocol_compares_case_sensitively() -> None:
+    sent = upstream((b"Sec-WebSocket-Protocol", b"chat"))
+    with pytest.raises(BackendUnavailable):
+        check_backend_response(switching((b"Sec-WebSocket-Protocol", b"Chat")), sent)
