@@ -948,7 +948,11 @@ def test_property_upstream_headers(
     assert out[: -len(GATEWAY_SET)] == kept
 
     xff = [
-        v for n, v in headers if n.lower() == b"x-forwarded-for" and b"x-forwarded-for" not in named
+        element.strip()
+        for n, v in headers
+        if n.lower() == b"x-forwarded-for" and b"x-forwarded-for" not in named
+        for element in v.split(b",")
+        if element.strip()
     ]
     assert values(out, b"x-forwarded-for") == [b", ".join([*xff, client_ip.encode()])]
 
