@@ -70,12 +70,29 @@ async def test_client_violation_closes_client_with_code_and_backend_with_1001(
         writer.close()
 
 
+def server_head(first: int, second_len: bytes) -> bytes:
+    """A server frame header with an arbitrary length field."""
+    return bytes([first]) + second_len
+
+
 BACKEND_VIOLATIONS = [
     pytest.param(client_frame(TEXT, b"masked"), 1002, id="masked"),
-    pytest.param(server_frame(0x4, b"x"), 1002, id="reserved-opcode"),
+    pytest.param(server_frame(0x4, b"x"), 1002, id="reserved-opcode-4"),
+    pytest.param(server_frame(0xF, b"x"), 1002, id="reserved-opcode-0xF"),
+    pytest.param(server_frame(PING, b"p" * 126), 1002, id="long-control"),
+    pytest.param(server_frame(PONG, b"p", fin=False), 1002, id="fragmented-control"),
+    pytest.param(server_frame(CONT, b"orphan"), 1002, id="orphan-continuation"),
+    pytest.param(server_frame(BINARY, b"a", fin=False) + server_frame(BINARY, b"b"), 1002, id="data-inside-message"),
     pytest.param(server_frame(TEXT, b"rsv1", rsv=4), 1002, id="rsv1-without-deflate"),
+    pytest.param(server_frame(TEXT, b"rsv2", rsv=2), 1002, id="rsv2"),
+    pytest.param(server_frame(TEXT, b"rsv3", rsv=1), 1002, id="rsv3"),
+    pytest.param(server_head(0x82, bytes([0x7F]) + struct.pack("!Q", 1 << 63)), 1002, id="length-top-bit"),
     pytest.param(server_frame(CLOSE, b"\x03"), 1002, id="close-1-byte"),
+    pytest.param(server_frame(CLOSE, close_payload(1006)), 1002, id="close-code-1006"),
+    pytest.param(server_frame(CLOSE, close_payload(5000)), 1002, id="close-code-5000"),
+    pytest.param(server_frame(CLOSE, close_payload(1000) + b"\xc3"), 1007, id="close-reason-not-utf8"),
     pytest.param(server_frame(BINARY, b"x" * 2048), 1009, id="too-big"),
+    pytest.param(server_frame(TEXT, b"x" * 1000, fin=False) + server_frame(CONT, b"x" * 1000), 1009, id="too-big-fragments"),
 ]
 
 
@@ -242,6 +259,8 @@ async def test_client_that_never_answers_pings_is_dropped(start_gateway, ws_back
         assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b""
         elapsed = loop.time() - started
         assert elapsed >= 0.2, "dropped before interval + timeout"
+        # interval + timeout + a sweep tick (25 ms), with room for a busy machine.
+        assert elapsed < 1.5, "dropped long after interval + timeout"
         assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "")
     finally:
         writer.close()
