@@ -14,8 +14,8 @@ Close handshake rules, per leg:
 - The first Close, from either side or from the gateway, arms one deadline of
   `timeouts.close`; legs still unfinished then are dropped.
 
-Liveness is judged by a single `Sweeper` for all relays: legs count their reads
-and data reads in plain integers, and the sweep compares them with what it saw
+Liveness is judged by a single `Sweeper` for all relays: legs count the bytes
+they receive and their data reads in plain integers, and the sweep compares them with what it saw
 last time, so no timer is created per message or per read.
 """
 
@@ -64,7 +64,7 @@ class Leg(asyncio.Protocol):
         "scanner",
         "mask_frames",
         "forwarding",
-        "reads",
+        "write_to_peer",
         "data_reads",
         "bytes_received",
         "pending",
@@ -75,7 +75,7 @@ class Leg(asyncio.Protocol):
         "ping_payload",
         "ping_sent_at",
         "quiet_since",
-        "reads_seen",
+        "bytes_seen",
     )
 
     def __init__(self, relay: Relay, side: str, transport: asyncio.Transport, scanner: FrameScanner) -> None:
@@ -88,7 +88,7 @@ class Leg(asyncio.Protocol):
         self.mask_frames = side == BACKEND
         # True while this leg's reads may be written to the peer without a look.
         self.forwarding = True
-        self.reads = 0
+        self.write_to_peer = transport.write  # replaced by the peer's write in Relay.__init__
         self.data_reads = 0
         self.bytes_received = 0
         # Gateway frames waiting for the stream toward this leg to reach a boundary.
@@ -100,12 +100,12 @@ class Leg(asyncio.Protocol):
         self.ping_payload = b""
         self.ping_sent_at = 0.0
         self.quiet_since = 0.0
-        self.reads_seen = 0
+        self.bytes_seen = 0
 
     # -- asyncio callbacks --------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.reads += 1
+        # The hot path: one scan, two integer additions, one write.
         self.bytes_received += len(data)
         try:
             out = self.scanner.receive_data(data)
@@ -114,7 +114,7 @@ class Leg(asyncio.Protocol):
             return
         if out is data and self.forwarding:
             self.data_reads += 1
-            self.peer.transport.write(data)
+            self.write_to_peer(data)
             return
         self.relay.route(self, [data] if out is data else out)
 
@@ -207,6 +207,8 @@ class Relay:
         )
         self.client.peer = self.backend
         self.backend.peer = self.client
+        self.client.write_to_peer = backend_transport.write
+        self.backend.write_to_peer = client_transport.write
         self.settings = settings
         self.conn_id = conn_id
         self._on_closed = on_closed
@@ -372,8 +374,8 @@ class Relay:
         if self.closed_by:
             return
         for leg in (self.client, self.backend):
-            if leg.reads != leg.reads_seen or leg.reading_paused:
-                leg.reads_seen = leg.reads
+            if leg.bytes_received != leg.bytes_seen or leg.reading_paused:
+                leg.bytes_seen = leg.bytes_received
                 leg.quiet_since = now
                 leg.ping_sent_at = 0.0
             elif leg.ping_sent_at:
