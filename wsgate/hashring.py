@@ -11,7 +11,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 
-_SCALE = float(1 << 64)
+_SCALE = float(1 << 52)
 
 
 def stable_hash(data: bytes) -> int:
@@ -39,8 +39,10 @@ class HashRing:
         """Backend indexes in the key's preference order, best first."""
         scores = []
         for index, (seed, weight) in enumerate(zip(self._seeds, self._weights, strict=True)):
-            # (h + 0.5) / 2**64 lies in (0, 1), so the logarithm is finite and negative.
-            unit = (stable_hash(seed + key) + 0.5) / _SCALE
+            # The top 52 bits plus 0.5 are exact in a float, so unit lies strictly in
+            # (0, 1) and the logarithm is finite and negative. (h + 0.5) / 2**64 rounds
+            # to 1.0 for the highest hashes, and log(1.0) == 0 divides by zero.
+            unit = ((stable_hash(seed + key) >> 12) + 0.5) / _SCALE
             scores.append((-weight / math.log(unit), index))
         scores.sort(reverse=True)
         return [index for _, index in scores]

@@ -15,8 +15,8 @@ Close handshake rules, per leg:
   `timeouts.close`; legs still unfinished then are dropped.
 
 Liveness is judged by a single `Sweeper` for all relays: legs count the bytes
-they receive and their data reads in plain integers, and the sweep compares them with what it saw
-last time, so no timer is created per message or per read.
+they receive and their data reads in plain integers, and the sweep compares
+them with what it saw last time, so no timer is created per message or read.
 """
 
 from __future__ import annotations
