@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Installs wsgate and its test tools into .venv, then runs the whole test suite
-# (arguments are passed on to pytest). Under CI the property tests run deeper.
+# Installs wsgate and its test tools into .venv, Node's ws into tests/node,
+# then runs the whole test suite (arguments are passed on to pytest).
+# Under CI the property tests run deeper.
 WSGATE_EXTRAS=test source "$(dirname "$0")/bootstrap.sh"
+if ! command -v npm >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+npm ci --prefix tests/node --no-audit --no-fund --silent
 if [ -n "${CI:-}" ]; then
     export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 fi
-if command -v npm >/dev/null; then npm install --prefix tests/node --no-audit --no-fund --silent; fi
 exec .venv/bin/python -m pytest "$@"

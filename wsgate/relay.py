@@ -97,7 +97,8 @@ class Leg(asyncio.Protocol):
         self.sealed = False
         self.lost = False
         self.reading_paused = False
-        self.ping_payload = b""
+        # None until the gateway pings this leg, so no peer pong can match it by accident.
+        self.ping_payload: bytes | None = None
         self.ping_sent_at = 0.0
         self.quiet_since = 0.0
         self.bytes_seen = 0
