@@ -339,3 +339,25 @@ async def test_backend_close_code_reaches_client(start_gateway, raw_backend):
             with pytest.raises(websockets.ConnectionClosed):
                 await ws.recv()
     assert (ws.close_code, ws.close_reason) == (4001, "done")
+
+
+async def test_both_legs_use_tcp_nodelay(ws_backend):
+    import socket
+
+    from wsgate.config import parse_config
+    from wsgate.server import Gateway
+
+    gateway = Gateway(parse_config(gateway_config([ws_backend.url])))
+    await gateway.start()
+    host, port = gateway.addresses[0]
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            async with websockets.connect(f"ws://{host}:{port}") as ws:
+                await ws.send("x")
+                await ws.recv()
+                (relay,) = gateway._relays
+                for leg in (relay.client, relay.backend):
+                    sock = leg.transport.get_extra_info("socket")
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        await gateway.close()
