@@ -436,8 +436,32 @@ DUP_ROUTES = [
          "expected a ws:// URL such as ws://10.0.0.11:8000, got 9001"),
         (with_("routes.0.backends", [{"url": "ws://a"}, {"url": "ws://b"}, {"url": "ws://A:80/"}]),
          "routes[0].backends[2].url", "duplicate backend: ws://A:80/ is already backends[0]"),
-        (with_("routes.0.backends.0", {"weight": 2}), "routes[0].backends[0].url",
-         "missing required key"),
+        (with_("routes.0.backends.0", {"weight": 2}), "routes[0].backends[0]",
+         "give exactly one of url (ws://host:port) or dns (name:port)"),
+        (with_("routes.0.backends.0", {"url": "ws://a", "dns": "a:1"}), "routes[0].backends[0]",
+         "give exactly one of url"),
+        (with_("routes.0.backends.0", {"dns": "chat"}), "routes[0].backends[0].dns",
+         "expected name:port such as chat-backend.default.svc.cluster.local:8000, got 'chat'"),
+        (with_("routes.0.backends.0", {"dns": "chat:0"}), "routes[0].backends[0].dns",
+         "expected name:port"),
+        (with_("routes.0.backends", [{"dns": "a:1"}, {"dns": "A:1"}]), "routes[0].backends[1].dns",
+         "duplicate backend: dns:a:1 is already backends[0]"),
+        # balancing
+        (with_("routes.0.hash_key", "cookie"), "routes[0].hash_key",
+         "expected ip, path, header:NAME, cookie:NAME or query:NAME, got 'cookie'"),
+        (with_("routes.0.hash_key", "host"), "routes[0].hash_key", "expected ip, path"),
+        (with_("routes.0.hash_fallback", "first"), "routes[0].hash_fallback", "expected 'ip' or 'random', got 'first'"),
+        (with_("routes.0.balance_factor", 1.0), "routes[0].balance_factor", "Input should be greater than 1"),
+        (with_("routes.0.retries", 11), "routes[0].retries", "must be between 0 and 10, got 11"),
+        (with_("routes.0.health_check", {"type": "icmp"}), "routes[0].health_check.type",
+         "expected 'tcp', 'http' or 'websocket', got 'icmp'"),
+        (with_("routes.0.health_check", {"interval": "0s"}), "routes[0].health_check.interval",
+         "must be greater than zero"),
+        (with_("routes.0.passive_ejection", {"failures": -1}), "routes[0].passive_ejection.failures",
+         "must be between 0 and 1000, got -1"),
+        (with_("routes.0.rebalance", {"max_fraction": 2}), "routes[0].rebalance.max_fraction",
+         "Input should be less than or equal to 1"),
+        (with_("discovery.nameservers", ["127.0.0.1"]), "discovery.nameservers[0]", "expected host:port"),
         (with_("routes.0.backends.0.weight", 0), "routes[0].backends[0].weight",
          "must be between 1 and 1000, got 0"),
         (with_("routes.0.backends.0.weight", 1001), "routes[0].backends[0].weight",
@@ -497,15 +521,16 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
     ("data", "path", "allowed"),
     [
         (with_("bogus", 1), "bogus",
-         "listeners, admin, routes, timeouts, heartbeat, limits, flow_control, shutdown, log"),
+         "listeners, admin, routes, timeouts, heartbeat, limits, flow_control, shutdown, discovery, log"),
         (with_("listeners.0.port", 1), "listeners[0].port", "name, bind, tls"),
         (with_("listeners.0.tls", {"cert": "c", "key": "k", "ca": "x"}), "listeners[0].tls.ca",
          "cert, key"),
         (with_("admin.port", 1), "admin.port", "enabled, bind"),
-        (with_("routes.0.hash_key", "ip"), "routes[0].hash_key",
-         "name, match, backends, compression, upstream_host, allowed_origins"),
+        (with_("routes.0.hash", "ip"), "routes[0].hash",
+         "name, match, backends, compression, upstream_host, allowed_origins, hash_key, hash_fallback,"
+         " balance_factor, retries, health_check, passive_ejection, rebalance"),
         (with_("routes.0.match.path", "/"), "routes[0].match.path", "host, path_prefix"),
-        (with_("routes.0.backends.0.address", "x"), "routes[0].backends[0].address", "url, weight"),
+        (with_("routes.0.backends.0.address", "x"), "routes[0].backends[0].address", "url, dns, weight"),
         (with_("timeouts.read", "1s"), "timeouts.read", "handshake, connect, idle, close"),
         (with_("heartbeat.pong", "1s"), "heartbeat.pong", "interval, timeout"),
         (with_("limits.max_frame_size", 1), "limits.max_frame_size",
@@ -661,7 +686,7 @@ def test_example_file_loads() -> None:
     (route,) = config.routes
     assert route.name == "echo"
     assert route.match.path_prefix == "/"
-    assert [b.url for b in route.backends] == ["ws://127.0.0.1:9001", "ws://127.0.0.1:9002"]
+    assert [b.label for b in route.backends] == ["ws://127.0.0.1:9001", "dns:localhost:9002"]
 
 
 def test_example_file_shows_the_defaults() -> None:
@@ -669,17 +694,25 @@ def test_example_file_shows_the_defaults() -> None:
     defaults = parse_config(
         {"listeners": [{"bind": "127.0.0.1:8080"}], "routes": [{"name": "r", "backends": [{"url": "ws://x"}]}]}
     )
-    for section in ("admin", "timeouts", "heartbeat", "limits", "flow_control", "shutdown", "log"):
+    for section in ("admin", "timeouts", "heartbeat", "limits", "flow_control", "shutdown", "discovery", "log"):
         assert getattr(config, section) == getattr(defaults, section), section
     route, default_route = config.routes[0], defaults.routes[0]
-    for key in ("match", "compression", "upstream_host", "allowed_origins"):
+    for key in ("match", "compression", "upstream_host", "allowed_origins", "hash_key", "hash_fallback",
+                "balance_factor", "retries", "passive_ejection", "rebalance"):
         assert getattr(route, key) == getattr(default_route, key), key
+
+
+# Keys that exclude each other: an entry shows one of them.
+_ALTERNATIVES = {("Backend", "url"): "dns", ("Backend", "dns"): "url"}
 
 
 def _missing_keys(model: type[BaseModel], data: Any, path: str) -> list[str]:
     """Schema keys absent from `data`, descending into nested sections and lists."""
     missing = []
     for name, field in model.model_fields.items():
+        other = _ALTERNATIVES.get((model.__name__, name))
+        if isinstance(data, dict) and other in data:
+            continue
         if not isinstance(data, dict) or name not in data:
             missing.append(f"{path}{name}")
             continue

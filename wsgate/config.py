@@ -38,13 +38,17 @@ __all__ = [
     "Admin",
     "Backend",
     "Config",
+    "Discovery",
     "Duration",
     "FlowControl",
+    "HealthCheck",
     "Heartbeat",
     "Limits",
     "Listener",
     "Log",
     "Match",
+    "PassiveEjection",
+    "Rebalance",
     "Route",
     "Shutdown",
     "Size",
@@ -479,20 +483,88 @@ def _check_backend_url(value: object) -> str:
     return value
 
 
-class Backend(_Model):
-    """One upstream WebSocket server."""
+_DNS_HINT = "expected name:port such as chat-backend.default.svc.cluster.local:8000"
 
-    url: Annotated[str, BeforeValidator(_check_backend_url)]
+
+def _check_dns_target(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{_DNS_HINT}, got {_show(value)}")
+    name, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{_DNS_HINT}, got {_show(value)}")
+    if not _HOSTNAME_RE.fullmatch(name.lower()):
+        raise ValueError(f"{_DNS_HINT}, got {_show(value)}")
+    return value.lower()
+
+
+class Backend(_Model):
+    """One upstream WebSocket server (`url`), or every address of a DNS name (`dns`)."""
+
+    url: Annotated[str, BeforeValidator(_check_backend_url)] | None = None
+    dns: Annotated[str, BeforeValidator(_check_dns_target)] | None = None
     weight: Annotated[_Int, _between(1, 1000)] = 1
+
+    @model_validator(mode="after")
+    def _url_or_dns(self) -> Backend:
+        if (self.url is None) == (self.dns is None):
+            raise ValueError("give exactly one of url (ws://host:port) or dns (name:port)")
+        return self
 
     @property
     def host(self) -> str:
         """Lowercase host name or address; an IPv6 literal without its brackets."""
+        if self.dns is not None:
+            return self.dns.rpartition(":")[0]
         return urlsplit(self.url).hostname or ""
 
     @property
     def port(self) -> int:
+        if self.dns is not None:
+            return int(self.dns.rpartition(":")[2])
         return urlsplit(self.url).port or 80
+
+    @property
+    def label(self) -> str:
+        """How the config names this entry: its URL or its DNS target."""
+        return self.url if self.url is not None else f"dns:{self.dns}"
+
+
+_HASH_KEY_HINT = "expected ip, path, header:NAME, cookie:NAME or query:NAME"
+
+
+def _check_hash_key(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{_HASH_KEY_HINT}, got {_show(value)}")
+    kind, sep, name = value.partition(":")
+    if value in ("ip", "path") or (kind in ("header", "cookie", "query") and sep and name.strip()):
+        return value
+    raise ValueError(f"{_HASH_KEY_HINT}, got {_show(value)}")
+
+
+class HealthCheck(_Model):
+    """Active probes of every backend of a route."""
+
+    type: Literal["tcp", "http", "websocket"] = "tcp"
+    path: Annotated[str, AfterValidator(_check_path_prefix)] = "/"
+    interval: _PositiveDuration = 5.0
+    timeout: _PositiveDuration = 2.0
+    healthy_threshold: Annotated[_Int, _between(1, 100)] = 2
+    unhealthy_threshold: Annotated[_Int, _between(1, 100)] = 3
+
+
+class PassiveEjection(_Model):
+    """Ejecting a backend after consecutive connect or handshake failures."""
+
+    failures: Annotated[_Int, _between(0, 1000)] = 3
+    backoff: _PositiveDuration = 5.0
+    max_backoff: _PositiveDuration = 300.0
+
+
+class Rebalance(_Model):
+    """Moving connections to the backend that now owns their key, a few at a time."""
+
+    max_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05
+    period: _PositiveDuration = 60.0
 
 
 class Route(_Model):
@@ -504,17 +576,26 @@ class Route(_Model):
     compression: Literal["passthrough", "strip"] = "passthrough"
     upstream_host: Annotated[str, AfterValidator(_check_upstream_host)] | None = None
     allowed_origins: list[Annotated[str, AfterValidator(_check_origin)]] | None = None
+    hash_key: Annotated[str, BeforeValidator(_check_hash_key)] = "ip"
+    hash_fallback: Literal["ip", "random"] = "ip"
+    balance_factor: Annotated[float, Field(gt=1.0, le=100.0)] | None = None
+    retries: Annotated[_Int, _between(0, 10)] = 2
+    health_check: HealthCheck | None = None
+    passive_ejection: _Section[PassiveEjection] = PassiveEjection()
+    rebalance: Rebalance | None = None
 
     @field_validator("backends")
     @classmethod
     def _unique_backends(cls, backends: list[Backend]) -> list[Backend]:
         # ws://a, ws://a:80 and ws://a/ are one server; compare what we connect to.
-        seen: dict[tuple[str, int], int] = {}
+        seen: dict[tuple[str, str, int], int] = {}
         for i, backend in enumerate(backends):
-            first = seen.setdefault((backend.host, backend.port), i)
+            kind = "url" if backend.url is not None else "dns"
+            first = seen.setdefault((kind, backend.host, backend.port), i)
             if first != i:
                 raise _error_at(
-                    (i, "url"), f"duplicate backend: {backend.url} is already backends[{first}]"
+                    (i, kind),
+                    f"duplicate backend: {backend.label} is already backends[{first}]",
                 )
         return backends
 
@@ -579,6 +660,14 @@ class Shutdown(_Model):
         return grace
 
 
+class Discovery(_Model):
+    """How backends given by DNS name are resolved."""
+
+    resolve_interval: _PositiveDuration = 10.0
+    # host:port of DNS servers to ask; empty means the system resolver.
+    nameservers: list[_HostPort] = []
+
+
 class Log(_Model):
     """Log verbosity and line format."""
 
@@ -597,6 +686,7 @@ class Config(_Model):
     limits: _Section[Limits] = Limits()
     flow_control: _Section[FlowControl] = FlowControl()
     shutdown: _Section[Shutdown] = Shutdown()
+    discovery: _Section[Discovery] = Discovery()
     log: _Section[Log] = Log()
 
     @field_validator("listeners")
