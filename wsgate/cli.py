@@ -141,6 +141,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_loop(_demo(config))
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .balancer import Pool
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    route = next((r for r in config.routes if r.name == args.route), None)
+    if route is None:
+        names = ", ".join(r.name for r in config.routes)
+        print(f"wsgate: no route named {args.route!r}; routes: {names}", file=sys.stderr)
+        return EXIT_CONFIG
+    keys = list(args.key or [])
+    if args.keys:
+        try:
+            with open(args.keys, encoding="utf-8") as lines:
+                keys += [line.rstrip("\r\n") for line in lines if line.strip()]
+        except OSError as exc:
+            print(f"wsgate: cannot read {args.keys}: {exc.strerror}", file=sys.stderr)
+            return EXIT_FAILURE
+    if not keys:
+        print("wsgate: give at least one --key or a --keys file", file=sys.stderr)
+        return EXIT_FAILURE
+    pool = Pool(route, config.discovery)
+    asyncio.run(pool.resolve_once())
+    if not pool.members:
+        print(f"wsgate: route {route.name!r} has no backends (DNS gave no address)", file=sys.stderr)
+        return EXIT_FAILURE
+    identities = pool.ring.identities
+    if len(keys) == 1 and not args.keys:
+        print(f"route {route.name}, key {keys[0]!r} (hash_key {route.hash_key}):")
+        for rank, index in enumerate(pool.ring.order(keys[0].encode("utf-8")), start=1):
+            role = "chosen" if rank == 1 else "fallback"
+            print(f"{rank:4d}. {identities[index]}  {role}")
+        return EXIT_OK
+    for key in keys:
+        print(f"{key}\t{identities[next(pool.ring.order(key.encode('utf-8')))]}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsgate", description="A frame-aware reverse proxy and load balancer for WebSockets."
@@ -156,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True, metavar="FILE")
     check.set_defaults(handler=cmd_check)
+
+    explain = commands.add_parser(
+        "explain", help="print which backends a route's keys go to (ignores live health)"
+    )
+    explain.add_argument("-c", "--config", required=True, metavar="FILE")
+    explain.add_argument("--route", required=True, metavar="NAME")
+    explain.add_argument("--key", action="append", metavar="VALUE", help="a key (repeatable)")
+    explain.add_argument("--keys", metavar="FILE", help="a file with one key per line")
+    explain.set_defaults(handler=cmd_explain)
 
     demo = commands.add_parser("demo", help="the gateway with two built-in echo backends")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")

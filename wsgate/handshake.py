@@ -15,6 +15,7 @@ import binascii
 import hashlib
 from dataclasses import dataclass
 from http import HTTPStatus
+from urllib.parse import parse_qs
 
 import h11
 
@@ -144,6 +145,34 @@ def check_client_request(request: h11.Request) -> ClientHandshake:
         extensions=_extension_names(_header_tokens(headers, b"sec-websocket-extensions")),
         origin=origins[0].decode("latin-1") if origins else None,
     )
+
+
+def affinity_key(handshake: ClientHandshake, spec: str, client_ip: str) -> bytes | None:
+    """The bytes a route hashes to pin this connection, or None when the request lacks them.
+
+    `spec` is a route's `hash_key`: ip, path, header:NAME, cookie:NAME or query:NAME.
+    """
+    if spec == "ip":
+        return client_ip.encode("ascii")
+    if spec == "path":
+        return handshake.path.encode("latin-1")
+    kind, _, name = spec.partition(":")
+    if kind == "header":
+        values = _header_values(handshake.headers, name.lower().encode("latin-1"))
+        return values[0].strip() if values else None
+    if kind == "cookie":
+        wanted = name.encode("latin-1")
+        for header in _header_values(handshake.headers, b"cookie"):
+            for pair in header.split(b";"):
+                cookie, sep, value = pair.strip().partition(b"=")
+                if sep and cookie == wanted:
+                    return value.strip(b'"')
+        return None
+    if kind == "query":
+        query = handshake.target.partition(b"?")[2].decode("latin-1")
+        values = parse_qs(query, keep_blank_values=True).get(name)
+        return values[0].encode("utf-8") if values else None
+    raise ValueError(f"unknown hash key {spec!r}")
 
 
 def _is_valid_key(value: bytes) -> bool:

@@ -184,6 +184,8 @@ class Relay:
         "_close_timer",
         "data_seen",
         "idle_since",
+        "key",
+        "member",
         "__weakref__",
     )
 
@@ -219,6 +221,9 @@ class Relay:
         self._close_timer: asyncio.TimerHandle | None = None
         self.data_seen = 0
         self.idle_since = 0.0
+        # The affinity key and the pool member this connection is pinned to.
+        self.key = b""
+        self.member: object = None
 
     def start(self, client_early: bytes = b"", backend_early: bytes = b"") -> None:
         """Take over both transports; bytes read during the handshake are relayed first."""

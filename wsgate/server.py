@@ -13,15 +13,16 @@ import asyncio
 import itertools
 import logging
 import socket
-from dataclasses import dataclass
 from typing import cast
 
 import h11
 
-from .config import Backend, Config, Listener, Route
+from .balancer import Member, Pool, random_key
+from .config import Config, Listener
 from .errors import BackendUnavailable, HandshakeError
 from .frames import CloseCode
 from .handshake import (
+    affinity_key,
     build_upstream_request,
     check_backend_response,
     check_client_request,
@@ -31,7 +32,6 @@ from .handshake import (
     render_rejection,
     render_switching_protocols,
 )
-from .hashring import HashRing
 from .relay import Relay, RelaySettings, Sweeper, sweep_tick
 from .routing import match_route
 
@@ -40,15 +40,6 @@ log = logging.getLogger("wsgate.server")
 # A backend's refusal is relayed to the client; its body is cut at this size.
 BACKEND_REPLY_BODY_LIMIT = 64 * 1024
 _MAX_BACKEND_HEAD_SIZE = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class _RoutePlan:
-    route: Route
-    ring: HashRing
-
-    def pick(self, key: bytes) -> Backend:
-        return self.route.backends[self.ring.pick(key)]
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -62,12 +53,7 @@ class Gateway:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._plans = {
-            route.name: _RoutePlan(
-                route, HashRing([b.url for b in route.backends], [b.weight for b in route.backends])
-            )
-            for route in config.routes
-        }
+        self.pools = {route.name: Pool(route, config.discovery) for route in config.routes}
         self.relay_settings = RelaySettings(
             high_water=config.flow_control.high_water,
             low_water=config.flow_control.low_water,
@@ -98,6 +84,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._sweeper.start()
         try:
+            for pool in self.pools.values():
+                await pool.start()
             for listener in self.config.listeners:
                 server = await loop.create_server(
                     lambda listener=listener: _ClientHandshake(self, listener),
@@ -129,6 +117,8 @@ class Gateway:
                 for relay in list(self._relays):
                     relay.abort()
         self._sweeper.stop()
+        for pool in self.pools.values():
+            await pool.stop()
         for server in self._servers:
             await server.wait_closed()
 
@@ -151,9 +141,9 @@ class Gateway:
         else:
             del self._per_ip[ip]
 
-    def _plan_for(self, host: str, path: str) -> _RoutePlan | None:
+    def _pool_for(self, host: str, path: str) -> Pool | None:
         route = match_route(self.config.routes, host, path)
-        return None if route is None else self._plans[route.name]
+        return None if route is None else self.pools[route.name]
 
 
 class _ClientHandshake(asyncio.Protocol):
@@ -174,6 +164,7 @@ class _ClientHandshake(asyncio.Protocol):
         self.admitted = False
         self.lost = False
         self.handed_off = False
+        self.pool: Pool | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -255,64 +246,88 @@ class _ClientHandshake(asyncio.Protocol):
         self._reply(render_rejection(error))
 
     async def _proxy(self, request: h11.Request) -> None:
-        gateway = self.gateway
-        config = gateway.config
-        backend_transport: asyncio.Transport | None = None
         try:
             handshake = check_client_request(request)
-            plan = gateway._plan_for(handshake.host, handshake.path)
-            if plan is None:
+            pool = self.gateway._pool_for(handshake.host, handshake.path)
+            if pool is None:
                 raise HandshakeError(404, "no route for this host and path")
-            check_origin(handshake, plan.route.allowed_origins)
-            backend = plan.pick(self.client_ip.encode("utf-8"))
+            route = pool.route
+            check_origin(handshake, route.allowed_origins)
+            key = affinity_key(handshake, route.hash_key, self.client_ip)
+            if key is None:
+                key = self.client_ip.encode("ascii") if route.hash_fallback == "ip" else random_key()
             upstream = build_upstream_request(
                 handshake,
                 client_ip=self.client_ip,
                 scheme="https" if self.listener.tls else "http",
-                host=plan.route.upstream_host,
-                strip_extensions=plan.route.compression == "strip",
+                host=route.upstream_host,
+                strip_extensions=route.compression == "strip",
             )
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(config.timeouts.connect):
-                    backend_transport, answer = await loop.create_connection(
-                        lambda: _BackendHandshake(upstream), backend.host, backend.port
-                    )
-                    outcome = await answer.outcome
-            except TimeoutError:
-                raise BackendUnavailable(504, "backend did not answer in time") from None
-            except OSError as exc:
-                raise BackendUnavailable(502, "backend unreachable") from exc
-            if isinstance(outcome, h11.Response):
-                log.info(
-                    "conn=%d backend %s refused the upgrade: %d",
-                    self.conn_id, backend.url, outcome.status_code,
-                )
-                self._reply(render_backend_reply(outcome, bytes(answer.body)))
-                return
-            try:
-                negotiated = check_backend_response(outcome, upstream)
-            except BackendUnavailable as exc:
-                log.warning("conn=%d backend %s is broken: %s", self.conn_id, backend.url, exc.reason)
-                raise
-            self.transport.write(render_switching_protocols(negotiated))
-            self._hand_off(backend_transport, answer, negotiated.deflate)
-            backend_transport = None
+            await self._connect_backend(pool, key, upstream)
         except HandshakeError as exc:
             self._reject(exc)
         except BackendUnavailable as exc:
-            cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-            log.warning("conn=%d %s: %d %s%s", self.conn_id, self.client_ip, exc.status, exc.reason, cause)
             self._reply(render_error(exc.status, exc.reason))
         except Exception:
             log.exception("conn=%d unexpected failure in the handshake", self.conn_id)
             self._reply(render_error(500, "internal error"))
-        finally:
-            if backend_transport is not None:
+
+    async def _connect_backend(self, pool: Pool, key: bytes, upstream: h11.Request) -> None:
+        """Try the key's backends in order until one answers; relay its answer."""
+        loop = asyncio.get_running_loop()
+        failure = BackendUnavailable(503, "no backend available")
+        for member in pool.candidates(key, loop.time()):
+            backend_transport: asyncio.Transport | None = None
+            try:
+                try:
+                    async with asyncio.timeout(self.gateway.config.timeouts.connect):
+                        backend_transport, answer = await loop.create_connection(
+                            lambda: _BackendHandshake(upstream), member.host, member.port
+                        )
+                        outcome = await answer.outcome
+                except TimeoutError:
+                    raise BackendUnavailable(504, "backend did not answer in time") from None
+                except OSError as exc:
+                    raise BackendUnavailable(502, "backend unreachable") from exc
+                if isinstance(outcome, h11.InformationalResponse):
+                    negotiated = check_backend_response(outcome, upstream)
+            except BackendUnavailable as exc:
+                if backend_transport is not None:
+                    backend_transport.close()
+                cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+                log.warning(
+                    "conn=%d backend %s: %s%s", self.conn_id, member.identity, exc.reason, cause
+                )
+                pool.on_failed(member, loop.time(), exc.reason)
+                failure = exc
+                continue
+            except BaseException:
+                if backend_transport is not None:
+                    backend_transport.close()
+                raise
+            pool.on_connected(member)
+            if isinstance(outcome, h11.Response):
+                # The backend answered: its refusal is the client's answer, not a failure.
+                log.info(
+                    "conn=%d backend %s refused the upgrade: %d",
+                    self.conn_id, member.identity, outcome.status_code,
+                )
                 backend_transport.close()
+                self._reply(render_backend_reply(outcome, bytes(answer.body)))
+                return
+            self.transport.write(render_switching_protocols(negotiated))
+            self._hand_off(backend_transport, answer, negotiated.deflate, pool, member, key)
+            return
+        raise failure
 
     def _hand_off(
-        self, backend_transport: asyncio.Transport, answer: _BackendHandshake, deflate: bool
+        self,
+        backend_transport: asyncio.Transport,
+        answer: _BackendHandshake,
+        deflate: bool,
+        pool: Pool,
+        member: Member,
+        key: bytes,
     ) -> None:
         gateway = self.gateway
         self.handed_off = True
@@ -325,6 +340,8 @@ class _ClientHandshake(asyncio.Protocol):
             conn_id=self.conn_id,
             on_closed=self._on_relay_closed,
         )
+        relay.key = key
+        relay.member = member
         gateway._relays.add(relay)
         if self.lost or answer.lost:
             # One side left during the hand-off; its protocol already saw the loss.
@@ -337,11 +354,15 @@ class _ClientHandshake(asyncio.Protocol):
             self.handed_off = False
             self._finish()
             return
+        self.pool = pool
+        pool.opened(member, relay)
         relay.start(client_early=bytes(self.early), backend_early=bytes(answer.early))
 
     def _on_relay_closed(self, relay: Relay) -> None:
         gateway = self.gateway
         gateway._relays.discard(relay)
+        if self.pool is not None:
+            self.pool.closed(relay.member, relay)
         if not gateway._relays:
             gateway._all_closed.set()
         self._finish()

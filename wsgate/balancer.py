@@ -1,0 +1,393 @@
+"""Backend pools: membership (static and DNS), health, passive ejection, bounded loads.
+
+A `Pool` serves one route. Its members are the route's `url` backends plus every
+address its `dns` entries resolve to. The ring is rebuilt only when membership
+changes; health and ejection only make `candidates` skip a member, which the
+ring guarantees is the same as removing it, so existing connections never move
+and a recovered backend gets its keys back for new connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import os
+import random
+import socket
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from .config import Backend, Discovery, Route
+from .frames import CloseCode
+from .hashring import HashRing
+from .health import Backoff, RiseFall, jittered
+
+log = logging.getLogger("wsgate.balancer")
+
+
+def ws_url(host: str, port: int) -> str:
+    """The ws:// URL of an address; IPv6 literals in brackets."""
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"ws://[{host}]:{port}"
+    except ValueError:
+        pass
+    return f"ws://{host}:{port}"
+
+
+class Member:
+    """One backend server of a pool, with its live state."""
+
+    __slots__ = (
+        "identity",
+        "host",
+        "port",
+        "weight",
+        "active",
+        "healthy",
+        "checks",
+        "backoff",
+        "failures",
+        "ejected_until",
+        "probation",
+        "relays",
+    )
+
+    def __init__(self, identity: str, host: str, port: int, weight: int) -> None:
+        self.identity = identity
+        self.host = host
+        self.port = port
+        self.weight = weight
+        self.active = 0  # open WebSocket connections: the load bounded loads bound
+        self.healthy = True  # by active checks; a backend starts healthy
+        self.checks: RiseFall | None = None
+        self.backoff: Backoff | None = None
+        self.failures = 0  # consecutive connect or handshake failures
+        self.ejected_until = 0.0
+        self.probation = False  # back from an ejection: one more failure ejects again
+        self.relays: set[Any] = set()
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+    def __repr__(self) -> str:
+        return f"<Member {self.identity} active={self.active} healthy={self.healthy}>"
+
+
+def _static_members(backend: Backend) -> list[Member]:
+    assert backend.url is not None
+    return [Member(backend.url, backend.host, backend.port, backend.weight)]
+
+
+class Pool:
+    """The backends of one route and how a key picks among them."""
+
+    def __init__(self, route: Route, discovery: Discovery, rng: random.Random | None = None) -> None:
+        self.route = route
+        self.discovery = discovery
+        self._rng = rng or random.Random()
+        # Addresses each `dns` entry resolved to last; static entries never change.
+        self._resolved: dict[int, list[str]] = {
+            i: [] for i, backend in enumerate(route.backends) if backend.dns is not None
+        }
+        self.members: list[Member] = []
+        self.ring = HashRing([])
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._http: Any = None  # an aiohttp ClientSession, made when a probe needs one
+        self._rebuild()
+
+    # -- membership -------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        """Recompute members from the config and the last DNS answers; keep live state."""
+        old = {member.identity: member for member in self.members}
+        members: list[Member] = []
+        seen: set[str] = set()
+        for i, backend in enumerate(self.route.backends):
+            if backend.dns is None:
+                wanted = _static_members(backend)
+            else:
+                wanted = [
+                    Member(ws_url(address, backend.port), address, backend.port, backend.weight)
+                    for address in self._resolved[i]
+                ]
+            for member in wanted:
+                if member.identity in seen:
+                    continue
+                seen.add(member.identity)
+                kept = old.get(member.identity)
+                if kept is not None:
+                    kept.weight = member.weight
+                    member = kept
+                members.append(member)
+        policy = self.route.passive_ejection
+        check = self.route.health_check
+        for member in members:
+            if member.backoff is None:
+                member.backoff = Backoff(policy.backoff, policy.max_backoff)
+            if check is not None and member.checks is None:
+                member.checks = RiseFall(check.healthy_threshold, check.unhealthy_threshold)
+        self.members = members
+        self.ring = HashRing([m.identity for m in members], [m.weight for m in members])
+        if self._tasks:
+            self._sync_probes()
+
+    def set_resolved(self, entry: int, addresses: list[str]) -> bool:
+        """Record what `dns` entry `entry` resolved to; True when membership changed."""
+        addresses = sorted(set(addresses))
+        if addresses == self._resolved[entry]:
+            return False
+        self._resolved[entry] = addresses
+        self._rebuild()
+        return True
+
+    # -- choosing -----------------------------------------------------------------
+
+    def candidates(self, key: bytes, now: float) -> Iterator[Member]:
+        """Members to try for `key`, best first: the bounded-load choice, then failover.
+
+        Unavailable members (unhealthy, ejected) are skipped; when every member is
+        unavailable they are all tried anyway, since refusing is no better.
+        """
+        members = self.members
+        skip = {i for i, member in enumerate(members) if not member.available(now)}
+        if len(skip) == len(members):
+            skip = set()
+        factor = self.route.balance_factor
+        loads = [member.active for member in members] if factor is not None else None
+        for _ in range(self.route.retries + 1):
+            index = self.ring.pick(key, loads=loads, balance_factor=factor, skip=skip)
+            if index is None:
+                return
+            skip.add(index)
+            yield members[index]
+
+    def owner(self, key: bytes, now: float) -> Member | None:
+        """The member that a new connection with `key` would go to first, ignoring loads."""
+        skip = {i for i, member in enumerate(self.members) if not member.available(now)}
+        index = self.ring.pick(key, skip=skip)
+        return None if index is None else self.members[index]
+
+    # -- outcomes -------------------------------------------------------------------
+
+    def on_connected(self, member: Member) -> None:
+        """A connect and handshake succeeded: the member is fine."""
+        member.failures = 0
+        member.probation = False
+        if member.backoff is not None:
+            member.backoff.reset()
+
+    def on_failed(self, member: Member, now: float, reason: str) -> None:
+        """A connect or handshake failed; enough in a row eject the member."""
+        policy = self.route.passive_ejection
+        if not policy.failures:
+            return
+        member.failures += 1
+        if member.failures >= policy.failures or member.probation:
+            assert member.backoff is not None
+            member.ejected_until = member.backoff.eject(now)
+            member.failures = 0
+            member.probation = True
+            log.warning(
+                "route %s: ejected backend %s for %.1fs after %s",
+                self.route.name, member.identity, member.ejected_until - now, reason,
+            )
+
+    def opened(self, member: Member, relay: Any) -> None:
+        member.active += 1
+        member.relays.add(relay)
+
+    def closed(self, member: Member, relay: Any) -> None:
+        member.active -= 1
+        member.relays.discard(relay)
+
+    # -- background work: DNS and probes ------------------------------------------------
+
+    async def resolve_once(self) -> None:
+        """Resolve every `dns` entry now."""
+        for entry in self._resolved:
+            await self._resolve(entry)
+
+    async def start(self) -> None:
+        """Resolve DNS entries once, then keep resolving and probing in the background."""
+        await self.resolve_once()
+        for entry in self._resolved:
+            self._spawn(self._resolve_forever(entry))
+        if self.route.rebalance is not None:
+            self._spawn(self._rebalance_forever())
+        self._sync_probes()
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *self._probes.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._probes.clear()
+        if self._http is not None:
+            await self._http.close()
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _resolve(self, entry: int) -> None:
+        backend = self.route.backends[entry]
+        assert backend.dns is not None
+        try:
+            addresses = await resolve(backend.host, self.discovery)
+        except OSError as exc:
+            # Keep the last good answer: a DNS outage must not empty the pool.
+            log.warning("route %s: cannot resolve %s: %s", self.route.name, backend.host, exc)
+            return
+        if self.set_resolved(entry, addresses):
+            log.info(
+                "route %s: %s now resolves to %s",
+                self.route.name, backend.host, ", ".join(addresses) or "nothing",
+            )
+
+    async def _resolve_forever(self, entry: int) -> None:
+        while True:
+            await asyncio.sleep(self.discovery.resolve_interval)
+            await self._resolve(entry)
+
+    # Rebalancing closes are spread over this many ticks per period.
+    REBALANCE_TICKS = 10
+
+    def misplaced(self, now: float) -> list[Any]:
+        """Open connections whose key now belongs to another member."""
+        found = []
+        for member in self.members:
+            for relay in member.relays:
+                if not relay.closed_by and self.owner(relay.key, now) is not member:
+                    found.append(relay)
+        return found
+
+    async def _rebalance_forever(self) -> None:
+        policy = self.route.rebalance
+        assert policy is not None
+        loop = asyncio.get_running_loop()
+        tick = policy.period / self.REBALANCE_TICKS
+        recent: deque[float] = deque()  # when each rebalancing close happened
+        while True:
+            await asyncio.sleep(jittered(tick, self._rng))
+            now = loop.time()
+            while recent and recent[0] <= now - policy.period:
+                recent.popleft()
+            total = sum(member.active for member in self.members)
+            budget = max(1, math.floor(policy.max_fraction * total))
+            per_tick = max(1, math.ceil(budget / self.REBALANCE_TICKS))
+            room = min(per_tick, budget - len(recent))
+            if room <= 0:
+                continue
+            moving = self.misplaced(now)
+            if not moving:
+                continue
+            self._rng.shuffle(moving)
+            for relay in moving[:room]:
+                relay.close(CloseCode.SERVICE_RESTART, "rebalancing")
+                recent.append(now)
+            log.info(
+                "route %s: rebalancing closed %d of %d misplaced connections",
+                self.route.name, min(room, len(moving)), len(moving),
+            )
+
+    def _sync_probes(self) -> None:
+        """One probe task per current member; members that left lose theirs."""
+        if self.route.health_check is None:
+            return
+        current = {member.identity: member for member in self.members}
+        for identity in list(self._probes):
+            if identity not in current:
+                self._probes.pop(identity).cancel()
+        loop = asyncio.get_running_loop()
+        for identity, member in current.items():
+            if identity not in self._probes:
+                self._probes[identity] = loop.create_task(self._probe_forever(member))
+
+    async def _probe_forever(self, member: Member) -> None:
+        check = self.route.health_check
+        assert check is not None and member.checks is not None
+        while True:
+            await asyncio.sleep(jittered(check.interval, self._rng))
+            ok = await self._probe(member)
+            flipped = member.checks.record(ok)
+            if flipped is not None:
+                member.healthy = flipped
+                log.warning(
+                    "route %s: backend %s is now %s",
+                    self.route.name, member.identity, "healthy" if flipped else "unhealthy",
+                )
+
+    async def _probe(self, member: Member) -> bool:
+        check = self.route.health_check
+        assert check is not None
+        try:
+            async with asyncio.timeout(check.timeout):
+                if check.type == "tcp":
+                    _, writer = await asyncio.open_connection(member.host, member.port)
+                    writer.close()
+                    return True
+                session = await self._session()
+                url = member.identity.replace("ws://", "http://", 1) + check.path
+                if check.type == "http":
+                    async with session.get(url, allow_redirects=False) as response:
+                        return 200 <= response.status < 300
+                async with session.ws_connect(member.identity + check.path, autoping=False) as ws:
+                    await ws.close()
+                    return True
+        except Exception as exc:  # a probe failure of any kind means unhealthy
+            log.debug("probe of %s failed: %r", member.identity, exc)
+            return False
+
+    async def _session(self) -> Any:
+        if self._http is None:
+            import aiohttp
+
+            self._http = aiohttp.ClientSession(
+                headers={"User-Agent": "wsgate-health-check"},
+                connector=aiohttp.TCPConnector(force_close=True),
+            )
+        return self._http
+
+
+async def resolve(name: str, discovery: Discovery) -> list[str]:
+    """The A and AAAA addresses of `name`, from the configured DNS servers or the system's."""
+    if not discovery.nameservers:
+        infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        return sorted({info[4][0] for info in infos})
+    import dns.asyncresolver
+    import dns.exception
+    import dns.resolver
+
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    hosts = [server.rsplit(":", 1) for server in discovery.nameservers]
+    resolver.nameservers = [host.strip("[]") for host, _ in hosts]
+    resolver.nameserver_ports = {host.strip("[]"): int(port) for host, port in hosts}
+    resolver.lifetime = max(1.0, discovery.resolve_interval / 2)
+    addresses: set[str] = set()
+    answered = False
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(name, rdtype)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            answered = True
+            continue
+        except dns.exception.DNSException as exc:
+            raise OSError(f"DNS query for {name} {rdtype} failed: {exc}") from exc
+        answered = True
+        addresses.update(record.address for record in answer)
+    if not answered:
+        raise OSError(f"no DNS answer for {name}")
+    return sorted(addresses)
+
+
+def random_key() -> bytes:
+    """A key for `hash_fallback: random`: no affinity, an even spread."""
+    return os.urandom(8)
