@@ -49,7 +49,7 @@ BROKEN = [
     pytest.param("listeners: [\n  bind: x\n", "invalid YAML at line", id="invalid-yaml"),
     pytest.param(VALID + "tiemouts: {}\n", "tiemouts: unknown key", id="unknown-key"),
     pytest.param(VALID + "timeouts: {connect: 5 seconds}\n", "timeouts.connect: expected a duration", id="bad-duration"),
-    pytest.param(VALID.replace("ws://127.0.0.1:9", "http://x"), "routes[0].backends[0].url: expected a ws:// URL", id="bad-url"),
+    pytest.param(VALID.replace("ws://127.0.0.1:9", "http://x"), "routes[0].backends[0].url: expected a ws:// or wss:// URL", id="bad-url"),
 ]
 
 

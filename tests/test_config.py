@@ -411,15 +411,23 @@ DUP_ROUTES = [
          "expected a mapping of keys to values, got '/ws'"),
         # backends
         (with_("routes.0.backends.0.url", "http://x"), "routes[0].backends[0].url",
-         "expected a ws:// URL such as ws://10.0.0.11:8000, got 'http://x'"),
-        (with_("routes.0.backends.0.url", "wss://x"), "routes[0].backends[0].url",
-         "wss:// backends are not supported yet; use ws://"),
+         "expected a ws:// or wss:// URL such as ws://10.0.0.11:8000, got 'http://x'"),
+        (with_("routes.0.backends.0", {"url": "ws://x", "tls": {}}), "routes[0].backends[0].tls",
+         "tls applies to wss:// backends; use a wss:// URL"),
+        (with_("routes.0.backends.0", {"url": "wss://x", "tls": {"cert": "c.pem"}}),
+         "routes[0].backends[0].tls", "a client certificate needs both cert and key"),
+        (with_("listeners.0.tls", {"cert": "c", "key": "k", "min_version": 1.1}),
+         "listeners[0].tls.min_version", "expected '1.2' or '1.3', got '1.1'"),
+        (with_("listeners.0.tls", {"cert": "c", "key": "k", "sni": [{"names": [], "cert": "c", "key": "k"}]}),
+         "listeners[0].tls.sni[0].names", "must have at least one entry"),
+        (with_("listeners.0.tls", {"cert": "c", "key": "k", "client_auth": "maybe"}),
+         "listeners[0].tls.client_auth", "expected 'required' or 'optional', got 'maybe'"),
         (with_("routes.0.backends.0.url", "127.0.0.1:9001"), "routes[0].backends[0].url",
-         "expected a ws:// URL"),
-        (with_("routes.0.backends.0.url", "ws://"), "routes[0].backends[0].url", "expected a ws:// URL"),
-        (with_("routes.0.backends.0.url", "ws:/x"), "routes[0].backends[0].url", "expected a ws:// URL"),
+         "expected a ws:// or wss:// URL"),
+        (with_("routes.0.backends.0.url", "ws://"), "routes[0].backends[0].url", "expected a ws:// or wss:// URL"),
+        (with_("routes.0.backends.0.url", "ws:/x"), "routes[0].backends[0].url", "expected a ws:// or wss:// URL"),
         (with_("routes.0.backends.0.url", "ws://x:99999"), "routes[0].backends[0].url",
-         "expected a ws:// URL"),
+         "expected a ws:// or wss:// URL"),
         (with_("routes.0.backends.0.url", "ws://x:0"), "routes[0].backends[0].url",
          "the port must be a number from 1 to 65535"),
         (with_("routes.0.backends.0.url", "ws://x/chat"), "routes[0].backends[0].url",
@@ -431,9 +439,9 @@ DUP_ROUTES = [
         (with_("routes.0.backends.0.url", "ws://u:p@x"), "routes[0].backends[0].url",
          "a backend URL must not contain a user name or password"),
         (with_("routes.0.backends.0.url", "ws://[nope]:1"), "routes[0].backends[0].url",
-         "expected a ws:// URL"),
+         "expected a ws:// or wss:// URL"),
         (with_("routes.0.backends.0.url", 9001), "routes[0].backends[0].url",
-         "expected a ws:// URL such as ws://10.0.0.11:8000, got 9001"),
+         "expected a ws:// or wss:// URL such as ws://10.0.0.11:8000, got 9001"),
         (with_("routes.0.backends", [{"url": "ws://a"}, {"url": "ws://b"}, {"url": "ws://A:80/"}]),
          "routes[0].backends[2].url", "duplicate backend: ws://A:80/ is already backends[0]"),
         (with_("routes.0.backends.0", {"weight": 2}), "routes[0].backends[0]",
@@ -524,13 +532,13 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
          "listeners, admin, routes, timeouts, heartbeat, limits, flow_control, shutdown, discovery, log"),
         (with_("listeners.0.port", 1), "listeners[0].port", "name, bind, tls"),
         (with_("listeners.0.tls", {"cert": "c", "key": "k", "ca": "x"}), "listeners[0].tls.ca",
-         "cert, key"),
+         "cert, key, sni, min_version, client_ca, client_auth, forward_client_cert, watch_interval"),
         (with_("admin.port", 1), "admin.port", "enabled, bind"),
         (with_("routes.0.hash", "ip"), "routes[0].hash",
          "name, match, backends, compression, upstream_host, allowed_origins, hash_key, hash_fallback,"
          " balance_factor, retries, health_check, passive_ejection, rebalance"),
         (with_("routes.0.match.path", "/"), "routes[0].match.path", "host, path_prefix"),
-        (with_("routes.0.backends.0.address", "x"), "routes[0].backends[0].address", "url, dns, weight"),
+        (with_("routes.0.backends.0.address", "x"), "routes[0].backends[0].address", "url, dns, weight, tls"),
         (with_("timeouts.read", "1s"), "timeouts.read", "handshake, connect, idle, close"),
         (with_("heartbeat.pong", "1s"), "heartbeat.pong", "interval, timeout"),
         (with_("limits.max_frame_size", 1), "limits.max_frame_size",
@@ -565,11 +573,11 @@ def test_multiple_errors_are_all_listed() -> None:
     error = config_error(data)
     assert error.path == "routes[0].backends[0].url"
     assert error.message.splitlines() == [
-        "expected a ws:// URL such as ws://10.0.0.11:8000, got 'http://x'",
+        "expected a ws:// or wss:// URL such as ws://10.0.0.11:8000, got 'http://x'",
         "  timeouts.connect: expected a duration such as 250ms, 30s, 5m or 1h, got '5 seconds'",
         "  log.level: expected 'debug', 'info', 'warning' or 'error', got 'loud'",
     ]
-    assert str(error).startswith("routes[0].backends[0].url: expected a ws:// URL")
+    assert str(error).startswith("routes[0].backends[0].url: expected a ws:// or wss:// URL")
 
 
 def test_many_errors_are_capped() -> None:

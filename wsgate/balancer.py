@@ -16,26 +16,28 @@ import math
 import os
 import random
 import socket
+import ssl
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from .config import Backend, Discovery, Route
+from .config import Discovery, Route
 from .frames import CloseCode
 from .hashring import HashRing
 from .health import Backoff, RiseFall, jittered
+from .tls import backend_context
 
 log = logging.getLogger("wsgate.balancer")
 
 
-def ws_url(host: str, port: int) -> str:
-    """The ws:// URL of an address; IPv6 literals in brackets."""
+def ws_url(host: str, port: int, scheme: str = "ws") -> str:
+    """The ws:// (or wss://) URL of an address; IPv6 literals in brackets."""
     try:
         if ipaddress.ip_address(host).version == 6:
-            return f"ws://[{host}]:{port}"
+            return f"{scheme}://[{host}]:{port}"
     except ValueError:
         pass
-    return f"ws://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 class Member:
@@ -54,13 +56,25 @@ class Member:
         "ejected_until",
         "probation",
         "relays",
+        "tls",
+        "server_name",
     )
 
-    def __init__(self, identity: str, host: str, port: int, weight: int) -> None:
+    def __init__(
+        self,
+        identity: str,
+        host: str,
+        port: int,
+        weight: int,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.identity = identity
         self.host = host
         self.port = port
         self.weight = weight
+        self.tls = tls  # the client context for wss:// backends
+        self.server_name = server_name  # what the backend's certificate must name
         self.active = 0  # open WebSocket connections: the load bounded loads bound
         self.healthy = True  # by active checks; a backend starts healthy
         self.checks: RiseFall | None = None
@@ -77,15 +91,16 @@ class Member:
         return f"<Member {self.identity} active={self.active} healthy={self.healthy}>"
 
 
-def _static_members(backend: Backend) -> list[Member]:
-    assert backend.url is not None
-    return [Member(backend.url, backend.host, backend.port, backend.weight)]
-
-
 class Pool:
     """The backends of one route and how a key picks among them."""
 
-    def __init__(self, route: Route, discovery: Discovery, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        route: Route,
+        discovery: Discovery,
+        rng: random.Random | None = None,
+        path: str = "routes[0]",
+    ) -> None:
         self.route = route
         self.discovery = discovery
         self._rng = rng or random.Random()
@@ -93,6 +108,16 @@ class Pool:
         self._resolved: dict[int, list[str]] = {
             i: [] for i, backend in enumerate(route.backends) if backend.dns is not None
         }
+        self._tls: dict[int, ssl.SSLContext] = {}
+        for i, backend in enumerate(route.backends):
+            if backend.scheme == "wss":
+                self._tls[i] = backend_context(backend.tls, f"{path}.backends[{i}].tls")
+                if backend.tls is not None and not backend.tls.verify:
+                    log.warning(
+                        "route %s: TLS to %s is NOT VERIFIED (verify: false); anyone on the"
+                        " path can impersonate this backend",
+                        route.name, backend.label,
+                    )
         self.members: list[Member] = []
         self.ring = HashRing([])
         self._tasks: set[asyncio.Task[None]] = set()
@@ -108,13 +133,22 @@ class Pool:
         members: list[Member] = []
         seen: set[str] = set()
         for i, backend in enumerate(self.route.backends):
-            if backend.dns is None:
-                wanted = _static_members(backend)
+            tls = self._tls.get(i)
+            server_name = None
+            if tls is not None:
+                configured = backend.tls.server_name if backend.tls is not None else None
+                server_name = configured or backend.host
+            if backend.url is not None:
+                addresses = [backend.host]
             else:
-                wanted = [
-                    Member(ws_url(address, backend.port), address, backend.port, backend.weight)
-                    for address in self._resolved[i]
-                ]
+                addresses = self._resolved[i]
+            wanted = [
+                Member(
+                    backend.url or ws_url(address, backend.port, backend.scheme),
+                    address, backend.port, backend.weight, tls, server_name,
+                )
+                for address in addresses
+            ]
             for member in wanted:
                 if member.identity in seen:
                     continue
@@ -335,11 +369,13 @@ class Pool:
                     writer.close()
                     return True
                 session = await self._session()
-                url = member.identity.replace("ws://", "http://", 1) + check.path
+                base = ws_url(member.host, member.port, "wss" if member.tls else "ws")
+                tls = {"ssl": member.tls, "server_hostname": member.server_name} if member.tls else {}
                 if check.type == "http":
-                    async with session.get(url, allow_redirects=False) as response:
+                    url = base.replace("ws", "http", 1) + check.path
+                    async with session.get(url, allow_redirects=False, **tls) as response:
                         return 200 <= response.status < 300
-                async with session.ws_connect(member.identity + check.path, autoping=False) as ws:
+                async with session.ws_connect(base + check.path, autoping=False, **tls) as ws:
                     await ws.close()
                     return True
         except Exception as exc:  # a probe failure of any kind means unhealthy

@@ -16,6 +16,7 @@ from . import __version__
 from .config import Backend, Config, load_config
 from .errors import ConfigError
 from .server import Gateway
+from .tls import check_files
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -63,6 +64,7 @@ async def _serve(config: Config, announce: Callable[[Gateway], None] | None = No
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     gateway = Gateway(config)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_tls)
     await gateway.start()
     if announce is not None:
         announce(gateway)
@@ -77,16 +79,25 @@ def _run_loop(main: Any) -> int:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         try:
             runner.run(main)
+        except ConfigError as exc:
+            print(f"wsgate: invalid configuration: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         except OSError as exc:
             print(f"wsgate: cannot listen: {exc}", file=sys.stderr)
             return EXIT_FAILURE
     return EXIT_OK
 
 
-def _load(path: str) -> Config | None:
+def _load(path: str, *, files: bool = True) -> Config | None:
+    """The config at `path`, with its TLS files checked too; None after printing why not."""
     try:
-        return load_config(path)
+        config = load_config(path)
+        if files:
+            check_files(config)
+        return config
     except ConfigError as exc:
+        if exc.file is None:
+            exc.file = path
         print(f"wsgate: invalid configuration: {exc}", file=sys.stderr)
         return None
 

@@ -37,6 +37,7 @@ from wsgate.errors import ConfigError
 __all__ = [
     "Admin",
     "Backend",
+    "BackendTls",
     "Config",
     "Discovery",
     "Duration",
@@ -52,6 +53,7 @@ __all__ = [
     "Route",
     "Shutdown",
     "Size",
+    "SniCertificate",
     "Timeouts",
     "Tls",
     "load_config",
@@ -393,11 +395,50 @@ _M = typing.TypeVar("_M", bound=BaseModel)
 _Section = Annotated[_M, BeforeValidator(_none_as_empty)]
 
 
+def _tls_version(value: object) -> object:
+    # YAML reads `min_version: 1.2` as a float; "1.2", 1.2 and "TLSv1.2" all mean the same.
+    if isinstance(value, float):
+        value = f"{value:.1f}"
+    if isinstance(value, str):
+        value = value.strip().lower().removeprefix("tlsv")
+    return value
+
+
+class SniCertificate(_Model):
+    """A certificate served to clients that ask for one of `names` by SNI."""
+
+    names: list[Annotated[str, AfterValidator(_check_match_host)]] = Field(min_length=1)
+    cert: _Name
+    key: _Name
+
+
 class Tls(_Model):
-    """Certificate and key files for a TLS listener (checked when the listener starts)."""
+    """TLS termination for a listener; files are loaded (and checked) when it starts."""
 
     cert: _Name
     key: _Name
+    sni: list[SniCertificate] = []
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
+    client_ca: _Name | None = None
+    client_auth: Literal["required", "optional"] = "required"
+    forward_client_cert: bool = False
+    watch_interval: Duration = 0.0
+
+
+class BackendTls(_Model):
+    """TLS toward a backend: how its certificate is checked, and ours if it asks."""
+
+    ca: _Name | None = None
+    server_name: Annotated[str, AfterValidator(_check_upstream_host)] | None = None
+    verify: bool = True
+    cert: _Name | None = None
+    key: _Name | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> BackendTls:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both cert and key")
+        return self
 
 
 class Listener(_Model):
@@ -448,7 +489,7 @@ class Match(_Model):
     path_prefix: Annotated[str, AfterValidator(_check_path_prefix)] = "/"
 
 
-_URL_HINT = "expected a ws:// URL such as ws://10.0.0.11:8000"
+_URL_HINT = "expected a ws:// or wss:// URL such as ws://10.0.0.11:8000"
 
 
 def _check_backend_url(value: object) -> str:
@@ -460,9 +501,7 @@ def _check_backend_url(value: object) -> str:
     except ValueError:
         raise ValueError(f"{_URL_HINT}, got {_show(value)}") from None
     scheme = parts.scheme.lower()
-    if scheme == "wss":
-        raise ValueError("wss:// backends are not supported yet; use ws://")
-    if scheme != "ws" or not value[len(scheme) :].startswith("://") or not parts.hostname:
+    if scheme not in ("ws", "wss") or not value[len(scheme) :].startswith("://") or not parts.hostname:
         raise ValueError(f"{_URL_HINT}, got {_show(value)}")
     if "@" in parts.netloc:
         raise ValueError(
@@ -503,12 +542,23 @@ class Backend(_Model):
     url: Annotated[str, BeforeValidator(_check_backend_url)] | None = None
     dns: Annotated[str, BeforeValidator(_check_dns_target)] | None = None
     weight: Annotated[_Int, _between(1, 1000)] = 1
+    # For wss:// URLs (optional there) and for dns entries (it makes them TLS).
+    tls: BackendTls | None = None
 
     @model_validator(mode="after")
     def _url_or_dns(self) -> Backend:
         if (self.url is None) == (self.dns is None):
             raise ValueError("give exactly one of url (ws://host:port) or dns (name:port)")
+        if self.url is not None and self.tls is not None and self.scheme == "ws":
+            raise _error_at(("tls",), "tls applies to wss:// backends; use a wss:// URL")
         return self
+
+    @property
+    def scheme(self) -> str:
+        """ws or wss: how the gateway talks to this backend."""
+        if self.url is not None:
+            return urlsplit(self.url).scheme.lower()
+        return "ws" if self.tls is None else "wss"
 
     @property
     def host(self) -> str:
@@ -521,7 +571,7 @@ class Backend(_Model):
     def port(self) -> int:
         if self.dns is not None:
             return int(self.dns.rpartition(":")[2])
-        return urlsplit(self.url).port or 80
+        return urlsplit(self.url).port or (443 if self.scheme == "wss" else 80)
 
     @property
     def label(self) -> str:

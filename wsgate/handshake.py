@@ -41,8 +41,10 @@ _HOP_BY_HOP = frozenset(
 # Headers a client may name in Connection but that the handshake cannot lose:
 # without them the backend gets no upgrade, and its 101 cannot be checked.
 _NEVER_STRIPPED = frozenset({b"host", b"sec-websocket-key", b"sec-websocket-version"})
-# Set by the gateway; a client's own values would let it forge its address.
-_FORWARDING_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"})
+# Set by the gateway; a client's own values would let it forge its address or identity.
+_FORWARDING_SET = frozenset(
+    {b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"x-client-cert-subject"}
+)
 
 
 def accept_key(key: bytes) -> bytes:
@@ -201,6 +203,7 @@ def build_upstream_request(
     scheme: str = "http",
     host: str | None = None,
     strip_extensions: bool = False,
+    client_cert_subject: str | None = None,
 ) -> h11.Request:
     """The request to send a backend: end-to-end headers kept, forwarding headers set."""
     named_in_connection = set(_header_tokens(handshake.headers, b"connection"))
@@ -231,6 +234,9 @@ def build_upstream_request(
         (b"X-Forwarded-Host", original_host),
         (b"X-Real-IP", client_ip.encode("ascii")),
     ]
+    if client_cert_subject is not None:
+        # h11 refuses control characters, so a hostile subject cannot split the header.
+        headers.append((b"X-Client-Cert-Subject", client_cert_subject.encode("utf-8")))
     return h11.Request(method=b"GET", target=handshake.target, headers=headers)
 
 

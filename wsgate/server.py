@@ -19,7 +19,7 @@ import h11
 
 from .balancer import Member, Pool, random_key
 from .config import Config, Listener
-from .errors import BackendUnavailable, HandshakeError
+from .errors import BackendUnavailable, ConfigError, HandshakeError
 from .frames import CloseCode
 from .handshake import (
     affinity_key,
@@ -34,6 +34,7 @@ from .handshake import (
 )
 from .relay import Relay, RelaySettings, Sweeper, sweep_tick
 from .routing import match_route
+from .tls import ListenerTls, listener_contexts, peer_subject
 
 log = logging.getLogger("wsgate.server")
 
@@ -53,7 +54,15 @@ class Gateway:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.pools = {route.name: Pool(route, config.discovery) for route in config.routes}
+        # Certificates and CA files load here, so a bad one stops start-up with its key path.
+        self.tls = listener_contexts(config)
+        self.pools = {
+            route.name: Pool(route, config.discovery, path=f"routes[{i}]")
+            for i, route in enumerate(config.routes)
+        }
+        self.tls_handshake_failures = 0
+        self.tls_reload_failures = 0
+        self._watch: asyncio.Task[None] | None = None
         self.relay_settings = RelaySettings(
             high_water=config.flow_control.high_water,
             low_water=config.flow_control.low_water,
@@ -87,6 +96,7 @@ class Gateway:
             for pool in self.pools.values():
                 await pool.start()
             for listener in self.config.listeners:
+                tls = self.tls.get(listener.name)
                 server = await loop.create_server(
                     lambda listener=listener: _ClientHandshake(self, listener),
                     listener.host,
@@ -95,7 +105,11 @@ class Gateway:
                     backlog=1024,
                 )
                 self._servers.append(server)
-                log.info("listening on %s:%d (%s)", *server.sockets[0].getsockname()[:2], listener.name)
+                log.info(
+                    "listening on %s:%d (%s%s)",
+                    *server.sockets[0].getsockname()[:2], listener.name, ", TLS" if tls else "",
+                )
+            self._start_watching()
         except BaseException:
             await self.close()
             raise
@@ -117,10 +131,40 @@ class Gateway:
                 for relay in list(self._relays):
                     relay.abort()
         self._sweeper.stop()
+        if self._watch is not None:
+            self._watch.cancel()
         for pool in self.pools.values():
             await pool.stop()
         for server in self._servers:
             await server.wait_closed()
+
+    def reload_tls(self) -> bool:
+        """Load every listener's certificates again; new handshakes use them, open ones are untouched.
+
+        A file that fails to load is logged and the listener keeps its old certificates.
+        """
+        ok = True
+        for name, tls in self.tls.items():
+            try:
+                tls.reload()
+            except ConfigError as exc:
+                ok = False
+                self.tls_reload_failures += 1
+                log.error("listener %s: keeping the old certificates: %s", name, exc)
+            else:
+                log.info("listener %s: certificates loaded", name)
+        return ok
+
+    def _start_watching(self) -> None:
+        intervals = [t.config.watch_interval for t in self.tls.values() if t.config.watch_interval]
+        if intervals:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_files(min(intervals)))
+
+    async def _watch_files(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if any(t.files_changed() for t in self.tls.values()):
+                self.reload_tls()
 
     # -- bookkeeping used by the protocols ------------------------------------
 
@@ -165,21 +209,53 @@ class _ClientHandshake(asyncio.Protocol):
         self.lost = False
         self.handed_off = False
         self.pool: Pool | None = None
+        self.tls_task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         _set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
+        tls = self.gateway.tls.get(self.listener.name)
         refusal = self.gateway._admit(self.client_ip)
         if refusal is not None:
             log.warning("conn=%d refused %s: %s", self.conn_id, self.client_ip, refusal)
-            self._reply(render_error(503, refusal, [("Retry-After", "1")]))
+            if tls is None:
+                self._reply(render_error(503, refusal, [("Retry-After", "1")]))
+            else:
+                transport.close()  # no HTTP can be spoken before TLS; spend no handshake on it
             return
         self.admitted = True
         self.gateway._connections.add(self)
+        if tls is None:
+            self._start_request_timer()
+            return
+        # The ClientHello waits in the kernel until start_tls takes over reading.
+        self.transport.pause_reading()
+        self.tls_task = asyncio.get_running_loop().create_task(self._start_tls(tls))
+
+    async def _start_tls(self, tls: ListenerTls) -> None:
         loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(
+        try:
+            self.transport = await loop.start_tls(
+                self.transport,
+                self,
+                tls.context,
+                server_side=True,
+                ssl_handshake_timeout=self.gateway.config.timeouts.handshake,
+            )
+        except (OSError, TimeoutError, EOFError) as exc:
+            # Routine on a public port (scanners, plain HTTP, bad clients): count, don't shout.
+            self.gateway.tls_handshake_failures += 1
+            log.debug("conn=%d %s TLS handshake failed: %r", self.conn_id, self.client_ip, exc)
+            self.transport.close()
+            self._finish()
+            return
+        _set_nodelay(self.transport)
+        self._start_request_timer()
+
+    def _start_request_timer(self) -> None:
+        self.timer = asyncio.get_running_loop().call_later(
             self.gateway.config.timeouts.handshake, self._on_handshake_timeout
         )
 
@@ -256,12 +332,17 @@ class _ClientHandshake(asyncio.Protocol):
             key = affinity_key(handshake, route.hash_key, self.client_ip)
             if key is None:
                 key = self.client_ip.encode("ascii") if route.hash_fallback == "ip" else random_key()
+            tls = self.listener.tls
+            subject = None
+            if tls is not None and tls.forward_client_cert:
+                subject = peer_subject(self.transport.get_extra_info)
             upstream = build_upstream_request(
                 handshake,
                 client_ip=self.client_ip,
-                scheme="https" if self.listener.tls else "http",
+                scheme="https" if tls else "http",
                 host=route.upstream_host,
                 strip_extensions=route.compression == "strip",
+                client_cert_subject=subject,
             )
             await self._connect_backend(pool, key, upstream)
         except HandshakeError as exc:
@@ -282,7 +363,11 @@ class _ClientHandshake(asyncio.Protocol):
                 try:
                     async with asyncio.timeout(self.gateway.config.timeouts.connect):
                         backend_transport, answer = await loop.create_connection(
-                            lambda: _BackendHandshake(upstream), member.host, member.port
+                            lambda: _BackendHandshake(upstream),
+                            member.host,
+                            member.port,
+                            ssl=member.tls,
+                            server_hostname=member.server_name,
                         )
                         outcome = await answer.outcome
                 except TimeoutError:
