@@ -467,6 +467,8 @@ DUP_ROUTES = [
          "must be greater than zero"),
         (with_("routes.0.passive_ejection", {"failures": -1}), "routes[0].passive_ejection.failures",
          "must be between 0 and 1000, got -1"),
+        (with_("routes.0.passive_ejection", {"backoff": "10s", "max_backoff": "5s"}),
+         "routes[0].passive_ejection.max_backoff", "must be at least backoff (10s), got 5s"),
         (with_("routes.0.rebalance", {"max_fraction": 2}), "routes[0].rebalance.max_fraction",
          "Input should be less than or equal to 1"),
         (with_("discovery.nameservers", ["127.0.0.1"]), "discovery.nameservers[0]", "expected host:port"),

@@ -607,7 +607,17 @@ class PassiveEjection(_Model):
 
     failures: Annotated[_Int, _between(0, 1000)] = 3
     backoff: _PositiveDuration = 5.0
-    max_backoff: _PositiveDuration = 300.0
+    max_backoff: _PositiveDuration = Field(default=300.0, validate_default=True)
+
+    @field_validator("max_backoff")
+    @classmethod
+    def _not_below_backoff(cls, cap: float, info: ValidationInfo) -> float:
+        base = info.data.get("backoff")
+        if base is not None and cap < base:
+            raise ValueError(
+                f"must be at least backoff ({_format_duration(base)}), got {_format_duration(cap)}"
+            )
+        return cap
 
 
 class Rebalance(_Model):

@@ -227,7 +227,9 @@ class HashRing:
         for rank, weight in enumerate(self._rank_weights):
             groups.setdefault(weight if exact else weight.bit_length(), []).append(rank)
         # Mask every 64-bit lane of a point stream at once, then set its rank.
-        lane_ones = int.from_bytes(b"\x01\x00\x00\x00\x00\x00\x00\x00" * points_per_backend, "little")
+        lane_ones = int.from_bytes(
+            b"\x01\x00\x00\x00\x00\x00\x00\x00" * points_per_backend, "little"
+        )
         lane_mask = _POSITION * lane_ones
         spans = []
         for _, ranks in sorted(groups.items()):
