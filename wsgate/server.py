@@ -210,6 +210,8 @@ class _ClientHandshake(asyncio.Protocol):
         self.handed_off = False
         self.pool: Pool | None = None
         self.tls_task: asyncio.Task[None] | None = None
+        # Raw bytes (the ClientHello) read before start_tls takes the transport over.
+        self.tls_early: bytearray | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -230,12 +232,19 @@ class _ClientHandshake(asyncio.Protocol):
         if tls is None:
             self._start_request_timer()
             return
-        # The ClientHello waits in the kernel until start_tls takes over reading.
+        # The ClientHello should wait in the kernel until start_tls takes over reading, but
+        # uvloop starts reading right after connection_made whatever it did, so bytes that
+        # still arrive first are kept in tls_early and handed to the TLS layer.
+        self.tls_early = bytearray()
         self.transport.pause_reading()
         self.tls_task = asyncio.get_running_loop().create_task(self._start_tls(tls))
 
     async def _start_tls(self, tls: ListenerTls) -> None:
         loop = asyncio.get_running_loop()
+        early, self.tls_early = self.tls_early, None
+        if early:
+            # start_tls installs its protocol before it first waits; this runs after that.
+            loop.call_soon(_feed_protocol, self.transport, bytes(early))
         try:
             self.transport = await loop.start_tls(
                 self.transport,
@@ -251,7 +260,8 @@ class _ClientHandshake(asyncio.Protocol):
             self.transport.close()
             self._finish()
             return
-        _set_nodelay(self.transport)
+        # TCP_NODELAY is already set on this socket (connection_made); the TLS transport's
+        # socket may be closed by now, and setting it again could raise out of this task.
         self._start_request_timer()
 
     def _start_request_timer(self) -> None:
@@ -260,6 +270,11 @@ class _ClientHandshake(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        if self.tls_early is not None:
+            # TLS bytes that beat start_tls (uvloop); keep them for the TLS layer.
+            self.tls_early += data
+            self.transport.pause_reading()
+            return
         if self.task is not None:
             # The request is parsed; what follows is the client's first frames.
             self.early += data
@@ -451,6 +466,25 @@ class _ClientHandshake(asyncio.Protocol):
         if not gateway._relays:
             gateway._all_closed.set()
         self._finish()
+
+
+def _feed_protocol(transport: asyncio.Transport, data: bytes) -> None:
+    """Give `data` to the transport's current protocol as if the transport had read it."""
+    protocol = transport.get_protocol()
+    try:
+        if hasattr(protocol, "buffer_updated"):
+            view = memoryview(data)
+            while view:
+                buffer = protocol.get_buffer(len(view))
+                size = min(len(buffer), len(view))
+                buffer[:size] = view[:size]
+                protocol.buffer_updated(size)
+                view = view[size:]
+        else:
+            cast(asyncio.Protocol, protocol).data_received(data)
+    except Exception:
+        log.exception("handing early TLS bytes to the TLS layer failed")
+        transport.abort()
 
 
 def _h11_reason(exc: h11.RemoteProtocolError) -> str:

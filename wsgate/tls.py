@@ -34,17 +34,22 @@ _SUBJECT_NAMES = {
 
 
 def _load_chain(context: ssl.SSLContext, cert: str, key: str, path: str) -> None:
+    """Load `cert` and `key`; `path` is the cert's key path, e.g. ``listeners[0].tls.cert``."""
+    key_path = path.removesuffix(".cert") + ".key"
     try:
         context.load_cert_chain(cert, key)
     except FileNotFoundError as exc:
         missing = exc.filename or (cert if not os.path.exists(cert) else key)
-        raise ConfigError(path, f"file not found: {missing}") from None
-    except PermissionError as exc:
-        raise ConfigError(path, f"cannot read {exc.filename or cert}: permission denied") from None
+        raise ConfigError(path if missing == cert else key_path, f"file not found: {missing}") from None
     except ssl.SSLError as exc:
         raise ConfigError(
             path, f"cannot use certificate {cert} with key {key}: {exc.reason or exc}"
         ) from None
+    except OSError as exc:
+        # PermissionError, IsADirectoryError, ...: which file is not always said.
+        culprit = exc.filename or (key if os.access(cert, os.R_OK) and not os.path.isdir(cert) else cert)
+        reason = exc.strerror or str(exc)
+        raise ConfigError(path if culprit == cert else key_path, f"cannot read {culprit}: {reason}") from None
 
 
 def _load_ca(context: ssl.SSLContext, cafile: str, path: str) -> None:
@@ -52,10 +57,10 @@ def _load_ca(context: ssl.SSLContext, cafile: str, path: str) -> None:
         context.load_verify_locations(cafile=cafile)
     except FileNotFoundError:
         raise ConfigError(path, f"file not found: {cafile}") from None
-    except PermissionError:
-        raise ConfigError(path, f"cannot read {cafile}: permission denied") from None
     except ssl.SSLError as exc:
         raise ConfigError(path, f"not a PEM file of CA certificates: {cafile} ({exc.reason or exc})") from None
+    except OSError as exc:  # PermissionError, IsADirectoryError, ...
+        raise ConfigError(path, f"cannot read {cafile}: {exc.strerror or exc}") from None
 
 
 class ListenerTls:
@@ -92,7 +97,12 @@ class ListenerTls:
         return files + ([config.client_ca] if config.client_ca else [])
 
     def reload(self) -> None:
-        """Load every file again; on any error raise `ConfigError` and keep serving the old ones."""
+        """Load every file again; on any error raise `ConfigError` and keep serving the old ones.
+
+        The files' timestamps are noted either way, so a watcher retries only after
+        the next change rather than on every tick.
+        """
+        self._mtimes = self._snapshot()
         config = self.config
         default = self._new_context()
         _load_chain(default, config.cert, config.key, f"{self.path}.cert")
@@ -109,7 +119,6 @@ class ListenerTls:
         # Clients that send no SNI are served by the front context itself.
         _load_chain(self.context, config.cert, config.key, f"{self.path}.cert")
         self._default, self._exact, self._wildcards = default, exact, wildcards
-        self._mtimes = self._snapshot()
 
     def _snapshot(self) -> dict[str, float]:
         mtimes = {}
