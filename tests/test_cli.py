@@ -39,6 +39,7 @@ def test_check_accepts_the_example_configs():
 
 VALID = """\
 listeners: [{bind: "127.0.0.1:0"}]
+admin: {bind: "127.0.0.1:0"}
 routes:
   - name: chat
     backends: [{url: "ws://127.0.0.1:9"}]
@@ -93,7 +94,7 @@ def _read_until(stream, marker: str) -> str:
 
 async def test_demo_serves_an_echo_through_the_gateway():
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "wsgate", "demo", "--port", "0",
+        sys.executable, "-m", "wsgate", "demo", "--port", "0", "--admin-port", "0",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )

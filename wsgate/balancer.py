@@ -215,11 +215,12 @@ class Pool:
         if member.backoff is not None:
             member.backoff.reset()
 
-    def on_failed(self, member: Member, now: float, reason: str) -> None:
-        """A connect or handshake failed; enough in a row eject the member."""
+    def on_failed(self, member: Member, now: float, reason: str) -> bool:
+        """A connect or handshake failed; enough in a row eject the member (returns True)."""
         policy = self.route.passive_ejection
-        if not policy.failures:
-            return
+        if not policy.failures or now < member.ejected_until:
+            # Already ejected: this attempt began before the ejection and is counted.
+            return False
         member.failures += 1
         if member.failures >= policy.failures or member.probation:
             assert member.backoff is not None
@@ -230,6 +231,8 @@ class Pool:
                 "route %s: ejected backend %s for %.1fs after %s",
                 self.route.name, member.identity, member.ejected_until - now, reason,
             )
+            return True
+        return False
 
     def opened(self, member: Member, relay: Any) -> None:
         member.active += 1
@@ -256,10 +259,17 @@ class Pool:
         self._sync_probes()
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._probes.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        pending = {*self._tasks, *self._probes.values()}
+        # Cancel until they are done: on Python 3.11 asyncio.wait_for (which dnspython
+        # uses) loses a cancel that lands as its inner future completes, and the task
+        # would then run, and this wait last, forever.
+        while pending:
+            for task in pending:
+                task.cancel()
+            done, pending = await asyncio.wait(pending, timeout=0.1)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved, as gather(return_exceptions=True) did
         self._tasks.clear()
         self._probes.clear()
         if self._http is not None:
@@ -295,11 +305,28 @@ class Pool:
     REBALANCE_TICKS = 10
 
     def misplaced(self, now: float) -> list[Any]:
-        """Open connections whose key now belongs to another member."""
+        """Open connections that, reconnecting now, would go to another member.
+
+        With bounded loads that is the choice made with the connection's own slot
+        freed, so a hot key's overflow stays where it is until an earlier member in
+        the key's order has room. When every member is unavailable, nothing moves.
+        """
+        members = self.members
+        skip = {i for i, member in enumerate(members) if not member.available(now)}
+        factor = self.route.balance_factor
+        loads = [member.active for member in members]
         found = []
-        for member in self.members:
+        for i, member in enumerate(members):
             for relay in member.relays:
-                if not relay.closed_by and self.owner(relay.key, now) is not member:
+                if relay.closed_by:
+                    continue
+                if factor is None:
+                    best = self.ring.pick(relay.key, skip=skip)
+                else:
+                    loads[i] -= 1
+                    best = self.ring.pick(relay.key, loads=loads, balance_factor=factor, skip=skip)
+                    loads[i] += 1
+                if best is not None and best != i:
                     found.append(relay)
         return found
 

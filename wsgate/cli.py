@@ -6,13 +6,16 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+from datetime import datetime, timezone
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
 from . import __version__
+from .admin import AdminServer
 from .config import Backend, Config, load_config
 from .errors import ConfigError
 from .server import Gateway
@@ -47,7 +50,13 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def _setup_logging(level: str, fmt: str) -> None:
+class _AccessFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+        return json.dumps({"time": stamp, **getattr(record, "access", {})})
+
+
+def _setup_logging(level: str, fmt: str, access: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
@@ -56,23 +65,46 @@ def _setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Access lines are data for collectors: JSON on stdout, whatever the log level.
+    access_log = logging.getLogger("wsgate.access")
+    access_log.propagate = False
+    access_log.setLevel(logging.INFO if access else logging.CRITICAL + 1)
+    access_handler = logging.StreamHandler(sys.stdout)
+    access_handler.setFormatter(_AccessFormatter())
+    access_log.handlers[:] = [access_handler]
 
 
-async def _serve(config: Config, announce: Callable[[Gateway], None] | None = None) -> None:
+async def _serve(
+    config: Config, announce: Callable[[Gateway, AdminServer], None] | None = None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop_signal() -> None:
+        if stop.is_set():
+            # A second signal: the operator does not want to wait for the drain.
+            log.warning("second stop signal: exiting now")
+            os._exit(EXIT_FAILURE)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_stop_signal)
     gateway = Gateway(config)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload_tls)
-    await gateway.start()
-    if announce is not None:
-        announce(gateway)
+    admin = AdminServer(gateway)
     try:
+        await gateway.start()
+        if config.admin.enabled:
+            await admin.start(config.admin.host, config.admin.port)
+        if announce is not None:
+            announce(gateway, admin)
         await stop.wait()
+        log.info("stop signal: draining")
+        await gateway.drain()
     finally:
-        log.info("shutting down")
         await gateway.close()
+        await admin.close()
+    log.info("stopped")
 
 
 def _run_loop(main: Any) -> int:
@@ -106,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    _setup_logging(args.log_level or config.log.level, config.log.format)
+    _setup_logging(args.log_level or config.log.level, config.log.format, config.log.access)
     return _run_loop(_serve(config))
 
 
@@ -128,9 +160,11 @@ async def _demo(config: Config) -> None:
     route = route.model_copy(update={"backends": [Backend(url=url) for url in echoes.urls]})
     config = config.model_copy(update={"routes": [route, *config.routes[1:]]})
 
-    def announce(gateway: Gateway) -> None:
+    def announce(gateway: Gateway, admin: AdminServer) -> None:
         host, port = gateway.addresses[0]
         print(f"wsgate demo: echo backends at {', '.join(echoes.urls)}", flush=True)
+        if config.admin.enabled:
+            print("wsgate demo: metrics at http://%s:%d/metrics" % admin.address, flush=True)
         print(f"wsgate demo: connect to ws://{host}:{port}/ (Ctrl-C stops)", flush=True)
 
     try:
@@ -147,8 +181,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     listener = config.listeners[0]
     bind = f"{args.host}:{args.port}" if ":" not in args.host else f"[{args.host}]:{args.port}"
     listener = listener.model_validate({**listener.model_dump(), "bind": bind})
-    config = config.model_copy(update={"listeners": [listener]})
-    _setup_logging(args.log_level or config.log.level, config.log.format)
+    admin = config.admin.model_validate(
+        {**config.admin.model_dump(), "bind": f"127.0.0.1:{args.admin_port}"}
+    )
+    config = config.model_copy(update={"listeners": [listener], "admin": admin})
+    _setup_logging(args.log_level or config.log.level, config.log.format, config.log.access)
     return _run_loop(_demo(config))
 
 
@@ -219,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the gateway with two built-in echo backends")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     demo.add_argument("--port", type=int, default=8080, help="port to listen on (8080; 0 picks one)")
+    demo.add_argument(
+        "--admin-port", type=int, default=9090, help="admin server port on 127.0.0.1 (9090; 0 picks one)"
+    )
     demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     demo.set_defaults(handler=cmd_demo)
     return parser

@@ -472,6 +472,8 @@ class Admin(_Model):
 
     enabled: bool = True
     bind: _HostPort = "127.0.0.1:9090"
+    # /readyz also says 503 while some route has no healthy backend.
+    ready_requires_backends: bool = False
 
     @property
     def host(self) -> str:
@@ -729,10 +731,12 @@ class Discovery(_Model):
 
 
 class Log(_Model):
-    """Log verbosity and line format."""
+    """Log verbosity and line format, and the access log."""
 
     level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
     format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = "text"
+    # One JSON line per connection on standard output when it ends.
+    access: bool = True
 
 
 class Config(_Model):

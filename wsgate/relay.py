@@ -76,6 +76,12 @@ class Leg(asyncio.Protocol):
         "ping_sent_at",
         "quiet_since",
         "bytes_seen",
+        "pauses",
+        "last_rtt",
+        "flushed_frames",
+        "flushed_messages",
+        "flushed_bytes",
+        "flushed_pauses",
     )
 
     def __init__(self, relay: Relay, side: str, transport: asyncio.Transport, scanner: FrameScanner) -> None:
@@ -102,6 +108,13 @@ class Leg(asyncio.Protocol):
         self.ping_sent_at = 0.0
         self.quiet_since = 0.0
         self.bytes_seen = 0
+        self.pauses = 0  # times reading this leg stopped for flow control
+        self.last_rtt: float | None = None  # round trip of the gateway's last answered ping
+        # What the metrics have already been told (see Metrics.flush_relay).
+        self.flushed_frames = 0
+        self.flushed_messages = 0
+        self.flushed_bytes = 0
+        self.flushed_pauses = 0
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -129,6 +142,7 @@ class Leg(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.peer.reading_paused = True
+        self.peer.pauses += 1
         self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
@@ -186,6 +200,9 @@ class Relay:
         "idle_since",
         "key",
         "member",
+        "route_name",
+        "started_at",
+        "close_reason",
         "__weakref__",
     )
 
@@ -221,14 +238,19 @@ class Relay:
         self._close_timer: asyncio.TimerHandle | None = None
         self.data_seen = 0
         self.idle_since = 0.0
-        # The affinity key and the pool member this connection is pinned to.
+        # The affinity key, pool member and route name this connection is pinned to.
         self.key = b""
         self.member: object = None
+        self.route_name = ""
+        self.started_at = 0.0
+        # Why the connection ended, in a few words, for the access log.
+        self.close_reason = ""
 
     def start(self, client_early: bytes = b"", backend_early: bytes = b"") -> None:
         """Take over both transports; bytes read during the handshake are relayed first."""
         now = asyncio.get_running_loop().time()
         self.idle_since = now
+        self.started_at = now
         for leg in (self.client, self.backend):
             leg.quiet_since = now
             leg.transport.set_protocol(leg)
@@ -268,10 +290,13 @@ class Relay:
         dst = src.peer
         opcode = frame.opcode
         if opcode == Opcode.PONG and frame.payload == src.ping_payload:
-            return  # the answer to the gateway's own ping
+            # The answer to the gateway's own ping: measure it, never forward it.
+            if src.ping_sent_at:
+                src.last_rtt = asyncio.get_running_loop().time() - src.ping_sent_at
+            return
         if opcode == Opcode.CLOSE:
             src.close_received = True
-            self._record(src.side, frame.close_code)
+            self._record(src.side, frame.close_code, "close frame")
             self._arm_close_timer()
             if not dst.sealed:
                 dst.transport.write(frame.raw)
@@ -295,7 +320,7 @@ class Relay:
             to_src, to_peer = exc.close_code, CloseCode.GOING_AWAY
         else:
             to_src, to_peer = exc.close_code, CloseCode.BAD_GATEWAY
-        self._record(GATEWAY, to_src)
+        self._record(GATEWAY, to_src, f"{src.side} protocol violation: {exc.reason}")
         self._gateway_close(to_peer, "", only=src.peer)
         src.transport.pause_reading()
         src.send_close(to_src, exc.reason)
@@ -314,16 +339,16 @@ class Relay:
         elif not leg.scanner.at_boundary:
             # The frame in flight toward the peer can never be completed, so no
             # Close can follow it: hang up after what was already sent.
-            self._record(leg.side, None)
+            self._record(leg.side, None, f"{leg.side} lost mid-frame")
             peer.transport.close()
         elif not finished:
             code = CloseCode.BAD_GATEWAY if leg.side == BACKEND else CloseCode.GOING_AWAY
-            self._record(leg.side, None)
+            self._record(leg.side, None, f"{leg.side} lost")
             self._gateway_close(code, "", only=peer)
 
     def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "") -> None:
         """Close both sides with `code` (a gateway decision: idle, shutdown)."""
-        self._record(GATEWAY, code)
+        self._record(GATEWAY, code, reason)
         self._gateway_close(code, reason)
 
     def _gateway_close(self, code: int, reason: str, only: Leg | None = None) -> None:
@@ -335,10 +360,11 @@ class Relay:
         self._arm_close_timer()
         self._finish_legs()
 
-    def _record(self, who: str, code: int | None) -> None:
+    def _record(self, who: str, code: int | None, reason: str = "") -> None:
         if not self.closed_by:
             self.closed_by = who
             self.close_code = code
+            self.close_reason = reason
 
     def _finish_legs(self) -> None:
         for leg in (self.client, self.backend):
@@ -403,7 +429,7 @@ class Relay:
     def _on_dead(self, leg: Leg) -> None:
         log.info("conn=%d %s did not answer a ping: dropping it", self.conn_id, leg.side)
         code = CloseCode.BAD_GATEWAY if leg.side == BACKEND else CloseCode.GOING_AWAY
-        self._record(GATEWAY, code)
+        self._record(GATEWAY, code, f"heartbeat timeout ({leg.side})")
         leg.transport.abort()
 
 

@@ -10,13 +10,20 @@ are kept and relayed first.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
+import random
 import socket
+import time
+from datetime import datetime, timezone
 from typing import cast
 
 import h11
 
+from prometheus_client import CollectorRegistry
+
+from . import __version__
 from .balancer import Member, Pool, random_key
 from .config import Config, Listener
 from .errors import BackendUnavailable, ConfigError, HandshakeError
@@ -32,11 +39,39 @@ from .handshake import (
     render_rejection,
     render_switching_protocols,
 )
-from .relay import Relay, RelaySettings, Sweeper, sweep_tick
+from .metrics import Metrics, close_code_label
+from .relay import GATEWAY, Relay, RelaySettings, Sweeper, sweep_tick
 from .routing import match_route
 from .tls import ListenerTls, listener_contexts, peer_subject
 
 log = logging.getLogger("wsgate.server")
+# One JSON line per connection when it ends (see cli for the handler).
+access_log = logging.getLogger("wsgate.access")
+
+# Metrics lag the connections' own counters by at most this long.
+METRICS_FLUSH_INTERVAL = 5.0
+
+
+# Bounded `reason` labels for handshake rejections, by HTTP status.
+_REJECTION_REASONS = {
+    400: "bad_request",
+    403: "origin",
+    404: "no_route",
+    405: "method",
+    408: "timeout",
+    426: "upgrade_required",
+    431: "headers_too_large",
+    503: "limit",
+}
+
+
+def key_hash(key: bytes) -> str:
+    """A short stable digest of an affinity key: logs can group by it without holding it."""
+    return hashlib.blake2b(key, digest_size=8).hexdigest()
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
 # A backend's refusal is relayed to the client; its body is cut at this size.
 BACKEND_REPLY_BODY_LIMIT = 64 * 1024
@@ -63,6 +98,12 @@ class Gateway:
         self.tls_handshake_failures = 0
         self.tls_reload_failures = 0
         self._watch: asyncio.Task[None] | None = None
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self._flush_task: asyncio.Task[None] | None = None
+        self.draining = False
+        self.loaded_at = time.time()
+        self.config_version = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
         self.relay_settings = RelaySettings(
             high_water=config.flow_control.high_water,
             low_water=config.flow_control.low_water,
@@ -110,6 +151,7 @@ class Gateway:
                     *server.sockets[0].getsockname()[:2], listener.name, ", TLS" if tls else "",
                 )
             self._start_watching()
+            self._flush_task = loop.create_task(self._flush_forever())
         except BaseException:
             await self.close()
             raise
@@ -131,12 +173,49 @@ class Gateway:
                 for relay in list(self._relays):
                     relay.abort()
         self._sweeper.stop()
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._flush_task):
+            if task is not None:
+                task.cancel()
         for pool in self.pools.values():
             await pool.stop()
         for server in self._servers:
             await server.wait_closed()
+
+    async def drain(self) -> None:
+        """Shut down gently: stop accepting, report not ready, close clients with 1001 spread
+        evenly (with jitter) over `shutdown.drain_period`, and return when every connection
+        has ended or at `shutdown.grace_period`, whichever comes first.
+        """
+        shutdown = self.config.shutdown
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.draining = True
+        for server in self._servers:
+            server.close()
+        for connection in list(self._connections):
+            connection.transport.close()
+        relays = list(self._relays)
+        random.shuffle(relays)
+        log.info("draining %d connections over %.1fs", len(relays), shutdown.drain_period)
+        # One slot per connection, a random moment within each: clients do not all
+        # reconnect at the same instant, and the last close lands within the period.
+        slot = shutdown.drain_period / max(1, len(relays))
+        handles = [
+            loop.call_later(i * slot + random.uniform(0, slot), relay.close, CloseCode.GOING_AWAY, "going away")
+            for i, relay in enumerate(relays)
+        ]
+        if self._relays:
+            self._all_closed.clear()
+            try:
+                async with asyncio.timeout(max(0.0, shutdown.grace_period - (loop.time() - started))):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                log.warning("grace period over: dropping %d connections", len(self._relays))
+                for relay in list(self._relays):
+                    relay.abort()
+        for handle in handles:
+            handle.cancel()
+        await self.close()
 
     def reload_tls(self) -> bool:
         """Load every listener's certificates again; new handshakes use them, open ones are untouched.
@@ -165,6 +244,104 @@ class Gateway:
             await asyncio.sleep(interval)
             if any(t.files_changed() for t in self.tls.values()):
                 self.reload_tls()
+
+    # -- observability ---------------------------------------------------------
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_INTERVAL)
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        """Move every connection's counts into the metrics; refresh the per-backend gauges."""
+        metrics = self.metrics
+        for relay in self._relays:
+            self._flush_relay(relay)
+        now = asyncio.get_running_loop().time()
+        for name, pool in self.pools.items():
+            metrics.set_pool(name, pool.members, now)
+
+    def _flush_relay(self, relay: Relay) -> None:
+        self.metrics.flush_relay(relay, relay.route_name)
+        for leg in (relay.client, relay.backend):
+            if leg.last_rtt is not None:
+                self.metrics.heartbeat_rtt.labels(leg.side).observe(leg.last_rtt)
+                leg.last_rtt = None
+
+    def _relay_finished(self, relay: Relay, client: str) -> None:
+        """Final counts and the access log line of a connection that ended."""
+        metrics = self.metrics
+        self._flush_relay(relay)
+        duration = asyncio.get_running_loop().time() - relay.started_at
+        side = relay.closed_by or GATEWAY
+        metrics.close_frames.labels(close_code_label(relay.close_code), side).inc()
+        metrics.connection_duration.labels(relay.route_name).observe(duration)
+        if relay.close_reason.startswith("heartbeat timeout"):
+            metrics.heartbeat_timeouts.labels(relay.close_reason.split("(")[1].rstrip(")")).inc()
+        elif relay.close_reason == "idle timeout":
+            metrics.idle_timeouts.labels(relay.route_name).inc()
+        member = relay.member
+        assert isinstance(member, Member)
+        access_log.info(
+            "",
+            extra={
+                "access": {
+                    "client": client,
+                    "route": relay.route_name,
+                    "backend": member.identity,
+                    "key_hash": key_hash(relay.key),
+                    "status": 101,
+                    "duration": round(duration, 3),
+                    "bytes_in": relay.client.bytes_received,
+                    "bytes_out": relay.backend.bytes_received,
+                    "messages_in": relay.client.scanner.messages,
+                    "messages_out": relay.backend.scanner.messages,
+                    "close_code": relay.close_code,
+                    "closed_by": side,
+                    "reason": relay.close_reason,
+                }
+            },
+        )
+
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz should say 503, or None when ready."""
+        if self.draining:
+            return "draining"
+        if not self._servers:
+            return "not listening"
+        if self.config.admin.ready_requires_backends:
+            now = asyncio.get_running_loop().time()
+            for name, pool in self.pools.items():
+                if not any(member.available(now) for member in pool.members):
+                    return f"route {name} has no healthy backend"
+        return None
+
+    def status(self) -> dict[str, object]:
+        """What /status reports: config, routes and backends with health and load."""
+        now = asyncio.get_running_loop().time()
+        return {
+            "version": __version__,
+            "config": {"version": self.config_version, "loaded_at": _iso(self.loaded_at)},
+            "draining": self.draining,
+            "connections": len(self._relays),
+            "routes": [
+                {
+                    "name": name,
+                    "backends": [
+                        {
+                            "backend": member.identity,
+                            "healthy": member.healthy,
+                            "ejected": now < member.ejected_until,
+                            "available": member.available(now),
+                            "active_connections": member.active,
+                            "weight": member.weight,
+                        }
+                        for member in pool.members
+                    ],
+                }
+                for name, pool in self.pools.items()
+            ],
+        }
 
     # -- bookkeeping used by the protocols ------------------------------------
 
@@ -210,6 +387,12 @@ class _ClientHandshake(asyncio.Protocol):
         self.handed_off = False
         self.pool: Pool | None = None
         self.tls_task: asyncio.Task[None] | None = None
+        # For metrics and the access log.
+        self.client_address = "unknown"
+        self.route_name = ""
+        self.backend_tried = ""
+        self.key = b""
+        self.request_at = 0.0
         # Raw bytes (the ClientHello) read before start_tls takes the transport over.
         self.tls_early: bytearray | None = None
 
@@ -218,10 +401,12 @@ class _ClientHandshake(asyncio.Protocol):
         _set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
+        self.client_address = f"{peer[0]}:{peer[1]}" if peer else "unknown"
         tls = self.gateway.tls.get(self.listener.name)
         refusal = self.gateway._admit(self.client_ip)
         if refusal is not None:
             log.warning("conn=%d refused %s: %s", self.conn_id, self.client_ip, refusal)
+            self.gateway.metrics.handshake_rejections.labels("limit").inc()
             if tls is None:
                 self._reply(render_error(503, refusal, [("Retry-After", "1")]))
             else:
@@ -256,6 +441,7 @@ class _ClientHandshake(asyncio.Protocol):
         except (OSError, TimeoutError, EOFError) as exc:
             # Routine on a public port (scanners, plain HTTP, bad clients): count, don't shout.
             self.gateway.tls_handshake_failures += 1
+            self.gateway.metrics.tls_handshake_failures.labels(self.listener.name).inc()
             log.debug("conn=%d %s TLS handshake failed: %r", self.conn_id, self.client_ip, exc)
             self.transport.close()
             self._finish()
@@ -318,6 +504,7 @@ class _ClientHandshake(asyncio.Protocol):
             if self.timer is not None:
                 self.timer.cancel()
             self.early += self.h11.trailing_data[0]
+            self.request_at = asyncio.get_running_loop().time()
             self.task = asyncio.get_running_loop().create_task(self._proxy(event))
             return
         # ConnectionClosed before a full request: nothing to answer.
@@ -326,6 +513,7 @@ class _ClientHandshake(asyncio.Protocol):
     def _on_handshake_timeout(self) -> None:
         if self.task is None:
             log.info("conn=%d %s sent no complete request in time", self.conn_id, self.client_ip)
+            self.gateway.metrics.handshake_rejections.labels("timeout").inc()
             self._reply(render_error(408, "request timeout"))
 
     def _reply(self, data: bytes) -> None:
@@ -334,7 +522,28 @@ class _ClientHandshake(asyncio.Protocol):
 
     def _reject(self, error: HandshakeError) -> None:
         log.info("conn=%d %s rejected: %d %s", self.conn_id, self.client_ip, error.status, error.reason)
+        self.gateway.metrics.handshake_rejections.labels(_REJECTION_REASONS.get(error.status, "other")).inc()
+        self._account(error.status, "rejected", error.reason)
         self._reply(render_rejection(error))
+
+    def _account(self, status: int, outcome: str, reason: str, backend: str = "") -> None:
+        """Count a handshake that ended without a relay, and log its access line."""
+        route = self.route_name
+        self.gateway.metrics.connections.labels(route, backend, outcome).inc()
+        access_log.info(
+            "",
+            extra={
+                "access": {
+                    "client": self.client_address,
+                    "route": route,
+                    "backend": backend,
+                    "key_hash": key_hash(self.key) if self.key else "",
+                    "status": status,
+                    "duration": 0.0,
+                    "reason": reason,
+                }
+            },
+        )
 
     async def _proxy(self, request: h11.Request) -> None:
         try:
@@ -343,10 +552,12 @@ class _ClientHandshake(asyncio.Protocol):
             if pool is None:
                 raise HandshakeError(404, "no route for this host and path")
             route = pool.route
+            self.route_name = route.name
             check_origin(handshake, route.allowed_origins)
             key = affinity_key(handshake, route.hash_key, self.client_ip)
             if key is None:
                 key = self.client_ip.encode("ascii") if route.hash_fallback == "ip" else random_key()
+            self.key = key
             tls = self.listener.tls
             subject = None
             if tls is not None and tls.forward_client_cert:
@@ -363,17 +574,22 @@ class _ClientHandshake(asyncio.Protocol):
         except HandshakeError as exc:
             self._reject(exc)
         except BackendUnavailable as exc:
+            self._account(exc.status, "backend_failed", exc.reason, self.backend_tried)
             self._reply(render_error(exc.status, exc.reason))
         except Exception:
             log.exception("conn=%d unexpected failure in the handshake", self.conn_id)
+            self._account(500, "error", "internal error")
             self._reply(render_error(500, "internal error"))
 
     async def _connect_backend(self, pool: Pool, key: bytes, upstream: h11.Request) -> None:
         """Try the key's backends in order until one answers; relay its answer."""
         loop = asyncio.get_running_loop()
         failure = BackendUnavailable(503, "no backend available")
+        metrics = self.gateway.metrics
         for member in pool.candidates(key, loop.time()):
             backend_transport: asyncio.Transport | None = None
+            self.backend_tried = member.identity
+            attempt_started = loop.time()
             try:
                 try:
                     async with asyncio.timeout(self.gateway.config.timeouts.connect):
@@ -398,7 +614,8 @@ class _ClientHandshake(asyncio.Protocol):
                 log.warning(
                     "conn=%d backend %s: %s%s", self.conn_id, member.identity, exc.reason, cause
                 )
-                pool.on_failed(member, loop.time(), exc.reason)
+                if pool.on_failed(member, loop.time(), exc.reason):
+                    metrics.backend_ejections.labels(pool.route.name, member.identity).inc()
                 failure = exc
                 continue
             except BaseException:
@@ -406,6 +623,9 @@ class _ClientHandshake(asyncio.Protocol):
                     backend_transport.close()
                 raise
             pool.on_connected(member)
+            metrics.backend_connect_duration.labels(pool.route.name, member.identity).observe(
+                loop.time() - attempt_started
+            )
             if isinstance(outcome, h11.Response):
                 # The backend answered: its refusal is the client's answer, not a failure.
                 log.info(
@@ -413,9 +633,12 @@ class _ClientHandshake(asyncio.Protocol):
                     self.conn_id, member.identity, outcome.status_code,
                 )
                 backend_transport.close()
+                self._account(outcome.status_code, "backend_refused", "backend refused the upgrade", member.identity)
                 self._reply(render_backend_reply(outcome, bytes(answer.body)))
                 return
             self.transport.write(render_switching_protocols(negotiated))
+            metrics.handshake_duration.labels(pool.route.name).observe(loop.time() - self.request_at)
+            metrics.connections.labels(pool.route.name, member.identity, "upgraded").inc()
             self._hand_off(backend_transport, answer, negotiated.deflate, pool, member, key)
             return
         raise failure
@@ -442,6 +665,7 @@ class _ClientHandshake(asyncio.Protocol):
         )
         relay.key = key
         relay.member = member
+        relay.route_name = pool.route.name
         gateway._relays.add(relay)
         if self.lost or answer.lost:
             # One side left during the hand-off; its protocol already saw the loss.
@@ -456,6 +680,7 @@ class _ClientHandshake(asyncio.Protocol):
             return
         self.pool = pool
         pool.opened(member, relay)
+        gateway.metrics.active_connections.labels(relay.route_name, member.identity).inc()
         relay.start(client_early=bytes(self.early), backend_early=bytes(answer.early))
 
     def _on_relay_closed(self, relay: Relay) -> None:
@@ -463,6 +688,8 @@ class _ClientHandshake(asyncio.Protocol):
         gateway._relays.discard(relay)
         if self.pool is not None:
             self.pool.closed(relay.member, relay)
+            gateway.metrics.active_connections.labels(relay.route_name, relay.member.identity).dec()
+            gateway._relay_finished(relay, self.client_address)
         if not gateway._relays:
             gateway._all_closed.set()
         self._finish()

@@ -1,0 +1,76 @@
+"""The admin HTTP server: /metrics, /healthz, /readyz, /status (aiohttp, never on a traffic port)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+log = logging.getLogger("wsgate.admin")
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    """The admin routes, reading live state from `gateway`."""
+
+    async def metrics(request: web.Request) -> web.Response:
+        gateway.flush_metrics()
+        if "application/openmetrics-text" in request.headers.get("Accept", ""):
+            body, content_type = generate_openmetrics(gateway.registry), OPENMETRICS_TYPE
+        else:
+            body, content_type = generate_latest(gateway.registry), CONTENT_TYPE_LATEST
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        problem = gateway.not_ready_reason()
+        if problem is not None:
+            return web.Response(status=503, text=f"not ready: {problem}\n")
+        return web.Response(text="ready\n")
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(gateway.status())
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    return app
+
+
+class AdminServer:
+    """Runs `build_app` on `admin.bind` with AppRunner and TCPSite."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._runner: web.AppRunner | None = None
+        self.started_at = time.time()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._runner is not None
+        return self._runner.addresses[0][:2]
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(build_app(self.gateway), access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        log.info("admin listening on %s:%d (version %s)", *self.address, __version__)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
