@@ -597,6 +597,25 @@ async def test_bounded_loads_spread_a_hot_key(echoes, gateway, changes):
     assert min(loads) > 0, "a hot key overflows onto every backend"
 
 
+async def test_bounded_loads_hold_for_a_burst_of_handshakes(echoes, gateway, changes):
+    """Forty hot-key handshakes at once: those still under way count as load."""
+    backends = await echoes(4)
+    urls = [b.url for b in backends]
+    _, url = await gateway(
+        gateway_config(urls, route={"hash_key": "query:room", "balance_factor": 1.25})
+    )
+    clients = []
+    try:
+        async with asyncio.timeout(4 * STEP_TIMEOUT):
+            results = await asyncio.gather(*(connect(url, key="hot") for _ in range(40)))
+            clients = [ws for ws, _ in results]
+            await changes.until(lambda: sum(b.open for b in backends) == 40, "40 open connections")
+            loads = [b.open for b in backends]
+            assert max(loads) <= math.ceil(Fraction(5, 4) * 40 / len(backends)), loads
+    finally:
+        await asyncio.gather(*(ws.close() for ws in clients))
+
+
 # == 5. Passive ejection ===================================================================
 
 

@@ -49,6 +49,7 @@ class Member:
         "port",
         "weight",
         "active",
+        "pending",
         "healthy",
         "checks",
         "backoff",
@@ -76,6 +77,7 @@ class Member:
         self.tls = tls  # the client context for wss:// backends
         self.server_name = server_name  # what the backend's certificate must name
         self.active = 0  # open WebSocket connections: the load bounded loads bound
+        self.pending = 0  # handshakes under way to this member, counted as load too
         self.healthy = True  # by active checks; a backend starts healthy
         self.checks: RiseFall | None = None
         self.backoff: Backoff | None = None
@@ -192,7 +194,8 @@ class Pool:
         if len(skip) == len(members):
             skip = set()
         factor = self.route.balance_factor
-        loads = [member.active for member in members] if factor is not None else None
+        # Handshakes under way count, or a burst on one hot key would overshoot the bound.
+        loads = [m.active + m.pending for m in members] if factor is not None else None
         for _ in range(self.route.retries + 1):
             index = self.ring.pick(key, loads=loads, balance_factor=factor, skip=skip)
             if index is None:
@@ -435,19 +438,19 @@ async def resolve(name: str, discovery: Discovery) -> list[str]:
     resolver.nameserver_ports = {host.strip("[]"): int(port) for host, port in hosts}
     resolver.lifetime = max(1.0, discovery.resolve_interval / 2)
     addresses: set[str] = set()
-    answered = False
+    failures: list[str] = []
     for rdtype in ("A", "AAAA"):
         try:
             answer = await resolver.resolve(name, rdtype)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            answered = True
             continue
         except dns.exception.DNSException as exc:
-            raise OSError(f"DNS query for {name} {rdtype} failed: {exc}") from exc
-        answered = True
+            # Some servers refuse AAAA (or A) queries outright; the other family still counts.
+            failures.append(f"{rdtype}: {exc}")
+            continue
         addresses.update(record.address for record in answer)
-    if not answered:
-        raise OSError(f"no DNS answer for {name}")
+    if len(failures) == 2:
+        raise OSError(f"DNS queries for {name} failed ({'; '.join(failures)})")
     return sorted(addresses)
 
 

@@ -590,6 +590,7 @@ class _ClientHandshake(asyncio.Protocol):
             backend_transport: asyncio.Transport | None = None
             self.backend_tried = member.identity
             attempt_started = loop.time()
+            member.pending += 1
             try:
                 try:
                     async with asyncio.timeout(self.gateway.config.timeouts.connect):
@@ -608,6 +609,7 @@ class _ClientHandshake(asyncio.Protocol):
                 if isinstance(outcome, h11.InformationalResponse):
                     negotiated = check_backend_response(outcome, upstream)
             except BackendUnavailable as exc:
+                member.pending -= 1
                 if backend_transport is not None:
                     backend_transport.close()
                 cause = f" ({exc.__cause__})" if exc.__cause__ else ""
@@ -619,9 +621,11 @@ class _ClientHandshake(asyncio.Protocol):
                 failure = exc
                 continue
             except BaseException:
+                member.pending -= 1
                 if backend_transport is not None:
                     backend_transport.close()
                 raise
+            member.pending -= 1
             pool.on_connected(member)
             metrics.backend_connect_duration.labels(pool.route.name, member.identity).observe(
                 loop.time() - attempt_started
@@ -750,8 +754,12 @@ class _BackendHandshake(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if not self.outcome.done():
-            self.h11.receive_data(b"")
-            self._next_events()
+            if self.response is None:
+                self._fail("backend closed the connection before answering")
+            else:
+                # A body without a length ends at EOF.
+                self.h11.receive_data(b"")
+                self._next_events()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
