@@ -232,6 +232,8 @@ class Gateway:
                 log.error("listener %s: keeping the old certificates: %s", name, exc)
             else:
                 log.info("listener %s: certificates loaded", name)
+        if self.tls:
+            self.metrics.config_reloads.labels("success" if ok else "failure").inc()
         return ok
 
     def _start_watching(self) -> None:
