@@ -527,7 +527,8 @@ async def test_mtls_required(pki, mtls_gateway, server_name):
     assert "admin" not in subject
 
 
-async def test_mtls_optional(pki, mtls_gateway):
+async def test_mtls_optional(pki, mtls_gateway, caplog):
+    caplog.set_level(logging.INFO, logger="wsgate.access")
     port, backend = await mtls_gateway("optional")
     await echo_once(port, pki.client_context())
     # Without a certificate there is no subject, and the client's forged one is gone.
@@ -538,6 +539,13 @@ async def test_mtls_optional(pki, mtls_gateway):
     # A certificate from an unknown CA is still refused.
     await expect_refused(port, pki.client_context(client=pki.mallory))
     assert len(backend.requests) == 2
+    # The access log names the verified subject, and nothing for the anonymous client.
+    await wait_until(
+        lambda: len([r for r in caplog.records if r.name == "wsgate.access"]) >= 2, "two access lines"
+    )
+    certs = [r.access["client_cert"] for r in caplog.records if r.name == "wsgate.access"]
+    assert certs[0] is None
+    assert "CN=alice" in certs[1].split(",")
 
 
 async def test_client_cert_subject_is_stripped_without_forwarding(pki, echo_backend, start_gateway_object):

@@ -270,7 +270,7 @@ class Gateway:
                 self.metrics.heartbeat_rtt.labels(leg.side).observe(leg.last_rtt)
                 leg.last_rtt = None
 
-    def _relay_finished(self, relay: Relay, client: str) -> None:
+    def _relay_finished(self, relay: Relay, client: str, client_cert: str | None) -> None:
         """Final counts and the access log line of a connection that ended."""
         metrics = self.metrics
         self._flush_relay(relay)
@@ -301,6 +301,7 @@ class Gateway:
                     "close_code": relay.close_code,
                     "closed_by": side,
                     "reason": relay.close_reason,
+                    "client_cert": client_cert,
                 }
             },
         )
@@ -395,6 +396,7 @@ class _ClientHandshake(asyncio.Protocol):
         self.backend_tried = ""
         self.key = b""
         self.request_at = 0.0
+        self.client_cert: str | None = None  # the verified client certificate's subject
         # Raw bytes (the ClientHello) read before start_tls takes the transport over.
         self.tls_early: bytearray | None = None
 
@@ -543,6 +545,7 @@ class _ClientHandshake(asyncio.Protocol):
                     "status": status,
                     "duration": 0.0,
                     "reason": reason,
+                    "client_cert": self.client_cert,
                 }
             },
         )
@@ -561,9 +564,9 @@ class _ClientHandshake(asyncio.Protocol):
                 key = self.client_ip.encode("ascii") if route.hash_fallback == "ip" else random_key()
             self.key = key
             tls = self.listener.tls
-            subject = None
-            if tls is not None and tls.forward_client_cert:
-                subject = peer_subject(self.transport.get_extra_info)
+            if tls is not None and tls.client_ca is not None:
+                self.client_cert = peer_subject(self.transport.get_extra_info)
+            subject = self.client_cert if tls is not None and tls.forward_client_cert else None
             upstream = build_upstream_request(
                 handshake,
                 client_ip=self.client_ip,
@@ -695,7 +698,7 @@ class _ClientHandshake(asyncio.Protocol):
         if self.pool is not None:
             self.pool.closed(relay.member, relay)
             gateway.metrics.active_connections.labels(relay.route_name, relay.member.identity).dec()
-            gateway._relay_finished(relay, self.client_address)
+            gateway._relay_finished(relay, self.client_address, self.client_cert)
         if not gateway._relays:
             gateway._all_closed.set()
         self._finish()
