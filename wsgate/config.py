@@ -441,7 +441,22 @@ class BackendTls(_Model):
         return self
 
 
-class Listener(_Model):
+class _Bound(_Model):
+    """A section with a `bind` address (declared by the subclass, to keep the key order)."""
+
+    if typing.TYPE_CHECKING:
+        bind: str
+
+    @property
+    def host(self) -> str:
+        return parse_host_port(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_host_port(self.bind)[1]
+
+
+class Listener(_Bound):
     """One address the gateway accepts clients on."""
 
     name: _Name
@@ -458,30 +473,14 @@ class Listener(_Model):
             return {**data, "name": bind if isinstance(bind, str) and bind else "unnamed"}
         return data
 
-    @property
-    def host(self) -> str:
-        return parse_host_port(self.bind)[0]
 
-    @property
-    def port(self) -> int:
-        return parse_host_port(self.bind)[1]
-
-
-class Admin(_Model):
+class Admin(_Bound):
     """The admin HTTP server: /metrics, /healthz, /readyz, /status."""
 
     enabled: bool = True
     bind: _HostPort = "127.0.0.1:9090"
     # /readyz also says 503 while some route has no healthy backend.
     ready_requires_backends: bool = False
-
-    @property
-    def host(self) -> str:
-        return parse_host_port(self.bind)[0]
-
-    @property
-    def port(self) -> int:
-        return parse_host_port(self.bind)[1]
 
 
 class Match(_Model):
