@@ -85,6 +85,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # Backends each route's gauges have series for, and open connections per (route, backend).
+        self._pool_series: dict[str, set[str]] = {}
+        self._open: dict[tuple[str, str], int] = {}
         r = registry
         Info("wsgate_build", "Version of this wsgate build.", registry=r).info({"version": __version__})
         ProcessCollector(registry=r)
@@ -173,6 +176,18 @@ class Metrics:
             "wsgate_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )
 
+    def connection_opened(self, route: str, backend: str) -> None:
+        self.active_connections.labels(route, backend).inc()
+        self._open[route, backend] = self._open.get((route, backend), 0) + 1
+
+    def connection_closed(self, route: str, backend: str) -> None:
+        self.active_connections.labels(route, backend).dec()
+        left = self._open[route, backend] - 1
+        if left:
+            self._open[route, backend] = left
+        else:
+            del self._open[route, backend]
+
     def flush_relay(self, relay: Any, route: str) -> None:
         """Add what `relay` counted since its previous flush."""
         for leg, direction in ((relay.client, UPSTREAM), (relay.backend, DOWNSTREAM)):
@@ -195,7 +210,22 @@ class Metrics:
                 leg.flushed_pauses = leg.pauses
 
     def set_pool(self, route: str, members: Iterable[Any], now: float) -> None:
-        """Per-backend gauges of one route: open connections, availability, imbalance."""
+        """Per-backend gauges of one route: open connections, availability, imbalance.
+
+        Backends that left the pool (DNS) lose their series once their connections are gone.
+        """
+        members = list(members)
+        current = {member.identity for member in members}
+        for identity in self._pool_series.get(route, set()) - current:
+            if self._open.get((route, identity), 0) == 0:
+                for gauge in (self.active_connections, self.backend_up):
+                    try:
+                        gauge.remove(route, identity)
+                    except KeyError:
+                        pass
+            else:
+                current.add(identity)
+        self._pool_series[route] = current
         loads = []
         for member in members:
             self.active_connections.labels(route, member.identity).set(member.active)

@@ -77,7 +77,7 @@ class Leg(asyncio.Protocol):
         "quiet_since",
         "bytes_seen",
         "pauses",
-        "last_rtt",
+        "rtts",
         "flushed_frames",
         "flushed_messages",
         "flushed_bytes",
@@ -109,7 +109,9 @@ class Leg(asyncio.Protocol):
         self.quiet_since = 0.0
         self.bytes_seen = 0
         self.pauses = 0  # times reading this leg stopped for flow control
-        self.last_rtt: float | None = None  # round trip of the gateway's last answered ping
+        # Round trips of the gateway's answered pings since the last metrics flush;
+        # None until the first, so idle connections carry no list.
+        self.rtts: list[float] | None = None
         # What the metrics have already been told (see Metrics.flush_relay).
         self.flushed_frames = 0
         self.flushed_messages = 0
@@ -292,7 +294,11 @@ class Relay:
         if opcode == Opcode.PONG and frame.payload == src.ping_payload:
             # The answer to the gateway's own ping: measure it, never forward it.
             if src.ping_sent_at:
-                src.last_rtt = asyncio.get_running_loop().time() - src.ping_sent_at
+                rtt = asyncio.get_running_loop().time() - src.ping_sent_at
+                if src.rtts is None:
+                    src.rtts = [rtt]
+                elif len(src.rtts) < 64:  # bounded if metrics are never flushed
+                    src.rtts.append(rtt)
             return
         if opcode == Opcode.CLOSE:
             src.close_received = True

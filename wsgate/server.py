@@ -266,9 +266,11 @@ class Gateway:
     def _flush_relay(self, relay: Relay) -> None:
         self.metrics.flush_relay(relay, relay.route_name)
         for leg in (relay.client, relay.backend):
-            if leg.last_rtt is not None:
-                self.metrics.heartbeat_rtt.labels(leg.side).observe(leg.last_rtt)
-                leg.last_rtt = None
+            if leg.rtts:
+                histogram = self.metrics.heartbeat_rtt.labels(leg.side)
+                for rtt in leg.rtts:
+                    histogram.observe(rtt)
+                leg.rtts = None
 
     def _relay_finished(self, relay: Relay, client: str, client_cert: str | None) -> None:
         """Final counts and the access log line of a connection that ended."""
@@ -395,6 +397,7 @@ class _ClientHandshake(asyncio.Protocol):
         self.route_name = ""
         self.backend_tried = ""
         self.key = b""
+        self.accepted_at = 0.0
         self.request_at = 0.0
         self.client_cert: str | None = None  # the verified client certificate's subject
         # Raw bytes (the ClientHello) read before start_tls takes the transport over.
@@ -402,6 +405,7 @@ class _ClientHandshake(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.accepted_at = asyncio.get_running_loop().time()
         _set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
@@ -411,6 +415,7 @@ class _ClientHandshake(asyncio.Protocol):
         if refusal is not None:
             log.warning("conn=%d refused %s: %s", self.conn_id, self.client_ip, refusal)
             self.gateway.metrics.handshake_rejections.labels("limit").inc()
+            self._account(503, "rejected", refusal)
             if tls is None:
                 self._reply(render_error(503, refusal, [("Retry-After", "1")]))
             else:
@@ -518,6 +523,7 @@ class _ClientHandshake(asyncio.Protocol):
         if self.task is None:
             log.info("conn=%d %s sent no complete request in time", self.conn_id, self.client_ip)
             self.gateway.metrics.handshake_rejections.labels("timeout").inc()
+            self._account(408, "rejected", "request timeout")
             self._reply(render_error(408, "request timeout"))
 
     def _reply(self, data: bytes) -> None:
@@ -543,7 +549,7 @@ class _ClientHandshake(asyncio.Protocol):
                     "backend": backend,
                     "key_hash": key_hash(self.key) if self.key else "",
                     "status": status,
-                    "duration": 0.0,
+                    "duration": round(asyncio.get_running_loop().time() - self.accepted_at, 3),
                     "reason": reason,
                     "client_cert": self.client_cert,
                 }
@@ -689,7 +695,7 @@ class _ClientHandshake(asyncio.Protocol):
             return
         self.pool = pool
         pool.opened(member, relay)
-        gateway.metrics.active_connections.labels(relay.route_name, member.identity).inc()
+        gateway.metrics.connection_opened(relay.route_name, member.identity)
         relay.start(client_early=bytes(self.early), backend_early=bytes(answer.early))
 
     def _on_relay_closed(self, relay: Relay) -> None:
@@ -697,7 +703,7 @@ class _ClientHandshake(asyncio.Protocol):
         gateway._relays.discard(relay)
         if self.pool is not None:
             self.pool.closed(relay.member, relay)
-            gateway.metrics.active_connections.labels(relay.route_name, relay.member.identity).dec()
+            gateway.metrics.connection_closed(relay.route_name, relay.member.identity)
             gateway._relay_finished(relay, self.client_address, self.client_cert)
         if not gateway._relays:
             gateway._all_closed.set()
