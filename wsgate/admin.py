@@ -1,4 +1,4 @@
-"""The admin HTTP server: /metrics, /healthz, /readyz, /status (aiohttp, never on a traffic port)."""
+"""The admin HTTP server: /metrics, /healthz, /readyz, /status, POST /reload (aiohttp, never on a traffic port)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,14 @@ def build_app(gateway: Gateway) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         return web.json_response(gateway.status())
 
+    async def reload(request: web.Request) -> web.Response:
+        problem = await gateway.reload()
+        if problem is not None:
+            return web.Response(status=400, text=f"reload refused: {problem}\n")
+        return web.Response(text=f"reloaded, config version {gateway.config_version}\n")
+
     app = web.Application()
+    app.router.add_post("/reload", reload)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -172,6 +172,28 @@ class Pool:
         if self._tasks:
             self._sync_probes()
 
+    def adopt(self, previous: Pool) -> None:
+        """Take over `previous`'s live state (a reload): its DNS answers, and the members
+        that stay, with their connections, health and ejection state."""
+        by_target = {
+            backend.dns: previous._resolved[i]
+            for i, backend in enumerate(previous.route.backends)
+            if backend.dns is not None
+        }
+        for i, backend in enumerate(self.route.backends):
+            if backend.dns is not None and backend.dns in by_target:
+                self._resolved[i] = by_target[backend.dns]
+        self._rebuild()
+        kept = {member.identity: member for member in previous.members}
+        members = []
+        for member in self.members:
+            old = kept.get(member.identity)
+            if old is not None:
+                old.weight, old.tls, old.server_name = member.weight, member.tls, member.server_name
+                member = old
+            members.append(member)
+        self.members = members
+
     def set_resolved(self, entry: int, addresses: list[str]) -> bool:
         """Record what `dns` entry `entry` resolved to; True when membership changed."""
         addresses = sorted(set(addresses))

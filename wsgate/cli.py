@@ -76,7 +76,9 @@ def _setup_logging(level: str, fmt: str, access: bool = True) -> None:
 
 
 async def _serve(
-    config: Config, announce: Callable[[Gateway, AdminServer], None] | None = None
+    config: Config,
+    announce: Callable[[Gateway, AdminServer], None] | None = None,
+    config_path: str | None = None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -91,7 +93,15 @@ async def _serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal)
     gateway = Gateway(config)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reload_tls)
+    gateway.config_path = config_path
+    reloads: set[asyncio.Task[str | None]] = set()
+
+    def on_reload_signal() -> None:
+        task = loop.create_task(gateway.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
     admin = AdminServer(gateway)
     try:
         await gateway.start()
@@ -144,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     _setup_logging(args.log_level or config.log.level, config.log.format, config.log.access)
-    return _run_loop(_serve(config))
+    return _run_loop(_serve(config, config_path=args.config))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -644,6 +644,9 @@ class Route(_Model):
     health_check: HealthCheck | None = None
     passive_ejection: _Section[PassiveEjection] = PassiveEjection()
     rebalance: Rebalance | None = None
+    # On reload, connections on a backend that left the route: closed with 1012
+    # spread over shutdown.drain_period, or kept until they end.
+    on_backend_removed: Literal["close", "keep"] = "close"
 
     @field_validator("backends")
     @classmethod

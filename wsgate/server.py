@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .balancer import Member, Pool, random_key
-from .config import Config, Listener
+from .config import Config, Listener, load_config
 from .errors import BackendUnavailable, ConfigError, HandshakeError
 from .frames import CloseCode
 from .handshake import (
@@ -63,6 +63,18 @@ _REJECTION_REASONS = {
     431: "headers_too_large",
     503: "limit",
 }
+
+
+def _relay_settings(config: Config) -> RelaySettings:
+    return RelaySettings(
+        high_water=config.flow_control.high_water,
+        low_water=config.flow_control.low_water,
+        max_message_size=config.limits.max_message_size,
+        close_timeout=config.timeouts.close,
+        heartbeat_interval=config.heartbeat.interval,
+        heartbeat_timeout=config.heartbeat.timeout,
+        idle_timeout=config.timeouts.idle,
+    )
 
 
 def key_hash(key: bytes) -> str:
@@ -104,17 +116,10 @@ class Gateway:
         self.draining = False
         self.loaded_at = time.time()
         self.config_version = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
-        self.relay_settings = RelaySettings(
-            high_water=config.flow_control.high_water,
-            low_water=config.flow_control.low_water,
-            max_message_size=config.limits.max_message_size,
-            close_timeout=config.timeouts.close,
-            heartbeat_interval=config.heartbeat.interval,
-            heartbeat_timeout=config.heartbeat.timeout,
-            idle_timeout=config.timeouts.idle,
-        )
+        self.config_path: str | None = None  # where reload() reads the config from
+        self.relay_settings = _relay_settings(config)
         self._sweeper = Sweeper(sweep_tick(self.relay_settings))
-        self._servers: list[asyncio.Server] = []
+        self._servers: dict[str, asyncio.Server] = {}
         self._connections: set[_ClientHandshake] = set()
         self._relays = self._sweeper.relays
         self._all_closed = asyncio.Event()
@@ -124,7 +129,11 @@ class Gateway:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The (host, port) each listener is bound to, in config order."""
-        return [server.sockets[0].getsockname()[:2] for server in self._servers]
+        return [
+            self._servers[listener.name].sockets[0].getsockname()[:2]
+            for listener in self.config.listeners
+            if listener.name in self._servers
+        ]
 
     @property
     def connection_count(self) -> int:
@@ -137,28 +146,36 @@ class Gateway:
             for pool in self.pools.values():
                 await pool.start()
             for listener in self.config.listeners:
-                tls = self.tls.get(listener.name)
-                server = await loop.create_server(
-                    lambda listener=listener: _ClientHandshake(self, listener),
-                    listener.host,
-                    listener.port,
-                    reuse_address=True,
-                    backlog=1024,
-                )
-                self._servers.append(server)
-                log.info(
-                    "listening on %s:%d (%s%s)",
-                    *server.sockets[0].getsockname()[:2], listener.name, ", TLS" if tls else "",
-                )
+                await self._listen(listener)
             self._start_watching()
             self._flush_task = loop.create_task(self._flush_forever())
         except BaseException:
             await self.close()
             raise
 
+    async def _listen(self, listener: Listener) -> None:
+        name = listener.name
+        server = await asyncio.get_running_loop().create_server(
+            # The listener's current config, so a reload that changes only its TLS
+            # settings applies to new connections without rebinding.
+            lambda: _ClientHandshake(self, self._listener_config(name)),
+            listener.host,
+            listener.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self._servers[listener.name] = server
+        log.info(
+            "listening on %s:%d (%s%s)",
+            *server.sockets[0].getsockname()[:2], listener.name, ", TLS" if listener.tls else "",
+        )
+
+    def _listener_config(self, name: str) -> Listener:
+        return next(listener for listener in self.config.listeners if listener.name == name)
+
     async def close(self) -> None:
         """Stop accepting, close every connection with 1001, drop what is left after `timeouts.close`."""
-        for server in self._servers:
+        for server in self._servers.values():
             server.close()
         for connection in list(self._connections):
             connection.transport.close()
@@ -178,7 +195,7 @@ class Gateway:
                 task.cancel()
         for pool in self.pools.values():
             await pool.stop()
-        for server in self._servers:
+        for server in self._servers.values():
             await server.wait_closed()
 
     async def drain(self) -> None:
@@ -190,20 +207,12 @@ class Gateway:
         loop = asyncio.get_running_loop()
         started = loop.time()
         self.draining = True
-        for server in self._servers:
+        for server in self._servers.values():
             server.close()
         for connection in list(self._connections):
             connection.transport.close()
-        relays = list(self._relays)
-        random.shuffle(relays)
-        log.info("draining %d connections over %.1fs", len(relays), shutdown.drain_period)
-        # One slot per connection, a random moment within each: clients do not all
-        # reconnect at the same instant, and the last close lands within the period.
-        slot = shutdown.drain_period / max(1, len(relays))
-        handles = [
-            loop.call_later(i * slot + random.uniform(0, slot), relay.close, CloseCode.GOING_AWAY, "going away")
-            for i, relay in enumerate(relays)
-        ]
+        log.info("draining %d connections over %.1fs", len(self._relays), shutdown.drain_period)
+        handles = self._spread_closes(list(self._relays), CloseCode.GOING_AWAY, "going away")
         if self._relays:
             self._all_closed.clear()
             try:
@@ -216,6 +225,88 @@ class Gateway:
         for handle in handles:
             handle.cancel()
         await self.close()
+
+    async def reload(self) -> str | None:
+        """Read `config_path` again and apply it; None on success, else why it was refused.
+
+        An invalid file (or certificate) changes nothing: the old config keeps serving.
+        """
+        if self.config_path is None:
+            return "this gateway was not started from a config file"
+        try:
+            config = load_config(self.config_path)
+            tls = listener_contexts(config)
+            pools = {
+                route.name: Pool(route, config.discovery, path=f"routes[{i}]")
+                for i, route in enumerate(config.routes)
+            }
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("failure").inc()
+            log.error("reload refused; keeping the running config and the old certificates: %s", exc)
+            return str(exc)
+        await self._apply(config, tls, pools)
+        self.metrics.config_reloads.labels("success").inc()
+        for name in tls:
+            log.info("listener %s: certificates loaded", name)
+        log.info("reloaded %s (config version %s)", self.config_path, self.config_version)
+        return None
+
+    async def _apply(self, config: Config, tls: dict[str, ListenerTls], pools: dict[str, Pool]) -> None:
+        """Swap in a validated config: new connections follow it, open ones stay put."""
+        old_config, old_pools = self.config, self.pools
+        removed: list[tuple[Relay, bool]] = []  # relays whose backend left, and whether to keep them
+        for name, pool in pools.items():
+            previous = old_pools.get(name)
+            if previous is not None:
+                pool.adopt(previous)
+        for name, previous in old_pools.items():
+            kept = {m.identity for m in pools[name].members} if name in pools else set()
+            keep = previous.route.on_backend_removed == "keep"
+            for member in previous.members:
+                if member.identity not in kept:
+                    removed.extend((relay, keep) for relay in member.relays)
+        # From here on nothing can fail: swap everything at once.
+        self.config, self.tls, self.pools = config, tls, pools
+        self.relay_settings = _relay_settings(config)
+        self._sweeper.tick = sweep_tick(self.relay_settings)
+        self.loaded_at = time.time()
+        self.config_version = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+        for pool in old_pools.values():
+            await pool.stop()
+        for pool in pools.values():
+            await pool.start()
+        await self._apply_listeners(old_config, config)
+        closing = [relay for relay, keep in removed if not keep]
+        if closing:
+            self._spread_closes(closing, CloseCode.SERVICE_RESTART, "backend removed")
+            log.info("closing %d connections on removed backends", len(closing))
+
+    async def _apply_listeners(self, old: Config, new: Config) -> None:
+        """Bind listeners that are new or moved; close those that went; leave the rest alone."""
+        before = {listener.name: listener for listener in old.listeners}
+        after = {listener.name: listener for listener in new.listeners}
+        for name, listener in before.items():
+            if name not in after or after[name].bind != listener.bind:
+                server = self._servers.pop(name, None)
+                if server is not None:
+                    server.close()  # its open connections carry on
+                    log.info("stopped listening on %s (%s)", listener.bind, name)
+        for name, listener in after.items():
+            if name not in self._servers:
+                await self._listen(listener)
+
+    def _spread_closes(self, relays: list[Relay], code: int, reason: str) -> list[asyncio.TimerHandle]:
+        """Close `relays` spread evenly, with jitter, over `shutdown.drain_period`."""
+        loop = asyncio.get_running_loop()
+        relays = list(relays)
+        random.shuffle(relays)
+        # One slot per connection, a random moment within each: clients do not all
+        # reconnect at the same instant, and the last close lands within the period.
+        slot = self.config.shutdown.drain_period / max(1, len(relays))
+        return [
+            loop.call_later(i * slot + random.uniform(0, slot), relay.close, code, reason)
+            for i, relay in enumerate(relays)
+        ]
 
     def reload_tls(self) -> bool:
         """Load every listener's certificates again; new handshakes use them, open ones are untouched.
