@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from datetime import datetime, timezone
 from collections.abc import Callable
@@ -79,6 +80,7 @@ async def _serve(
     config: Config,
     announce: Callable[[Gateway, AdminServer], None] | None = None,
     config_path: str | None = None,
+    sockets: dict[str, socket.socket] | None = None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,6 +96,7 @@ async def _serve(
         loop.add_signal_handler(signum, on_stop_signal)
     gateway = Gateway(config)
     gateway.config_path = config_path
+    gateway.inherited = sockets or {}
     reloads: set[asyncio.Task[str | None]] = set()
 
     def on_reload_signal() -> None:
@@ -125,7 +128,9 @@ async def _serve(
 def _run_loop(main: Any) -> int:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         try:
-            runner.run(main)
+            status = runner.run(main)
+            if isinstance(status, int):
+                return status
         except ConfigError as exc:
             print(f"wsgate: invalid configuration: {exc}", file=sys.stderr)
             return EXIT_CONFIG
@@ -154,7 +159,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     _setup_logging(args.log_level or config.log.level, config.log.format, config.log.access)
+    if config.workers > 1:
+        return _run_loop(_supervise(config, args.config))
     return _run_loop(_serve(config, config_path=args.config))
+
+
+async def _supervise(config: Config, config_path: str) -> int:
+    from .workers import Supervisor
+
+    supervisor = Supervisor(config, config_path, config.workers)
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[int] = loop.create_future()
+
+    def on_stop_signal(signum: int) -> None:
+        if stop.done():
+            log.warning("second stop signal: stopping the workers now")
+            supervisor.forward(signal.SIGKILL)
+            os._exit(EXIT_FAILURE)
+        stop.set_result(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_stop_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.forward, signal.SIGHUP)
+    await supervisor.start()
+    await stop
+    log.info("stop signal: draining %d workers", len(supervisor.workers))
+    return await supervisor.stop(signal.SIGTERM)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .workers import worker_main
+
+    return worker_main(args.config, args.index, args.report_fd, args.listen or [])
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -267,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--key", action="append", metavar="VALUE", help="a key (repeatable)")
     explain.add_argument("--keys", metavar="FILE", help="a file with one key per line")
     explain.set_defaults(handler=cmd_explain)
+
+    # Started by the supervisor when `workers` > 1; not for people.
+    worker = commands.add_parser("_worker", help=argparse.SUPPRESS)
+    worker.add_argument("-c", "--config", required=True)
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--report-fd", type=int, required=True)
+    worker.add_argument("--listen", action="append")
+    worker.set_defaults(handler=cmd_worker)
 
     demo = commands.add_parser("demo", help="the gateway with two built-in echo backends")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")

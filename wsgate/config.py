@@ -741,10 +741,18 @@ class Log(_Model):
     access: bool = True
 
 
+def _worker_count(value: object) -> object:
+    if value == "auto":
+        return os.cpu_count() or 1
+    return value
+
+
 class Config(_Model):
     """The whole configuration file."""
 
     listeners: list[Listener] = Field(min_length=1)
+    # Worker processes sharing the listeners; "auto" = one per CPU.
+    workers: Annotated[_Int, BeforeValidator(_worker_count), _between(1, 256)] = 1
     admin: _Section[Admin] = Admin()
     routes: list[Route] = Field(min_length=1)
     timeouts: _Section[Timeouts] = Timeouts()

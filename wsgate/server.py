@@ -117,6 +117,8 @@ class Gateway:
         self.loaded_at = time.time()
         self.config_version = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
         self.config_path: str | None = None  # where reload() reads the config from
+        # Listening sockets handed over by a supervisor, by listener name (workers > 1).
+        self.inherited: dict[str, socket.socket] = {}
         self.relay_settings = _relay_settings(config)
         self._sweeper = Sweeper(sweep_tick(self.relay_settings))
         self._servers: dict[str, asyncio.Server] = {}
@@ -155,15 +157,20 @@ class Gateway:
 
     async def _listen(self, listener: Listener) -> None:
         name = listener.name
-        server = await asyncio.get_running_loop().create_server(
+
+        def protocol() -> _ClientHandshake:
             # The listener's current config, so a reload that changes only its TLS
             # settings applies to new connections without rebinding.
-            lambda: _ClientHandshake(self, self._listener_config(name)),
-            listener.host,
-            listener.port,
-            reuse_address=True,
-            backlog=1024,
-        )
+            return _ClientHandshake(self, self._listener_config(name))
+
+        loop = asyncio.get_running_loop()
+        inherited = self.inherited.get(name)
+        if inherited is not None:
+            server = await loop.create_server(protocol, sock=inherited, backlog=1024)
+        else:
+            server = await loop.create_server(
+                protocol, listener.host, listener.port, reuse_address=True, backlog=1024
+            )
         self._servers[listener.name] = server
         log.info(
             "listening on %s:%d (%s%s)",
@@ -285,6 +292,11 @@ class Gateway:
         """Bind listeners that are new or moved; close those that went; leave the rest alone."""
         before = {listener.name: listener for listener in old.listeners}
         after = {listener.name: listener for listener in new.listeners}
+        if self.inherited:
+            # A supervisor owns the sockets (workers > 1): they change with a restart only.
+            if {n: l.bind for n, l in before.items()} != {n: l.bind for n, l in after.items()}:
+                log.warning("listener changes take a restart when workers > 1; listeners unchanged")
+            return
         for name, listener in before.items():
             if name not in after or after[name].bind != listener.bind:
                 server = self._servers.pop(name, None)
