@@ -531,7 +531,7 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
     ("data", "path", "allowed"),
     [
         (with_("bogus", 1), "bogus",
-         "listeners, admin, routes, timeouts, heartbeat, limits, flow_control, shutdown, discovery, log"),
+         "listeners, workers, admin, routes, timeouts, heartbeat, limits, flow_control, shutdown, discovery, log"),
         (with_("listeners.0.port", 1), "listeners[0].port", "name, bind, tls"),
         (with_("listeners.0.tls", {"cert": "c", "key": "k", "ca": "x"}), "listeners[0].tls.ca",
          "cert, key, sni, min_version, client_ca, client_auth, forward_client_cert, watch_interval"),
@@ -704,6 +704,7 @@ def test_example_file_shows_the_defaults() -> None:
     defaults = parse_config(
         {"listeners": [{"bind": "127.0.0.1:8080"}], "routes": [{"name": "r", "backends": [{"url": "ws://x"}]}]}
     )
+    assert config.workers == defaults.workers
     for section in ("admin", "timeouts", "heartbeat", "limits", "flow_control", "shutdown", "discovery", "log"):
         assert getattr(config, section) == getattr(defaults, section), section
     route, default_route = config.routes[0], defaults.routes[0]
