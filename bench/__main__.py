@@ -32,7 +32,7 @@ from .scenarios import (
     Scenario,
     run,
 )
-from .targets import ALL_TARGETS, REPO, Backend, StartError, Target
+from .targets import ALL_TARGETS, DEFAULT_TARGETS, REPO, Backend, StartError, Target, make_test_certs
 from .wire import raise_nofile
 
 
@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 repetition, short windows, 1,000 idle connections")
     parser.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --quick)")
-    parser.add_argument("--targets", default=",".join(ALL_TARGETS),
-                        help=f"comma-separated subset of {','.join(ALL_TARGETS)}")
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                        help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default %(default)s)")
     parser.add_argument("--scenarios", default=",".join(s.name for s in SCENARIOS),
                         help=f"comma-separated subset of {','.join(s.name for s in SCENARIOS)}")
     parser.add_argument("--procs", type=int, default=worker_count(),
@@ -129,8 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         except StartError as exc:
             print(f"bench: the echo backend did not start: {exc}\n{exc.log}", file=sys.stderr)
             return 1
+        missing = {target.name: target.missing() for target in targets}
+        if any(target.tls and missing[target.name] is None for target in targets):
+            # One certificate for every TLS target, made now (the clients get the CA in their jobs).
+            certs = make_test_certs(workdir)
+            for target in targets:
+                target.certs = certs if target.tls else None
         for target in targets:
-            reason = target.missing()
+            reason = missing[target.name]
             if reason is not None:
                 unavailable[target.name] = {"na": reason}
                 print(f"bench: {target.name} is n/a: {reason}", file=sys.stderr)
@@ -190,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         logs.mkdir(exist_ok=True)
         for log in workdir.glob("*.log"):
             shutil.copy(log, logs / log.name)
-        for config in ("wsgate.yaml", "haproxy.cfg", "Caddyfile", "nginx/nginx.conf", "nginx/error.log"):
+        for config in ("wsgate.yaml", "wsgate-tls.yaml", "haproxy.cfg", "Caddyfile", "nginx/nginx.conf",
+                       "nginx/error.log", "nginx-tls/nginx.conf", "nginx-tls/error.log"):
             if (workdir / config).exists():
                 shutil.copy(workdir / config, logs / config.replace("/", "-"))
         shutil.rmtree(workdir, ignore_errors=True)

@@ -3,7 +3,9 @@
 No WebSocket library: every frame a client sends is built once per job (with
 the zero mask key, so echoes are byte-identical) and then only sliced, and
 replies are counted per read, not per message: every reply frame of a job has
-the same known size, so replies = bytes received // reply size.
+the same known size, so replies = bytes received // reply size. Over TLS
+(`Job.tls_ca` set) the clients are the same: the loop's TLS transport hands
+them the decrypted bytes, read by read.
 
 The coordinator (`LoadGen`) gives each worker process its share of the
 connections. A job goes: setup (connect and upgrade everything) -> "ready" ->
@@ -21,6 +23,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from typing import Any, cast
 
 import uvloop
 
+from .targets import client_context
 from .wire import (
     OP_CLOSE,
     SMALL_PAYLOAD,
@@ -64,13 +68,23 @@ class Job:
     sources: tuple[str, ...] = ("127.0.0.1",)
     first_source: int = 0
     host: str = "127.0.0.1"
+    # TLS: the PEM of the CA to trust ("" for plain TCP) and the name to ask for and check.
+    tls_ca: str = ""
+    server_name: str = ""
 
 
 class ClientError(Exception):
     """A peer answered something unexpected."""
 
 
+@functools.cache
+def _tls_context(ca_pem: str) -> ssl.SSLContext:
+    """One client context per worker and CA, shared by all its connections (as a client library would)."""
+    return client_context(ca_pem)
+
+
 async def _connect(factory: Callable[[], asyncio.Protocol], job: Job, index: int) -> asyncio.Transport:
+    """A connection from the job's next source address; for TLS jobs, once the TLS handshake is done."""
     loop = asyncio.get_running_loop()
     source = job.sources[(job.first_source + index) % len(job.sources)]
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -84,7 +98,11 @@ async def _connect(factory: Callable[[], asyncio.Protocol], job: Job, index: int
     except BaseException:
         sock.close()
         raise
-    transport, _ = await loop.create_connection(factory, sock=sock)
+    if not job.tls_ca:
+        transport, _ = await loop.create_connection(factory, sock=sock)
+        return transport
+    transport, _ = await loop.create_connection(
+        factory, sock=sock, ssl=_tls_context(job.tls_ca), server_hostname=job.server_name)
     return transport
 
 

@@ -19,6 +19,9 @@ from .targets import PEERS, Target
 # {"rep": r, "ok": True, <metrics>...}, {"rep": r, "ok": False, "error": why} or {"rep": r, "na": why}.
 Runs = dict[str, dict[str, list[dict[str, Any]]]]
 Stat = tuple[float, float, float]  # median, min, max
+# Extra ratio columns, numerator ÷ denominator, shown when both targets were selected:
+# each proxy over TLS against itself over plain TCP, then wsgate against nginx, both over TLS.
+TLS_RATIOS = (("wsgate-tls", "wsgate"), ("nginx-tls", "nginx"), ("wsgate-tls", "nginx-tls"))
 
 
 def _package(name: str) -> str:
@@ -102,7 +105,9 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def markdown(runs: Runs, target_names: list[str], scenarios: list[Scenario]) -> str:
     medians = stats(runs)
-    head = ["scenario", "metric", *target_names, "wsgate/nginx", "wsgate/best peer", "wsgate/direct"]
+    tls_ratios = [(a, b) for a, b in TLS_RATIOS if a in target_names and b in target_names]
+    head = ["scenario", "metric", *target_names, "wsgate/nginx", "wsgate/best peer", "wsgate/direct",
+            *(f"{a}/{b}" for a, b in tls_ratios)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for scenario in scenarios:
         for metric in scenario.metrics:
@@ -122,7 +127,8 @@ def markdown(runs: Runs, target_names: list[str], scenarios: list[Scenario]) -> 
                 best = f"{ratio} ({chosen[1]})" if ratio != "–" else "–"
             versus_direct = "–" if metric.proxy_only else _ratio(value("wsgate"), value("direct"))
             row = [scenario.name, f"{metric.label} {arrow}", *cells,
-                   _ratio(value("wsgate"), value("nginx")), best or "–", versus_direct]
+                   _ratio(value("wsgate"), value("nginx")), best or "–", versus_direct,
+                   *(_ratio(value(a), value(b)) for a, b in tls_ratios)]
             lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append("Cells are medians over the repetitions. Ratios are wsgate ÷ the other: for ↑ metrics "
@@ -130,6 +136,17 @@ def markdown(runs: Runs, target_names: list[str], scenarios: list[Scenario]) -> 
                  + ", ".join(PEERS) + ". GB/s = 10^9 bytes of message payload received by the clients "
                  "per second (for echoes: the echoed messages only, one direction). Latency added over direct "
                  "is the target's median minus direct's; within the noise it can come out negative.")
+    if any(name.endswith("-tls") for name in target_names):
+        lines.append("")
+        lines.append("The -tls targets terminate TLS from the clients (the backend leg stays plain ws://): "
+                     "every connection makes a full handshake (no session resumption) with the same test "
+                     "certificate, and handshakes/s and sessions/s include it. The load generator speaks TLS "
+                     "too, so it shares the CPUs with the proxy and may become the limit (see the warnings).")
+    if tls_ratios:
+        lines.append("X-tls/X is the proxy over TLS ÷ itself over plain TCP: for ↑ metrics the share of its "
+                     "plain-TCP rate it keeps, for ↓ metrics (CPU, memory) the factor TLS multiplies its cost by."
+                     + (" wsgate-tls/nginx-tls reads like wsgate/nginx, both over TLS."
+                        if ("wsgate-tls", "nginx-tls") in tls_ratios else ""))
     return "\n".join(lines)
 
 

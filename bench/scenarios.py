@@ -11,7 +11,7 @@ from typing import Any
 
 from . import procstat
 from .loadgen import Job, LoadGen, split
-from .targets import HOST, Target
+from .targets import HOST, Target, client_context
 from .wire import (
     OP_BINARY,
     OP_CLOSE,
@@ -132,8 +132,22 @@ def _recv_exactly(sock: socket.socket, count: int, buffered: bytes) -> tuple[byt
     return bytes(data[:count]), bytes(data[count:])
 
 
-def _upgrade(port: int, path: str) -> tuple[socket.socket, bytes]:
-    sock = socket.create_connection((HOST, port), timeout=10)
+def _open(target: Target) -> socket.socket:
+    """A blocking connection to the target, over TLS for TLS targets."""
+    sock = socket.create_connection((HOST, target.port), timeout=10)
+    if not target.tls:
+        return sock
+    assert target.certs is not None
+    try:
+        return client_context(target.certs.ca_pem).wrap_socket(sock, server_hostname=target.certs.server_name)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _upgrade(target: Target, path: str) -> tuple[socket.socket, bytes]:
+    port = target.port
+    sock = _open(target)
     key = new_key()
     sock.sendall(upgrade_request(HOST, port, path, key))
     data = b""
@@ -150,8 +164,8 @@ def _upgrade(port: int, path: str) -> tuple[socket.socket, bytes]:
     return sock, rest
 
 
-def _check_echo(port: int, path: str, payload: bytes, mask_key: bytes) -> None:
-    sock, rest = _upgrade(port, path)
+def _check_echo(target: Target, path: str, payload: bytes, mask_key: bytes) -> None:
+    sock, rest = _upgrade(target, path)
     with sock:
         sock.sendall(client_frame(payload, OP_BINARY, mask_key))
         want = server_frame(payload)
@@ -165,8 +179,8 @@ def _check_echo(port: int, path: str, payload: bytes, mask_key: bytes) -> None:
             raise CheckFailed(f"{path}: bad close handshake reply {got!r}")
 
 
-def _check_push(port: int, path: str, size: int) -> None:
-    sock, rest = _upgrade(port, path)
+def _check_push(target: Target, path: str, size: int) -> None:
+    sock, rest = _upgrade(target, path)
     with sock:
         want = server_frame(push_payload(size))
         got, _ = _recv_exactly(sock, len(want), rest)
@@ -177,12 +191,12 @@ def _check_push(port: int, path: str, size: int) -> None:
 def check(scenario: Scenario, target: Target) -> None:
     """One message through the target, compared byte for byte, before any figure is taken."""
     if scenario.kind == "push":
-        _check_push(target.port, scenario.path, scenario.size)
+        _check_push(target, scenario.path, scenario.size)
         return
     # A random payload under a random mask: whatever the proxy does to frames, the payload must come back.
-    _check_echo(target.port, "/echo", os.urandom(scenario.size), os.urandom(4))
+    _check_echo(target, "/echo", os.urandom(scenario.size), os.urandom(4))
     if scenario.path == "/echo32":
-        _check_echo(target.port, "/echo32", SMALL_PAYLOAD, ZERO_MASK)
+        _check_echo(target, "/echo32", SMALL_PAYLOAD, ZERO_MASK)
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -237,12 +251,14 @@ class Context:
 
 def _jobs(ctx: Context, scenario: Scenario, target: Target, conns: int, window: float) -> list[Job]:
     shares = split(conns, ctx.procs)
+    certs = target.certs if target.tls else None
     jobs, first = [], 0
     for share in shares:
         jobs.append(Job(
             kind=scenario.kind, port=target.port, path=scenario.path, conns=share, size=scenario.size,
             depth=scenario.depth, rate=scenario.rate, warmup=ctx.timing.warmup, window=window,
             sources=ctx.sources, first_source=first,
+            tls_ca=certs.ca_pem if certs else "", server_name=certs.server_name if certs else "",
         ))
         first += share
     return jobs

@@ -4,18 +4,24 @@ Our Python servers bind port 0 and print the port; nginx, HAProxy and Caddy
 get a port found free by binding 0 and closing, and are ready once they accept
 TCP. Every process runs in its own session, so stopping it kills its whole
 process group (nginx's worker with its master).
+
+The `-tls` targets terminate TLS toward the clients (the backend leg stays
+plain ws://) with a certificate made by trustme when the benchmark starts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import procstat
@@ -135,11 +141,68 @@ def _version(argv: list[str]) -> str:
     return text.splitlines()[0] if text else "unknown"
 
 
+# -- TLS --------------------------------------------------------------------------
+
+SERVER_NAME = "localhost"  # the name clients ask for (SNI) and check the certificate against
+
+
+@dataclass(frozen=True)
+class TestCerts:
+    """A throwaway CA and a server certificate it signed, as files for the proxies."""
+
+    ca_pem: str  # the CA certificate, which the clients trust
+    cert: Path  # the server certificate and its chain, PEM
+    key: Path
+    description: str
+    server_name: str = SERVER_NAME
+
+
+def make_test_certs(workdir: Path) -> TestCerts:
+    """A new CA and a certificate for localhost and 127.0.0.1 (ECDSA P-256, trustme's default)."""
+    import trustme
+
+    ca = trustme.CA(organization_name="wsgate bench")
+    leaf = ca.issue_cert(SERVER_NAME, HOST)
+    folder = workdir / "tls"
+    folder.mkdir(exist_ok=True)
+    cert, key = folder / "server.pem", folder / "server.key"
+    leaf.private_key_pem.write_to_path(str(key))
+    with open(cert, "wb") as f:
+        for blob in leaf.cert_chain_pems:
+            f.write(blob.bytes())
+    return TestCerts(ca_pem=ca.cert_pem.bytes().decode(), cert=cert, key=key,
+                     description="ECDSA P-256 certificate from a test CA (trustme)")
+
+
+def client_context(ca_pem: str) -> ssl.SSLContext:
+    """What the benchmark's clients use: TLS 1.2+, the chain and host name checked against the test CA.
+
+    Every connection makes a full handshake: nothing hands a session back for resumption.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cadata=ca_pem)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def _negotiated(port: int, certs: TestCerts) -> str:
+    """The protocol and cipher a client gets from the listener on `port`."""
+    try:
+        with socket.create_connection((HOST, port), timeout=5) as raw, \
+                client_context(certs.ca_pem).wrap_socket(raw, server_hostname=certs.server_name) as sock:
+            cipher = sock.cipher()
+            return f"{sock.version()} {cipher[0] if cipher else '?'}"
+    except (OSError, ssl.SSLError) as exc:
+        return f"no TLS handshake ({exc})"
+
+
 class Target:
     """A way to reach the backend: a proxy process, or nothing (direct)."""
 
     name = "?"
     binary: str | None = None  # an external program it needs
+    tls = False  # clients connect with TLS, using `certs`
 
     def __init__(self, fd_limit: int = 1 << 20) -> None:
         self.port = 0
@@ -149,15 +212,32 @@ class Target:
         self.fd_limit = fd_limit
         self.backend_port = 0
         self.workdir: Path | None = None
+        self.certs: TestCerts | None = None  # set before `launch` for TLS targets
 
     def missing(self) -> str | None:
         """Why this target cannot run here, or None."""
         if self.binary and find_binary(self.binary) is None:
             return f"{self.binary} is not installed"
+        if self.tls:
+            try:
+                import trustme  # noqa: F401
+            except ImportError:
+                return "trustme is not installed (pip install -e '.[bench]')"
         return None
 
     def version(self) -> str:
         return ""
+
+    def tls_version(self, base: str) -> str:
+        """`base` plus what a client negotiates with this TLS listener."""
+        if self.certs is None or not self.port:
+            return base
+        return f"{base}; TLS: {_negotiated(self.port, self.certs)}, {self.certs.description}"
+
+    def _certs(self) -> TestCerts:
+        if self.certs is None:
+            raise StartError(f"{self.name} needs the test certificates", "")
+        return self.certs
 
     def start(self, backend_port: int, workdir: Path) -> None:
         raise NotImplementedError
@@ -206,11 +286,14 @@ class Wsgate(Target):
     def version(self) -> str:
         return _version([sys.executable, "-m", "wsgate", "--version"])
 
+    def listener(self) -> str:
+        return "listeners:\n  - name: bench\n    bind: 127.0.0.1:0\n"
+
     def start(self, backend_port: int, workdir: Path) -> None:
-        config = workdir / "wsgate.yaml"
+        config = workdir / f"{self.name}.yaml"
         config.write_text(
             "# Written by the benchmark: one listener, one route, limits out of the way.\n"
-            "listeners:\n  - name: bench\n    bind: 127.0.0.1:0\n"
+            + self.listener() +
             "admin:\n  enabled: false\n"
             f"routes:\n  - name: bench\n    backends:\n      - url: ws://{HOST}:{backend_port}\n"
             "timeouts: {handshake: 10s, connect: 5s, idle: 0, close: 5s}\n"
@@ -219,8 +302,23 @@ class Wsgate(Target):
             "shutdown: {drain_period: 1s, grace_period: 2s}\n"
             "log: {level: info, format: text}\n"
         )
-        self.proc = Proc("wsgate", [sys.executable, "-m", "wsgate", "run", "-c", str(config)], workdir)
+        self.proc = Proc(self.name, [sys.executable, "-m", "wsgate", "run", "-c", str(config)], workdir)
         self.port = self.proc.wait_for_port()
+
+
+class WsgateTls(Wsgate):
+    """wsgate with a TLS listener (wss://), TLS 1.2 at least, as its README describes."""
+
+    name = "wsgate-tls"
+    tls = True
+
+    def version(self) -> str:
+        return self.tls_version(super().version())
+
+    def listener(self) -> str:
+        certs = self._certs()
+        return (f"{super().listener()}    tls:\n"
+                f"      cert: {json.dumps(str(certs.cert))}\n      key: {json.dumps(str(certs.key))}\n")
 
 
 class Naive(Target):
@@ -244,8 +342,11 @@ class Nginx(Target):
     def version(self) -> str:
         return _version([find_binary("nginx") or "nginx", "-v"])
 
+    def listen(self) -> str:
+        return f"        listen {HOST}:{self.port};\n"
+
     def start(self, backend_port: int, workdir: Path) -> None:
-        prefix = workdir / "nginx"
+        prefix = workdir / self.name
         prefix.mkdir(exist_ok=True)
         self.port = free_port()
         # nginx only honours `user` when started as root; elsewhere it would just warn.
@@ -260,7 +361,7 @@ class Nginx(Target):
             "http {\n"
             "    access_log off;\n"
             f"    client_body_temp_path {prefix}/body;\n    proxy_temp_path {prefix}/proxy;\n"
-            f"    server {{\n        listen {HOST}:{self.port};\n"
+            "    server {\n" + self.listen() +
             "        location / {\n"
             f"            proxy_pass http://{HOST}:{backend_port};\n"
             "            proxy_http_version 1.1;\n"
@@ -271,8 +372,24 @@ class Nginx(Target):
         )
         binary = find_binary("nginx") or "nginx"
         argv = [binary, "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
-        self.proc = Proc("nginx", argv, workdir)
+        self.proc = Proc(self.name, argv, workdir)
         self.proc.wait_for_tcp(self.port)
+
+
+class NginxTls(Nginx):
+    """nginx terminating TLS with the same certificate, TLS 1.2 and 1.3 as wsgate-tls offers."""
+
+    name = "nginx-tls"
+    tls = True
+
+    def version(self) -> str:
+        return self.tls_version(super().version())
+
+    def listen(self) -> str:
+        certs = self._certs()
+        return (f"        listen {HOST}:{self.port} ssl;\n"
+                f"        ssl_certificate {certs.cert};\n        ssl_certificate_key {certs.key};\n"
+                "        ssl_protocols TLSv1.2 TLSv1.3;\n")
 
 
 class Haproxy(Target):
@@ -325,7 +442,10 @@ class Caddy(Target):
 
 
 ALL_TARGETS: dict[str, type[Target]] = {
-    cls.name: cls for cls in (Wsgate, Nginx, Haproxy, Caddy, Naive, Direct)
+    cls.name: cls for cls in (Wsgate, WsgateTls, Nginx, NginxTls, Haproxy, Caddy, Naive, Direct)
 }
+# What runs without --targets: all but nginx-tls, the TLS peer, which is opt-in (each
+# target adds about a sixth to the run's length).
+DEFAULT_TARGETS = tuple(name for name in ALL_TARGETS if name != "nginx-tls")
 # The proxies wsgate is compared with ("best peer" picks among these).
 PEERS = ("nginx", "haproxy", "caddy", "aiohttp-naive")
