@@ -185,11 +185,21 @@ class Pool:
                 self._resolved[i] = by_target[backend.dns]
         self._rebuild()
         kept = {member.identity: member for member in previous.members}
+        check, policy = self.route.health_check, self.route.passive_ejection
         members = []
         for member in self.members:
             old = kept.get(member.identity)
             if old is not None:
                 old.weight, old.tls, old.server_name = member.weight, member.tls, member.server_name
+                # The new route's checks: none means no probe would ever bring it back.
+                if check is None:
+                    old.checks, old.healthy = None, True
+                elif old.checks is None:
+                    old.checks = member.checks
+                else:
+                    old.checks.rise, old.checks.fall = check.healthy_threshold, check.unhealthy_threshold
+                assert old.backoff is not None
+                old.backoff.base, old.backoff.cap = policy.backoff, policy.max_backoff
                 member = old
             members.append(member)
         self.members = members

@@ -117,6 +117,7 @@ class Gateway:
         self.loaded_at = time.time()
         self.config_version = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
         self.config_path: str | None = None  # where reload() reads the config from
+        self._reload_lock = asyncio.Lock()
         # Listening sockets handed over by a supervisor, by listener name (workers > 1).
         self.inherited: dict[str, socket.socket] = {}
         self.relay_settings = _relay_settings(config)
@@ -155,7 +156,19 @@ class Gateway:
             await self.close()
             raise
 
-    async def _listen(self, listener: Listener) -> None:
+    async def _listen(self, listener: Listener, server: asyncio.Server | None = None) -> None:
+        """Accept on `listener`: on `server` if given (bound by `_bind`), else on a new one."""
+        if server is None:
+            server = await self._bind(listener)
+        else:
+            await server.start_serving()
+        self._servers[listener.name] = server
+        log.info(
+            "listening on %s:%d (%s%s)",
+            *server.sockets[0].getsockname()[:2], listener.name, ", TLS" if listener.tls else "",
+        )
+
+    async def _bind(self, listener: Listener, start_serving: bool = True) -> asyncio.Server:
         name = listener.name
 
         def protocol() -> _ClientHandshake:
@@ -166,15 +179,16 @@ class Gateway:
         loop = asyncio.get_running_loop()
         inherited = self.inherited.get(name)
         if inherited is not None:
-            server = await loop.create_server(protocol, sock=inherited, backlog=1024)
-        else:
-            server = await loop.create_server(
-                protocol, listener.host, listener.port, reuse_address=True, backlog=1024
+            return await loop.create_server(
+                protocol, sock=inherited, backlog=1024, start_serving=start_serving
             )
-        self._servers[listener.name] = server
-        log.info(
-            "listening on %s:%d (%s%s)",
-            *server.sockets[0].getsockname()[:2], listener.name, ", TLS" if listener.tls else "",
+        return await loop.create_server(
+            protocol,
+            listener.host,
+            listener.port,
+            reuse_address=True,
+            backlog=1024,
+            start_serving=start_serving,
         )
 
     def _listener_config(self, name: str) -> Listener:
@@ -240,6 +254,12 @@ class Gateway:
         """
         if self.config_path is None:
             return "this gateway was not started from a config file"
+        # Two quick SIGHUPs must not interleave inside _apply, which awaits.
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> str | None:
+        assert self.config_path is not None
         try:
             config = load_config(self.config_path)
             tls = listener_contexts(config)
@@ -247,18 +267,50 @@ class Gateway:
                 route.name: Pool(route, config.discovery, path=f"routes[{i}]")
                 for i, route in enumerate(config.routes)
             }
+            # New and moved listeners are bound (not yet accepting) before anything
+            # changes: an address in use refuses the reload instead of losing a listener.
+            bound = await self._bind_listeners(config)
         except ConfigError as exc:
             self.metrics.config_reloads.labels("failure").inc()
             log.error("reload refused; keeping the running config and the old certificates: %s", exc)
             return str(exc)
-        await self._apply(config, tls, pools)
+        await self._apply(config, tls, pools, bound)
         self.metrics.config_reloads.labels("success").inc()
         for name in tls:
             log.info("listener %s: certificates loaded", name)
         log.info("reloaded %s (config version %s)", self.config_path, self.config_version)
         return None
 
-    async def _apply(self, config: Config, tls: dict[str, ListenerTls], pools: dict[str, Pool]) -> None:
+    async def _bind_listeners(self, config: Config) -> dict[str, asyncio.Server]:
+        """Bind the listeners of `config` that are new or moved, without accepting yet."""
+        if self.inherited:
+            return {}  # a supervisor owns the sockets; see _apply_listeners
+        current = {listener.name: listener.bind for listener in self.config.listeners}
+        bound: dict[str, asyncio.Server] = {}
+        try:
+            for i, listener in enumerate(config.listeners):
+                if current.get(listener.name) != listener.bind:
+                    try:
+                        bound[listener.name] = await self._bind(listener, start_serving=False)
+                    except OSError as exc:
+                        raise ConfigError(
+                            f"listeners[{i}].bind",
+                            f"cannot listen on {listener.bind}: {exc.strerror or exc}",
+                            self.config_path,
+                        ) from exc
+        except BaseException:
+            for server in bound.values():
+                server.close()
+            raise
+        return bound
+
+    async def _apply(
+        self,
+        config: Config,
+        tls: dict[str, ListenerTls],
+        pools: dict[str, Pool],
+        bound: dict[str, asyncio.Server],
+    ) -> None:
         """Swap in a validated config: new connections follow it, open ones stay put."""
         old_config, old_pools = self.config, self.pools
         removed: list[tuple[Relay, bool]] = []  # relays whose backend left, and whether to keep them
@@ -282,14 +334,15 @@ class Gateway:
             await pool.stop()
         for pool in pools.values():
             await pool.start()
-        await self._apply_listeners(old_config, config)
+        await self._apply_listeners(old_config, config, bound)
         closing = [relay for relay, keep in removed if not keep]
         if closing:
             self._spread_closes(closing, CloseCode.SERVICE_RESTART, "backend removed")
             log.info("closing %d connections on removed backends", len(closing))
 
-    async def _apply_listeners(self, old: Config, new: Config) -> None:
-        """Bind listeners that are new or moved; close those that went; leave the rest alone."""
+    async def _apply_listeners(self, old: Config, new: Config, bound: dict[str, asyncio.Server]) -> None:
+        """Start listeners that are new or moved (bound by `_bind_listeners`); close those
+        that went; leave the rest alone."""
         before = {listener.name: listener for listener in old.listeners}
         after = {listener.name: listener for listener in new.listeners}
         if self.inherited:
@@ -305,7 +358,7 @@ class Gateway:
                     log.info("stopped listening on %s (%s)", listener.bind, name)
         for name, listener in after.items():
             if name not in self._servers:
-                await self._listen(listener)
+                await self._listen(listener, bound.get(name))
 
     def _spread_closes(self, relays: list[Relay], code: int, reason: str) -> list[asyncio.TimerHandle]:
         """Close `relays` spread evenly, with jitter, over `shutdown.drain_period`."""
