@@ -235,12 +235,6 @@ class Pool:
             skip.add(index)
             yield members[index]
 
-    def owner(self, key: bytes, now: float) -> Member | None:
-        """The member that a new connection with `key` would go to first, ignoring loads."""
-        skip = {i for i, member in enumerate(self.members) if not member.available(now)}
-        index = self.ring.pick(key, skip=skip)
-        return None if index is None else self.members[index]
-
     # -- outcomes -------------------------------------------------------------------
 
     def on_connected(self, member: Member) -> None:

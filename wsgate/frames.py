@@ -305,9 +305,6 @@ class FrameScanner:
         """True from the first frame of a fragmented message to the end of its last."""
         return self._fragmented or (self._remaining > 0 and self._last_continuation)
 
-    def receive_eof(self) -> None:
-        """The peer closed; the relay judges an abrupt end by `at_boundary`."""
-
     def receive_data(self, data: bytes) -> bytes | list:
         """What to forward now: `data` itself, or a list of bytes, ControlFrames and BOUNDARY.
 
