@@ -180,7 +180,7 @@ async def _supervise(config: Config, config_path: str) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, supervisor.forward, signal.SIGHUP)
+    loop.add_signal_handler(signal.SIGHUP, lambda: supervisor.forward(signal.SIGHUP, ready_only=True))
     await supervisor.start()
     await stop
     log.info("stop signal: draining %d workers", len(supervisor.workers))

@@ -23,7 +23,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,6 +43,8 @@ _GAUGE_COMBINE = {
     "process_max_fds": min,
 }
 _RESTART_BACKOFF_CAP = 30.0
+# A worker that ran this long before dying restarts at once, not after a grown backoff.
+_STABLE_UPTIME = 60.0
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -63,7 +67,10 @@ class Worker:
         self.sockets = sockets
         self.process: asyncio.subprocess.Process | None = None
         self.admin_port: int | None = None
-        self.restarts = 0
+        self.ready = False  # serving, with its signal handlers in place
+        self.started_at = 0.0
+        self.restarts = 0  # in all
+        self.crashes = 0  # in a row, each soon after starting: what the backoff grows with
 
 
 class Supervisor:
@@ -109,6 +116,8 @@ class Supervisor:
         ]
         for name, fd in fds.items():
             argv += ["--listen", f"{name}={fd}"]
+        worker.ready = False
+        worker.started_at = asyncio.get_running_loop().time()
         # A session of its own: a terminal's Ctrl-C reaches the supervisor only,
         # which forwards one signal, rather than every worker twice.
         worker.process = await asyncio.create_subprocess_exec(
@@ -120,6 +129,7 @@ class Supervisor:
         with os.fdopen(read_fd, "rb") as report:
             line = await loop.run_in_executor(None, report.readline)
         worker.admin_port = int(line) if line.strip() else None
+        worker.ready = worker.admin_port is not None
         task = loop.create_task(self._watch(worker))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -130,23 +140,39 @@ class Supervisor:
         status = await worker.process.wait()
         if self.stopping:
             return
+        worker.ready = False
         worker.restarts += 1
-        delay = min(_RESTART_BACKOFF_CAP, 0.1 * 2 ** min(worker.restarts - 1, 10))
+        if asyncio.get_running_loop().time() - worker.started_at > _STABLE_UPTIME:
+            worker.crashes = 0  # it had been running fine: no reason to wait long
+        worker.crashes += 1
+        delay = min(_RESTART_BACKOFF_CAP, 0.1 * 2 ** min(worker.crashes - 1, 10))
         log.error("worker %d exited with status %s; starting it again in %.1fs", worker.index, status, delay)
         await asyncio.sleep(delay)
         if not self.stopping:
             await self._spawn(worker)
 
-    def forward(self, signum: int) -> None:
+    def forward(self, signum: int, *, ready_only: bool = False) -> None:
+        """Send `signum` to the running workers (with `ready_only`, to those past start-up:
+        a SIGHUP would kill one whose handlers are not in place yet, and it reads the
+        current file anyway)."""
         for worker in self.workers:
             if worker.process is not None and worker.process.returncode is None:
-                worker.process.send_signal(signum)
+                if worker.ready or not ready_only:
+                    worker.process.send_signal(signum)
 
     async def stop(self, signum: int = signal.SIGTERM) -> int:
-        """Forward `signum` (workers drain), wait for them; the exit status for the supervisor."""
+        """Forward `signum` (workers drain), wait for them; the exit status for the supervisor.
+
+        Only workers that were serving count: one that had died, or was still starting
+        (and so had no connections to drain), does not make the exit a failure.
+        """
         self.stopping = True
+        serving = [w for w in self.workers if w.ready and w.process and w.process.returncode is None]
         self.forward(signum)
-        statuses = [await w.process.wait() for w in self.workers if w.process is not None]
+        for worker in self.workers:
+            if worker.process is not None:
+                await worker.process.wait()
+        statuses = [worker.process.returncode for worker in serving if worker.process]
         for task in list(self._watchers):
             task.cancel()
         if self._runner is not None:
@@ -181,8 +207,12 @@ class Supervisor:
             texts = [body for status, body in await self._ask("/metrics") if status == 200]
             registry = CollectorRegistry()
             registry.register(_Summed(texts))
-            response = web.Response(body=generate_latest(registry))
-            response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+            if "application/openmetrics-text" in request.headers.get("Accept", ""):
+                body, content_type = generate_openmetrics(registry), OPENMETRICS_TYPE
+            else:
+                body, content_type = generate_latest(registry), CONTENT_TYPE_LATEST
+            response = web.Response(body=body)
+            response.headers["Content-Type"] = content_type
             return response
 
         async def healthz(request: web.Request) -> web.Response:
@@ -246,7 +276,9 @@ class _Summed:
                 combine = max
             for (family_name, sample_name, labels), numbers in values.items():
                 if family_name == name:
-                    merged.add_sample(sample_name, dict(labels), combine(numbers))
+                    # A counter's or histogram's creation time is a timestamp: the earliest, not a sum.
+                    how = min if sample_name.endswith("_created") else combine
+                    merged.add_sample(sample_name, dict(labels), how(numbers))
             yield merged
 
 

@@ -1,0 +1,380 @@
+"""`workers: N` end to end: a supervisor process and its workers, real sockets on 127.0.0.1.
+
+Each test runs `wsgate run` with `workers: 2` in a subprocess. The supervisor's
+ports come from the lines it logs on stderr ("listening on HOST:PORT (NAME, 2
+workers)", "wsgate.workers: admin listening on HOST:PORT"); the workers log
+there too, so those two lines are picked out by their wording. Worker pids
+come from the supervisor's /status. Every wait is bounded; what no event
+announces (a replacement worker answering, connections released) is polled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import websockets
+import yaml
+from conftest import gateway_config
+from peers import STEP_TIMEOUT, open_raw_client
+from test_operations import DOWN, UP, GatewayProcess, Samples, _await_close, connect, poll
+
+import wsgate
+from wsgate.hashring import HashRing
+
+WORKERS = 2
+
+
+class Supervised(GatewayProcess):
+    """`wsgate run` with `workers: 2`: the supervisor's ports, its config file, its admin endpoint."""
+
+    config_path: Path
+    session: aiohttp.ClientSession
+
+    @classmethod
+    async def launch(cls, tmp_path: Path, config: dict[str, Any]) -> Supervised:
+        path = tmp_path / "wsgate.yaml"
+        path.write_text(yaml.safe_dump(with_workers(config)))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wsgate", "run", "-c", str(path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self = cls(process)
+        self.config_path = path
+        self.session = aiohttp.ClientSession()
+        # The supervisor's lines, not a worker's "listening on ... (test)" or "admin listening on ... (version ...)".
+        self.ws_url = "ws://" + await self.wait_for_line(rf"listening on (127\.0\.0\.1:\d+) \(test, {WORKERS} workers\)")
+        self.admin_url = "http://" + await self.wait_for_line(r"wsgate\.workers: admin listening on (127\.0\.0\.1:\d+)")
+        return self
+
+    async def get(self, path: str) -> tuple[int, str]:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            async with self.session.get(self.admin_url + path) as response:
+                return response.status, await response.text()
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """The supervisor's /status: one entry per worker (index, pid, restarts, the worker's own status)."""
+        code, body = await self.get("/status")
+        assert code == 200, body
+        workers = json.loads(body)["workers"]
+        assert [w["index"] for w in workers] == list(range(WORKERS))
+        return workers
+
+    async def scrape(self) -> Samples:
+        code, body = await self.get("/metrics")
+        assert code == 200, body
+        return Samples(body)
+
+    def started_worker_pids(self) -> set[int]:
+        """Every worker pid this supervisor started, from the workers' "serving" lines."""
+        return {int(m.group(1)) for line in self.stderr if (m := re.search(r"worker \d+ serving \(pid (\d+)\)", line))}
+
+    async def shutdown(self) -> None:
+        """Kill the supervisor (so it restarts nothing), then any worker of its still alive.
+
+        The workers go before the wait: they hold the supervisor's stderr, and stock
+        asyncio's wait() returns only once that pipe is closed.
+        """
+        if self.process.returncode is None:
+            self.process.kill()
+        for pid in self.started_worker_pids():
+            if is_worker(pid):
+                os.kill(pid, signal.SIGKILL)
+        await self.stop()
+        await self.session.close()
+
+
+def with_workers(config: dict[str, Any]) -> dict[str, Any]:
+    return {**config, "workers": WORKERS, "admin": {"bind": "127.0.0.1:0"}, "log": {"access": False}}
+
+
+def is_worker(pid: int) -> bool:
+    """Whether `pid` is a live (not zombie) `wsgate _worker` process."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            cmdline = file.read()
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            state = file.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return b"_worker" in cmdline and state != b"Z"
+
+
+@pytest.fixture
+async def supervised(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Supervised]]]:
+    started: list[Supervised] = []
+
+    async def launch(config: dict[str, Any]) -> Supervised:
+        gateway = await Supervised.launch(tmp_path, config)
+        started.append(gateway)
+        return gateway
+
+    yield launch
+    for gateway in started:
+        await gateway.shutdown()
+
+
+@pytest.fixture
+async def named_backends() -> AsyncIterator[Callable[[int], Awaitable[list[str]]]]:
+    """`await named_backends(n)`: n backends that answer every message with their own URL."""
+    servers: list[Any] = []
+
+    async def answer(connection: Any) -> None:
+        async for _ in connection:
+            await connection.send(f"ws://127.0.0.1:{connection.local_address[1]}")
+
+    async def start(count: int) -> list[str]:
+        urls = []
+        for _ in range(count):
+            server = await websockets.serve(answer, "127.0.0.1", 0, compression=None)
+            servers.append(server)
+            urls.append(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        return urls
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def echoes(ws: Any, text: str = "ping") -> bool:
+    """Whether `ws` still relays a message both ways."""
+    try:
+        await ws.send(text)
+        return await ws.recv() == text
+    except websockets.ConnectionClosed:
+        return False
+
+
+async def open_many(stack: contextlib.AsyncExitStack, url: str, count: int) -> list[Any]:
+    return list(await asyncio.gather(*(stack.enter_async_context(connect(url)) for _ in range(count))))
+
+
+def connections_per_worker(workers: list[dict[str, Any]]) -> list[int]:
+    return [w["status"]["connections"] for w in workers]
+
+
+# -- 1. the kernel spreads connections over the workers ---------------------------------
+
+
+async def test_connections_spread_over_both_workers_and_every_one_echoes(supervised, ws_backend):
+    clients = 40
+    gateway = await supervised(gateway_config([ws_backend.url]))
+    async with asyncio.timeout(STEP_TIMEOUT), contextlib.AsyncExitStack() as stack:
+        connections = await open_many(stack, gateway.ws_url, clients)
+        assert all(await asyncio.gather(*(echoes(ws, f"message {i}") for i, ws in enumerate(connections))))
+        workers = await gateway.workers()
+    pids = [w["pid"] for w in workers]
+    assert len(set(pids)) == WORKERS and os.getpid() not in pids
+    assert all(is_worker(pid) for pid in pids)
+    per_worker = connections_per_worker(workers)
+    assert sum(per_worker) == clients
+    assert all(count > 0 for count in per_worker), per_worker
+    for worker in workers:
+        [backend] = worker["status"]["routes"][0]["backends"]
+        assert backend["active_connections"] == worker["status"]["connections"]
+    assert ws_backend.connections == clients
+
+
+# -- 2. a worker that dies is replaced, and the others keep serving ---------------------
+
+
+async def test_a_killed_worker_is_replaced_while_traffic_continues(supervised, ws_backend):
+    clients, openers = 40, 8
+    gateway = await supervised(gateway_config([ws_backend.url]))
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(3 * STEP_TIMEOUT), contextlib.AsyncExitStack() as stack:
+        connections = await open_many(stack, gateway.ws_url, clients)
+        assert all(await asyncio.gather(*(echoes(ws) for ws in connections)))
+        before = await gateway.workers()
+        victim, survivor = before
+        assert all(count > 0 for count in connections_per_worker(before))
+
+        os.kill(victim["pid"], signal.SIGKILL)
+        await gateway.wait_for_line(r"worker (0) exited with status -9")
+
+        # New connections while the worker is gone and after it is back: every one succeeds
+        # (those the kernel queues on the dead worker's socket wait for its replacement).
+        done: list[float] = []
+        stop = asyncio.Event()
+
+        async def keep_connecting() -> None:
+            while not stop.is_set():
+                async with connect(gateway.ws_url) as ws:
+                    assert await echoes(ws, "new")
+                done.append(loop.time())
+
+        opening = [asyncio.create_task(keep_connecting()) for _ in range(openers)]
+        stack.callback(lambda: [task.cancel() for task in opening])  # if the test fails before they stop
+        # The victim's connections are gone with it; every one on the survivor still echoes.
+        alive = await asyncio.gather(*(echoes(ws) for ws in connections))
+        assert alive.count(True) == survivor["status"]["connections"]
+        assert alive.count(False) == victim["status"]["connections"]
+
+        new_pid = int(await gateway.wait_for_line(r"worker 0 serving \(pid (\d+)\)"))
+
+        async def replaced() -> bool:
+            workers = await gateway.workers()
+            return workers[0]["pid"] == new_pid and "error" not in workers[0]["status"]
+
+        await poll(replaced, timeout=STEP_TIMEOUT)
+        stop.set()
+        await asyncio.gather(*opening)  # an opener that failed raises here
+        assert len(done) >= openers
+
+        fresh = await open_many(stack, gateway.ws_url, clients)
+        assert all(await asyncio.gather(*(echoes(ws) for ws in fresh)))
+        after = await gateway.workers()
+    assert new_pid != victim["pid"] and not is_worker(victim["pid"])
+    assert [(w["pid"], w["restarts"]) for w in after] == [(new_pid, 1), (survivor["pid"], 0)]
+    # The replacement listens on the same port: the kernel gives it a share of new connections.
+    assert after[0]["status"]["connections"] > 0
+    assert after[1]["status"]["connections"] >= alive.count(True)
+
+
+# -- 3. the supervisor's /metrics sums the workers' -------------------------------------
+
+
+async def test_metrics_are_summed_across_workers(supervised, ws_backend):
+    clients, per_client = 20, 5
+    messages = clients * per_client
+    launched = time.time()
+    gateway = await supervised(gateway_config([ws_backend.url]))
+    labels = {"route": "test", "backend": ws_backend.url}
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with contextlib.AsyncExitStack() as stack:
+            connections = await open_many(stack, gateway.ws_url, clients)
+            for i in range(per_client):
+                assert all(await asyncio.gather(*(echoes(ws, f"{i}") for ws in connections)))
+            per_worker = connections_per_worker(await gateway.workers())
+            during = await gateway.scrape()
+
+        async def released() -> bool:
+            return sum(connections_per_worker(await gateway.workers())) == 0
+
+        await poll(released)
+        after = await gateway.scrape()
+        async with gateway.session.get(
+            gateway.admin_url + "/metrics", headers={"Accept": "application/openmetrics-text"}
+        ) as response:
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+            openmetrics = await response.text()
+    assert openmetrics.rstrip().endswith("# EOF")
+    assert f'wsgate_messages_total{{direction="client_to_backend",route="test"}} {float(messages)}' in openmetrics
+    assert all(count > 0 for count in per_worker), per_worker
+    for metrics in (during, after):
+        for direction in (UP, DOWN):
+            assert metrics.value("wsgate_messages_total", route="test", direction=direction) == messages
+        assert metrics.value("wsgate_connections_total", outcome="upgraded", **labels) == clients
+        assert metrics.value("wsgate_build_info", version=wsgate.__version__) == 1
+        assert metrics.value("wsgate_backend_up", **labels) == 1
+        # Times are not added up: a series was created when its first worker created it.
+        created = metrics.value("wsgate_connections_created", outcome="upgraded", **labels)
+        assert launched <= created <= time.time()
+        # (computed from /proc, whose boot time is whole seconds)
+        assert launched - 2 <= metrics.value("process_start_time_seconds") <= time.time()
+    assert during.value("wsgate_active_connections", **labels) == clients
+    assert after.value("wsgate_active_connections", **labels) == 0
+    assert after.value("wsgate_close_frames_total", code="1000", side="client") == clients
+    assert after.value("wsgate_connection_duration_seconds_count", route="test") == clients
+
+
+# -- 4. every worker hashes a key to the same backend -----------------------------------
+
+
+async def test_a_key_lands_on_the_same_backend_whichever_worker_accepts_it(supervised, named_backends):
+    per_key = 16  # enough that both workers accept some of each key's connections
+    urls = await named_backends(3)
+    ring = HashRing(urls)
+    # Two keys per backend, so that every backend is somebody's answer.
+    rooms: dict[str, str] = {}
+    for i in range(200):
+        room, url = f"room-{i}", urls[next(ring.order(f"room-{i}".encode()))]
+        if list(rooms.values()).count(url) < 2:
+            rooms[room] = url
+    assert sorted(rooms.values()) == sorted(urls * 2)
+    gateway = await supervised(gateway_config(urls, route={"hash_key": "query:room"}))
+    for room, expected in rooms.items():
+        async with asyncio.timeout(STEP_TIMEOUT):
+            async with contextlib.AsyncExitStack() as stack:
+                connections = await open_many(stack, f"{gateway.ws_url}/?room={room}", per_key)
+                for ws in connections:
+                    await ws.send("who")
+                assert {await ws.recv() for ws in connections} == {expected}, room
+                workers = await gateway.workers()
+
+            async def released() -> bool:
+                return sum(connections_per_worker(await gateway.workers())) == 0
+
+            await poll(released)
+        assert all(count > 0 for count in connections_per_worker(workers)), (room, workers)
+        for worker in workers:
+            busy = {b["backend"]: b["active_connections"] for b in worker["status"]["routes"][0]["backends"]}
+            assert {url for url, count in busy.items() if count} == {expected}, (room, worker)
+
+
+# -- 5. SIGTERM drains every worker and stops them all ----------------------------------
+
+
+async def test_sigterm_drains_the_workers_and_the_supervisor_exits_0(supervised, ws_backend):
+    clients = 20
+    config = gateway_config([ws_backend.url], shutdown={"drain_period": "300ms", "grace_period": "5s"})
+    gateway = await supervised(config)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        connections = await asyncio.gather(*(open_raw_client(gateway.ws_url) for _ in range(clients)))
+        workers = await gateway.workers()
+        assert all(count > 0 for count in connections_per_worker(workers))
+        waiters = [asyncio.create_task(_await_close(reader, writer)) for reader, writer in connections]
+        gateway.process.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*waiters)
+        # wait() also reads stderr to its end, which the workers hold open as long as they live.
+        assert await gateway.wait() == 0
+    assert [code for _, code in results] == [1001] * clients
+    pids = [w["pid"] for w in workers]
+    assert not [pid for pid in pids if is_worker(pid)]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert sum("stop signal: draining" in line for line in gateway.stderr) == 1 + WORKERS
+
+
+# -- 6. SIGHUP reloads every worker -----------------------------------------------------
+
+
+async def test_sighup_reaches_every_worker(supervised, ws_backend, aiohttp_backend):
+    per_path = 16  # enough that both workers accept some
+    gateway = await supervised(gateway_config([ws_backend.url], route={"hash_key": "path"}))
+    old_version = (await gateway.workers())[0]["status"]["config"]["version"]
+    added = gateway_config([ws_backend.url, aiohttp_backend.url], route={"hash_key": "path"})
+    gateway.config_path.write_text(yaml.safe_dump(with_workers(added)))
+    gateway.process.send_signal(signal.SIGHUP)
+    versions = {await gateway.wait_for_line(r"reloaded .* \(config version (\w+)\)") for _ in range(WORKERS)}
+    workers = await gateway.workers()
+    assert len(versions) == 1 and old_version not in versions
+    for worker in workers:
+        assert worker["restarts"] == 0
+        assert worker["status"]["config"]["version"] in versions
+        backends = [b["backend"] for b in worker["status"]["routes"][0]["backends"]]
+        assert backends == [ws_backend.url, aiohttp_backend.url]
+    # New connections follow the new config in every worker: a path the ring gives the
+    # new backend reaches it, whichever worker accepted the connection.
+    ring = HashRing([ws_backend.url, aiohttp_backend.url])
+    path = next(p for i in range(100) if ring.identities[next(ring.order((p := f"/p{i}").encode()))] == aiohttp_backend.url)
+    async with asyncio.timeout(STEP_TIMEOUT), contextlib.AsyncExitStack() as stack:
+        connections = await open_many(stack, gateway.ws_url + path, per_path)
+        assert all(await asyncio.gather(*(echoes(ws) for ws in connections)))
+        per_worker = connections_per_worker(await gateway.workers())
+    assert all(count > 0 for count in per_worker), per_worker
+    assert (aiohttp_backend.connections, ws_backend.connections) == (per_path, 0)
