@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
@@ -19,18 +20,39 @@ if TYPE_CHECKING:
 log = logging.getLogger("wsgate.admin")
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def exposition(registry: CollectorRegistry, request: web.Request) -> web.Response:
+    """`registry` in the format the scraper asks for: OpenMetrics, or Prometheus text."""
+    if "application/openmetrics-text" in request.headers.get("Accept", ""):
+        body, content_type = generate_openmetrics(registry), OPENMETRICS_TYPE
+    else:
+        body, content_type = generate_latest(registry), CONTENT_TYPE_LATEST
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def admin_app(
+    *, metrics: Handler, healthz: Handler, readyz: Handler, status: Handler, reload: Handler
+) -> web.Application:
+    """The admin routes, the same for one gateway and for a supervisor of several."""
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_post("/reload", reload)
+    return app
+
+
 def build_app(gateway: Gateway) -> web.Application:
     """The admin routes, reading live state from `gateway`."""
 
     async def metrics(request: web.Request) -> web.Response:
         gateway.flush_metrics()
-        if "application/openmetrics-text" in request.headers.get("Accept", ""):
-            body, content_type = generate_openmetrics(gateway.registry), OPENMETRICS_TYPE
-        else:
-            body, content_type = generate_latest(gateway.registry), CONTENT_TYPE_LATEST
-        response = web.Response(body=body)
-        response.headers["Content-Type"] = content_type
-        return response
+        return exposition(gateway.registry, request)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -50,13 +72,7 @@ def build_app(gateway: Gateway) -> web.Application:
             return web.Response(status=400, text=f"reload refused: {problem}\n")
         return web.Response(text=f"reloaded, config version {gateway.config_version}\n")
 
-    app = web.Application()
-    app.router.add_post("/reload", reload)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/status", status)
-    return app
+    return admin_app(metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload)
 
 
 class AdminServer:

@@ -23,12 +23,11 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from .admin import admin_app, exposition
 from .config import Config, load_config
 
 log = logging.getLogger("wsgate.workers")
@@ -207,13 +206,7 @@ class Supervisor:
             texts = [body for status, body in await self._ask("/metrics") if status == 200]
             registry = CollectorRegistry()
             registry.register(_Summed(texts))
-            if "application/openmetrics-text" in request.headers.get("Accept", ""):
-                body, content_type = generate_openmetrics(registry), OPENMETRICS_TYPE
-            else:
-                body, content_type = generate_latest(registry), CONTENT_TYPE_LATEST
-            response = web.Response(body=body)
-            response.headers["Content-Type"] = content_type
-            return response
+            return exposition(registry, request)
 
         async def healthz(request: web.Request) -> web.Response:
             return web.Response(text="ok\n")
@@ -245,13 +238,7 @@ class Supervisor:
                 return web.Response(status=400, text="reload refused: " + "; ".join(refused) + "\n")
             return web.Response(text=answers[0][1] if answers else "no workers\n")
 
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/status", status)
-        app.router.add_post("/reload", reload)
-        return app
+        return admin_app(metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload)
 
 
 class _Summed:
