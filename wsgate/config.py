@@ -603,6 +603,16 @@ class HealthCheck(_Model):
     unhealthy_threshold: Annotated[_Int, _between(1, 100)] = 3
 
 
+def _duration_not_below(value: float, info: ValidationInfo, other: str) -> float:
+    """`value` unless it is shorter than the (valid) duration in field `other`."""
+    floor = info.data.get(other)  # absent when that field itself was invalid
+    if floor is not None and value < floor:
+        raise ValueError(
+            f"must be at least {other} ({_format_duration(floor)}), got {_format_duration(value)}"
+        )
+    return value
+
+
 class PassiveEjection(_Model):
     """Ejecting a backend after consecutive connect or handshake failures."""
 
@@ -613,12 +623,7 @@ class PassiveEjection(_Model):
     @field_validator("max_backoff")
     @classmethod
     def _not_below_backoff(cls, cap: float, info: ValidationInfo) -> float:
-        base = info.data.get("backoff")
-        if base is not None and cap < base:
-            raise ValueError(
-                f"must be at least backoff ({_format_duration(base)}), got {_format_duration(cap)}"
-            )
-        return cap
+        return _duration_not_below(cap, info, "backoff")
 
 
 class Rebalance(_Model):
@@ -715,13 +720,7 @@ class Shutdown(_Model):
     @field_validator("grace_period")
     @classmethod
     def _not_before_drain(cls, grace: float, info: ValidationInfo) -> float:
-        drain = info.data.get("drain_period")
-        if drain is not None and grace < drain:
-            raise ValueError(
-                f"must be at least drain_period ({_format_duration(drain)}), "
-                f"got {_format_duration(grace)}"
-            )
-        return grace
+        return _duration_not_below(grace, info, "drain_period")
 
 
 class Discovery(_Model):
