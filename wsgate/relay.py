@@ -205,6 +205,7 @@ class Relay:
         "route_name",
         "started_at",
         "close_reason",
+        "dead_side",
         "__weakref__",
     )
 
@@ -247,6 +248,8 @@ class Relay:
         self.started_at = 0.0
         # Why the connection ended, in a few words, for the access log.
         self.close_reason = ""
+        # The side dropped for not answering a heartbeat ping, if that is how it ended.
+        self.dead_side = ""
 
     def start(self, client_early: bytes = b"", backend_early: bytes = b"") -> None:
         """Take over both transports; bytes read during the handshake are relayed first."""
@@ -436,6 +439,7 @@ class Relay:
         log.info("conn=%d %s did not answer a ping: dropping it", self.conn_id, leg.side)
         code = CloseCode.BAD_GATEWAY if leg.side == BACKEND else CloseCode.GOING_AWAY
         self._record(GATEWAY, code, f"heartbeat timeout ({leg.side})")
+        self.dead_side = leg.side
         leg.transport.abort()
 
 

@@ -436,8 +436,8 @@ class Gateway:
         side = relay.closed_by or GATEWAY
         metrics.close_frames.labels(close_code_label(relay.close_code), side).inc()
         metrics.connection_duration.labels(relay.route_name).observe(duration)
-        if relay.close_reason.startswith("heartbeat timeout"):
-            metrics.heartbeat_timeouts.labels(relay.close_reason.split("(")[1].rstrip(")")).inc()
+        if relay.dead_side:
+            metrics.heartbeat_timeouts.labels(relay.dead_side).inc()
         elif relay.close_reason == "idle timeout":
             metrics.idle_timeouts.labels(relay.route_name).inc()
         member = relay.member
