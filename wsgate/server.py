@@ -65,6 +65,19 @@ _REJECTION_REASONS = {
 }
 
 
+def _pools(config: Config) -> dict[str, Pool]:
+    """A fresh pool per route (a bad backend CA file raises `ConfigError`)."""
+    return {
+        route.name: Pool(route, config.discovery, path=f"routes[{i}]")
+        for i, route in enumerate(config.routes)
+    }
+
+
+def _version(config: Config) -> str:
+    """A short digest of the effective config, for /status and the reload log."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+
+
 def _relay_settings(config: Config) -> RelaySettings:
     return RelaySettings(
         high_water=config.flow_control.high_water,
@@ -103,10 +116,7 @@ class Gateway:
         self.config = config
         # Certificates and CA files load here, so a bad one stops start-up with its key path.
         self.tls = listener_contexts(config)
-        self.pools = {
-            route.name: Pool(route, config.discovery, path=f"routes[{i}]")
-            for i, route in enumerate(config.routes)
-        }
+        self.pools = _pools(config)
         self.tls_handshake_failures = 0
         self.tls_reload_failures = 0
         self._watch: asyncio.Task[None] | None = None
@@ -115,7 +125,7 @@ class Gateway:
         self._flush_task: asyncio.Task[None] | None = None
         self.draining = False
         self.loaded_at = time.time()
-        self.config_version = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+        self.config_version = _version(config)
         self.config_path: str | None = None  # where reload() reads the config from
         self._reload_lock = asyncio.Lock()
         # Listening sockets handed over by a supervisor, by listener name (workers > 1).
@@ -263,10 +273,7 @@ class Gateway:
         try:
             config = load_config(self.config_path)
             tls = listener_contexts(config)
-            pools = {
-                route.name: Pool(route, config.discovery, path=f"routes[{i}]")
-                for i, route in enumerate(config.routes)
-            }
+            pools = _pools(config)
             # New and moved listeners are bound (not yet accepting) before anything
             # changes: an address in use refuses the reload instead of losing a listener.
             bound = await self._bind_listeners(config)
@@ -329,7 +336,7 @@ class Gateway:
         self.relay_settings = _relay_settings(config)
         self._sweeper.tick = sweep_tick(self.relay_settings)
         self.loaded_at = time.time()
-        self.config_version = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+        self.config_version = _version(config)
         for pool in old_pools.values():
             await pool.stop()
         for pool in pools.values():
