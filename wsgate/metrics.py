@@ -88,6 +88,7 @@ class Metrics:
         # Backends each route's gauges have series for, and open connections per (route, backend).
         self._pool_series: dict[str, set[str]] = {}
         self._open: dict[tuple[str, str], int] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         r = registry
         Info("wsgate_build", "Version of this wsgate build.", registry=r).info({"version": __version__})
         ProcessCollector(registry=r)
@@ -176,12 +177,27 @@ class Metrics:
             "wsgate_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )
 
+    def series(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: prometheus-client's lookup costs microseconds."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def _remove(self, metric: Any, *labels: str) -> None:
+        self._children.pop((metric, labels), None)
+        try:
+            metric.remove(*labels)
+        except KeyError:
+            pass
+
     def connection_opened(self, route: str, backend: str) -> None:
-        self.active_connections.labels(route, backend).inc()
+        self.series(self.active_connections, route, backend).inc()
         self._open[route, backend] = self._open.get((route, backend), 0) + 1
 
     def connection_closed(self, route: str, backend: str) -> None:
-        self.active_connections.labels(route, backend).dec()
+        self.series(self.active_connections, route, backend).dec()
         left = self._open[route, backend] - 1
         if left:
             self._open[route, backend] = left
@@ -196,17 +212,17 @@ class Metrics:
             messages = scanner.messages - leg.flushed_messages
             size = leg.bytes_received - leg.flushed_bytes
             if frames:
-                self.frames.labels(route, direction).inc(frames)
+                self.series(self.frames, route, direction).inc(frames)
                 leg.flushed_frames = scanner.frames
             if size:
-                self.bytes.labels(route, direction).inc(size)
+                self.series(self.bytes, route, direction).inc(size)
                 leg.flushed_bytes = leg.bytes_received
             if messages:
-                self.messages.labels(route, direction).inc(messages)
+                self.series(self.messages, route, direction).inc(messages)
                 leg.flushed_messages = scanner.messages
                 self.message_size.observe_many(direction, size / messages, messages)
             if leg.pauses != leg.flushed_pauses:
-                self.flow_control_pauses.labels(route, direction).inc(leg.pauses - leg.flushed_pauses)
+                self.series(self.flow_control_pauses, route, direction).inc(leg.pauses - leg.flushed_pauses)
                 leg.flushed_pauses = leg.pauses
 
     def set_pool(self, route: str, members: Iterable[Any], now: float) -> None:
@@ -219,17 +235,14 @@ class Metrics:
         for identity in self._pool_series.get(route, set()) - current:
             if self._open.get((route, identity), 0) == 0:
                 for gauge in (self.active_connections, self.backend_up):
-                    try:
-                        gauge.remove(route, identity)
-                    except KeyError:
-                        pass
+                    self._remove(gauge, route, identity)
             else:
                 current.add(identity)
         self._pool_series[route] = current
         loads = []
         for member in members:
-            self.active_connections.labels(route, member.identity).set(member.active)
-            self.backend_up.labels(route, member.identity).set(1 if member.available(now) else 0)
+            self.series(self.active_connections, route, member.identity).set(member.active)
+            self.series(self.backend_up, route, member.identity).set(1 if member.available(now) else 0)
             loads.append(member.active)
         mean = sum(loads) / len(loads) if loads else 0
-        self.ring_imbalance.labels(route).set(max(loads) / mean if mean else 0)
+        self.series(self.ring_imbalance, route).set(max(loads) / mean if mean else 0)

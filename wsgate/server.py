@@ -103,12 +103,6 @@ BACKEND_REPLY_BODY_LIMIT = 64 * 1024
 _MAX_BACKEND_HEAD_SIZE = 64 * 1024
 
 
-def _set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class Gateway:
     """Serves every listener of one config; `start` binds, `close` stops."""
 
@@ -430,7 +424,7 @@ class Gateway:
         self.metrics.flush_relay(relay, relay.route_name)
         for leg in (relay.client, relay.backend):
             if leg.rtts:
-                histogram = self.metrics.heartbeat_rtt.labels(leg.side)
+                histogram = self.metrics.series(self.metrics.heartbeat_rtt, leg.side)
                 for rtt in leg.rtts:
                     histogram.observe(rtt)
                 leg.rtts = None
@@ -441,8 +435,8 @@ class Gateway:
         self._flush_relay(relay)
         duration = asyncio.get_running_loop().time() - relay.started_at
         side = relay.closed_by or GATEWAY
-        metrics.close_frames.labels(close_code_label(relay.close_code), side).inc()
-        metrics.connection_duration.labels(relay.route_name).observe(duration)
+        metrics.series(metrics.close_frames, close_code_label(relay.close_code), side).inc()
+        metrics.series(metrics.connection_duration, relay.route_name).observe(duration)
         if relay.dead_side:
             metrics.heartbeat_timeouts.labels(relay.dead_side).inc()
         elif relay.close_reason == "idle timeout":
@@ -568,8 +562,8 @@ class _ClientHandshake(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # TCP_NODELAY needs no call here: uvloop and asyncio set it on every TCP transport.
         self.accepted_at = asyncio.get_running_loop().time()
-        _set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
         self.client_address = f"{peer[0]}:{peer[1]}" if peer else "unknown"
@@ -618,8 +612,6 @@ class _ClientHandshake(asyncio.Protocol):
             self.transport.close()
             self._finish()
             return
-        # TCP_NODELAY is already set on this socket (connection_made); the TLS transport's
-        # socket may be closed by now, and setting it again could raise out of this task.
         self._start_request_timer()
 
     def _start_request_timer(self) -> None:
@@ -702,7 +694,8 @@ class _ClientHandshake(asyncio.Protocol):
     def _account(self, status: int, outcome: str, reason: str, backend: str = "") -> None:
         """Count a handshake that ended without a relay, and log its access line."""
         route = self.route_name
-        self.gateway.metrics.connections.labels(route, backend, outcome).inc()
+        metrics = self.gateway.metrics
+        metrics.series(metrics.connections, route, backend, outcome).inc()
         access_log.info(
             "",
             extra={
@@ -801,7 +794,7 @@ class _ClientHandshake(asyncio.Protocol):
                 raise
             member.pending -= 1
             pool.on_connected(member)
-            metrics.backend_connect_duration.labels(pool.route.name, member.identity).observe(
+            metrics.series(metrics.backend_connect_duration, pool.route.name, member.identity).observe(
                 loop.time() - attempt_started
             )
             if isinstance(outcome, h11.Response):
@@ -815,8 +808,8 @@ class _ClientHandshake(asyncio.Protocol):
                 self._reply(render_backend_reply(outcome, bytes(answer.body)))
                 return
             self.transport.write(render_switching_protocols(negotiated))
-            metrics.handshake_duration.labels(pool.route.name).observe(loop.time() - self.request_at)
-            metrics.connections.labels(pool.route.name, member.identity, "upgraded").inc()
+            metrics.series(metrics.handshake_duration, pool.route.name).observe(loop.time() - self.request_at)
+            metrics.series(metrics.connections, pool.route.name, member.identity, "upgraded").inc()
             self._hand_off(backend_transport, answer, negotiated.deflate, pool, member, key)
             return
         raise failure
@@ -915,7 +908,6 @@ class _BackendHandshake(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        _set_nodelay(transport)
         self.transport.write(self.h11.send(self.request) + self.h11.send(h11.EndOfMessage()))
 
     def data_received(self, data: bytes) -> None:
