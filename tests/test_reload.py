@@ -28,10 +28,12 @@ from peers import (
     close_payload,
     read_frame,
     read_response_head,
+    read_until_close,
     upgrade_request,
 )
 from test_operations import Admin, GatewayProcess, Samples, access_records, poll, start_admin  # noqa: F401
 
+from wsgate.handshake import accept_key
 from wsgate.hashring import HashRing
 
 DRAIN_PERIOD = 0.5
@@ -519,3 +521,57 @@ async def test_a_moved_listener_accepts_on_its_new_address_only(tmp_path, start_
             with pytest.raises(ConnectionRefusedError):
                 await asyncio.open_connection(*split(admin.ws_url))
             assert await ask(held, "accepted before the move") == "accepted before the move"
+
+
+def held_upgrade(request_seen: asyncio.Event, release: asyncio.Event) -> Any:
+    """A raw backend handler that answers the upgrade only once `release` is set."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), STEP_TIMEOUT)
+        request_seen.set()
+        await release.wait()
+        key = next(
+            line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(key) + b"\r\n\r\n"
+        )
+        await reader.read()  # until the gateway hangs up
+
+    return handler
+
+
+@pytest.mark.parametrize("policy", ["close", "keep"])
+async def test_a_handshake_under_way_follows_the_policy_of_the_backend_a_reload_removed(
+    tmp_path, start_admin, raw_backend, ws_backend, policy
+):
+    request_seen, release = asyncio.Event(), asyncio.Event()
+    held = await raw_backend(held_upgrade(request_seen, release))
+    path = tmp_path / "wsgate.yaml"
+    # The held backend never answers a Close: a short close timeout keeps the teardown short.
+    sections = {"shutdown": {"drain_period": f"{DRAIN_PERIOD}s"}, "timeouts": {"close": "200ms"}}
+    route = {"on_backend_removed": policy}
+    admin = await started_from_file(start_admin, path, gateway_config([held.url], route=route, **sections))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reader, writer = await asyncio.open_connection(*split(admin.ws_url))
+        writer.write(upgrade_request())
+        await request_seen.wait()
+        await reload_with(admin, path, gateway_config([ws_backend.url], route=route, **sections))
+        release.set()
+        status, _, _ = await read_response_head(reader)
+        assert status == 101
+        if policy == "close":
+            _, close = await read_until_close(reader)
+            assert close.close == (1012, "backend removed")
+        else:
+            writer.write(client_frame(0x1, b"still here"))
+            await writer.drain()
+            # The held backend never echoes: silence for a drain period is the connection
+            # staying open, and its count is on the removed backend, not on the new one.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(read_frame(reader), DRAIN_PERIOD * 2)
+            status_now = await get_status(admin.admin_url)
+            assert backends_of(status_now, "test")[ws_backend.url]["active_connections"] == 0
+        writer.close()

@@ -853,6 +853,12 @@ class _ClientHandshake(asyncio.Protocol):
         pool.opened(member, relay)
         gateway.metrics.connection_opened(relay.route_name, member.identity)
         relay.start(client_early=bytes(self.early), backend_early=bytes(answer.early))
+        current = gateway.pools.get(pool.route.name)
+        if current is not pool and (current is None or member not in current.members):
+            # A reload removed the backend while this handshake was under way; the
+            # connections it had then were handled by _apply, this one is handled here.
+            if pool.route.on_backend_removed != "keep":
+                gateway._spread_closes([relay], CloseCode.SERVICE_RESTART, "backend removed")
 
     def _on_relay_closed(self, relay: Relay) -> None:
         gateway = self.gateway
