@@ -720,6 +720,23 @@ async def test_a_burst_of_failures_ejects_once(raw_backend, echoes, gateway, log
     assert member.backoff.ejections == 1
 
 
+def test_an_ejected_member_is_skipped_until_its_ejection_ends():
+    """The pool skips members it saw ejected without walking every member per handshake,
+    and takes them back once their ejection has run out."""
+    urls = [f"ws://127.0.0.1:{port}" for port in range(9001, 9005)]
+    config = parse_config(gateway_config(urls, route={
+        "passive_ejection": {"failures": 1, "backoff": 10, "max_backoff": 10},
+    }))
+    gw = Gateway(config)
+    pool = gw.pools["test"]
+    key = b"room-7"
+    first = next(pool.candidates(key, 0.0))
+    assert pool.on_failed(first, 0.0, "refused")
+    assert first not in list(pool.candidates(key, 5.0))
+    assert first not in list(pool.candidates(key, 9.9))
+    assert next(pool.candidates(key, 10.0)) is first
+
+
 # == 6. Active health checks (and a backend that goes away and comes back) ==============
 
 

@@ -121,6 +121,10 @@ class Pool:
                         route.name, backend.label,
                     )
         self.members: list[Member] = []
+        self._positions: dict[Member, int] = {}
+        # Members that were unhealthy or ejected when last seen; the rest are available,
+        # so choosing needs no pass over every member.
+        self._suspects: set[Member] = set()
         self.ring = HashRing([])
         self._tasks: set[asyncio.Task[None]] = set()
         self._probes: dict[str, asyncio.Task[None]] = {}
@@ -167,7 +171,7 @@ class Pool:
                 member.backoff = Backoff(policy.backoff, policy.max_backoff)
             if check is not None and member.checks is None:
                 member.checks = RiseFall(check.healthy_threshold, check.unhealthy_threshold)
-        self.members = members
+        self._set_members(members)
         self.ring = HashRing([m.identity for m in members], [m.weight for m in members])
         if self._tasks:
             self._sync_probes()
@@ -202,7 +206,12 @@ class Pool:
                 old.backoff.base, old.backoff.cap = policy.backoff, policy.max_backoff
                 member = old
             members.append(member)
+        self._set_members(members)
+
+    def _set_members(self, members: list[Member]) -> None:
         self.members = members
+        self._positions = {member: i for i, member in enumerate(members)}
+        self._suspects = {member for member in members if not member.healthy or member.ejected_until}
 
     def set_resolved(self, entry: int, addresses: list[str]) -> bool:
         """Record what `dns` entry `entry` resolved to; True when membership changed."""
@@ -222,7 +231,13 @@ class Pool:
         unavailable they are all tried anyway, since refusing is no better.
         """
         members = self.members
-        skip = {i for i, member in enumerate(members) if not member.available(now)}
+        skip = set()
+        for member in list(self._suspects):
+            position = self._positions.get(member)
+            if position is None or member.available(now):
+                self._suspects.discard(member)
+            else:
+                skip.add(position)
         if len(skip) == len(members):
             skip = set()
         factor = self.route.balance_factor
@@ -254,6 +269,7 @@ class Pool:
         if member.failures >= policy.failures or member.probation:
             assert member.backoff is not None
             member.ejected_until = member.backoff.eject(now)
+            self._suspects.add(member)
             member.failures = 0
             member.probation = True
             log.warning(
@@ -410,6 +426,8 @@ class Pool:
             flipped = member.checks.record(ok)
             if flipped is not None:
                 member.healthy = flipped
+                if not flipped:
+                    self._suspects.add(member)
                 log.warning(
                     "route %s: backend %s is now %s",
                     self.route.name, member.identity, "healthy" if flipped else "unhealthy",
