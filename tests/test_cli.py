@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -78,6 +79,51 @@ def test_run_serves_until_sigterm(tmp_path):
     try:
         line = _read_until(process.stderr, "listening on")
         assert re.search(r"listening on 127\.0\.0\.1:\d+", line)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=STEP_TIMEOUT) == 0
+    finally:
+        process.kill()
+
+
+def _soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-file limit in /proc")
+
+
+@pytest.mark.parametrize("max_connections", [100, None])
+def test_run_raises_its_open_file_limit_and_warns_when_max_connections_cannot_fit(
+    tmp_path, max_connections
+):
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 2048:
+        pytest.skip("needs a finite hard open-file limit above 2,048")
+    # None: as many connections as the hard limit has descriptors, which cannot fit.
+    wanted = max_connections or hard
+    path = tmp_path / "wsgate.yaml"
+    path.write_text(VALID + f"limits: {{max_connections: {wanted}}}\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wsgate", "run", "-c", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        # Started with the soft limit many systems give: 1,024.
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)),
+    )
+    try:
+        stderr = []
+        for _ in range(50):
+            stderr.append(process.stderr.readline())
+            if "listening on" in stderr[-1] or not stderr[-1]:
+                break
+        assert _soft_nofile(process.pid) == hard
+        warned = [line for line in stderr if "open files" in line]
+        if max_connections is None:
+            assert len(warned) == 1, stderr
+            assert f"limits.max_connections is {hard}" in warned[0]
+            assert f"may open {hard}" in warned[0]
+        else:
+            assert warned == [], stderr
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=STEP_TIMEOUT) == 0
     finally:

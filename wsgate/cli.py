@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -76,12 +77,40 @@ def _setup_logging(level: str, fmt: str, access: bool = True) -> None:
     access_log.handlers[:] = [access_handler]
 
 
+# Descriptors a gateway holds besides its connections: listeners, admin, logs, probes.
+_FD_RESERVE = 256
+
+
+def _raise_fd_limit(config: Config) -> None:
+    """Lift the soft descriptor limit to the hard one, and warn when max_connections cannot fit.
+
+    A proxied connection holds two descriptors, and many systems start
+    processes with a soft limit of 1,024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    need = 2 * config.limits.max_connections + _FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "limits.max_connections is %d, which needs about %d open files, but this process may"
+            " open %d: connections beyond about %d will fail to be accepted; raise the limit"
+            " (ulimit -n, LimitNOFILE= under systemd) or lower limits.max_connections",
+            config.limits.max_connections, need, soft, max(0, (soft - _FD_RESERVE) // 2),
+        )
+
+
 async def _serve(
     config: Config,
     announce: Callable[[Gateway, AdminServer], None] | None = None,
     config_path: str | None = None,
     sockets: dict[str, socket.socket] | None = None,
 ) -> None:
+    _raise_fd_limit(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
