@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,21 @@ GATEWAY = "gateway"
 
 # Payload of the gateway's own pings; a pong echoing it is the gateway's to swallow.
 _PING_PREFIX = b"wsgate-"
+
+# os.urandom drawn in blocks: a mask key or ping payload per frame needs no system call.
+_ENTROPY_BLOCK = 4096
+_entropy = b""
+_entropy_used = 0
+
+
+def random_bytes(count: int) -> bytes:
+    """`count` bytes from the OS's random source, taken from a block read ahead."""
+    global _entropy, _entropy_used
+    if _entropy_used + count > len(_entropy):
+        _entropy, _entropy_used = os.urandom(max(_ENTROPY_BLOCK, count)), 0
+    start = _entropy_used
+    _entropy_used += count
+    return _entropy[start : start + count]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +128,7 @@ class Leg(asyncio.Protocol):
         # Round trips of the gateway's answered pings since the last metrics flush;
         # None until the first, so idle connections carry no list.
         self.rtts: list[float] | None = None
-        # What the metrics have already been told (see Metrics.flush_relay).
+        # What the metrics have already been told (see Metrics.flush_relays).
         self.flushed_frames = 0
         self.flushed_messages = 0
         self.flushed_bytes = 0
@@ -158,14 +174,14 @@ class Leg(asyncio.Protocol):
         """Write a gateway frame to this leg, at the next boundary of the stream toward it."""
         if self.sealed or self.transport.is_closing():
             return
-        frame = build_frame(opcode, payload, mask_key=os.urandom(4) if self.mask_frames else None)
+        frame = build_frame(opcode, payload, mask_key=random_bytes(4) if self.mask_frames else None)
         self._inject(frame)
 
     def send_close(self, code: int, reason: str = "") -> None:
         """Write a gateway Close to this leg; nothing is written after it."""
         if self.sealed or self.transport.is_closing():
             return
-        frame = build_close(code, reason, mask_key=os.urandom(4) if self.mask_frames else None)
+        frame = build_close(code, reason, mask_key=random_bytes(4) if self.mask_frames else None)
         self._inject(frame)
         self.sealed = True
 
@@ -297,7 +313,12 @@ class Relay:
         if opcode == Opcode.PONG and frame.payload == src.ping_payload:
             # The answer to the gateway's own ping: measure it, never forward it.
             if src.ping_sent_at:
-                rtt = asyncio.get_running_loop().time() - src.ping_sent_at
+                now = asyncio.get_running_loop().time()
+                rtt = now - src.ping_sent_at
+                # The sweeper need not find out for itself: the peer is alive, quiet from now.
+                src.ping_sent_at = 0.0
+                src.quiet_since = now
+                src.bytes_seen = src.bytes_received
                 if src.rtts is None:
                     src.rtts = [rtt]
                 elif len(src.rtts) < 64:  # bounded if metrics are never flushed
@@ -409,31 +430,50 @@ class Relay:
 
     # -- liveness, called by the sweeper ----------------------------------------------
 
-    def sweep(self, now: float) -> None:
-        """Ping quiet peers, drop dead ones, close idle connections."""
+    def sweep(self, now: float, recheck: float) -> float | None:
+        """Ping quiet peers, drop dead ones, close idle connections.
+
+        Returns when this relay next needs a look, at most `recheck` from now
+        while it is active (None once it is closing): an idle connection is not
+        looked at again until its next ping or timeout is due.
+        """
         settings = self.settings
         if self.closed_by:
-            return
+            return None
+        soon = now + recheck
+        due = float("inf")
         for leg in (self.client, self.backend):
             if leg.bytes_received != leg.bytes_seen or leg.reading_paused:
                 leg.bytes_seen = leg.bytes_received
                 leg.quiet_since = now
                 leg.ping_sent_at = 0.0
+                due = min(due, soon)
             elif leg.ping_sent_at:
                 if now - leg.ping_sent_at >= settings.heartbeat_timeout:
                     self._on_dead(leg)
-                    return
-            elif settings.heartbeat_interval and now - leg.quiet_since >= settings.heartbeat_interval:
-                leg.ping_payload = _PING_PREFIX + os.urandom(8).hex().encode()
-                leg.ping_sent_at = now
-                leg.send_frame(Opcode.PING, leg.ping_payload)
+                    return None
+                # Waiting for an answer: any traffic will do, so look every tick.
+                due = min(due, now)
+            elif settings.heartbeat_interval:
+                if now - leg.quiet_since >= settings.heartbeat_interval:
+                    leg.ping_payload = _PING_PREFIX + random_bytes(8).hex().encode()
+                    leg.ping_sent_at = now
+                    leg.send_frame(Opcode.PING, leg.ping_payload)
+                    due = min(due, now)
+                else:
+                    due = min(due, leg.quiet_since + settings.heartbeat_interval, soon)
         data = self.client.data_reads + self.backend.data_reads
         if data != self.data_seen:
             self.data_seen = data
             self.idle_since = now
-        elif settings.idle_timeout and now - self.idle_since >= settings.idle_timeout:
-            log.info("conn=%d idle for %.1fs: closing", self.conn_id, now - self.idle_since)
-            self.close(CloseCode.GOING_AWAY, "idle timeout")
+            due = min(due, soon)
+        elif settings.idle_timeout:
+            if now - self.idle_since >= settings.idle_timeout:
+                log.info("conn=%d idle for %.1fs: closing", self.conn_id, now - self.idle_since)
+                self.close(CloseCode.GOING_AWAY, "idle timeout")
+                return None
+            due = min(due, self.idle_since + settings.idle_timeout, soon)
+        return None if due == float("inf") else due
 
     def _on_dead(self, leg: Leg) -> None:
         log.info("conn=%d %s did not answer a ping: dropping it", self.conn_id, leg.side)
@@ -443,12 +483,26 @@ class Relay:
         leg.transport.abort()
 
 
-class Sweeper:
-    """One timer for every relay: heartbeats and idle timeouts without per-connection timers."""
+# The longest an active connection goes without a look from the sweeper.
+MAX_RECHECK = 5.0
 
-    def __init__(self, tick: float) -> None:
+
+class Sweeper:
+    """Heartbeats and idle timeouts for every relay from one timer, with no timer per connection.
+
+    Relays wait in slots of one tick each, filed under the time they next need a
+    look (see `Relay.sweep`): when a ping or a timeout is due, and at least every
+    `recheck` (5 s at most) to notice traffic starting or stopping. The timers
+    stay as precise as the tick, while a relay is looked at every few seconds
+    rather than on every tick.
+    """
+
+    def __init__(self, tick: float, recheck: float) -> None:
         self.tick = tick
+        self.recheck = recheck
         self.relays: set[Relay] = set()
+        self._slots: dict[int, list[Relay]] = {}
+        self._next_slot = 0  # the first slot not run yet
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -460,18 +514,68 @@ class Sweeper:
             self._timer.cancel()
             self._timer = None
 
+    def add(self, relay: Relay, now: float) -> None:
+        """Watch `relay`; it leaves when it is discarded from `relays`."""
+        self.relays.add(relay)
+        self._file(relay, now + self.recheck)
+
+    def retime(self, tick: float, recheck: float, now: float) -> None:
+        """New timings (a reload): every relay gets a look at the next tick, on the new grid."""
+        waiting = [relay for slot in self._slots.values() for relay in slot]
+        self._slots.clear()
+        self.tick, self.recheck = tick, recheck
+        self._next_slot = self._slot(now)
+        self._slots[self._next_slot] = waiting
+
+    def _slot(self, when: float) -> int:
+        return int(when / self.tick)
+
+    def _file(self, relay: Relay, when: float) -> None:
+        # The first slot that runs at `when` or later (a hair of float error forgiven).
+        slot = max(math.ceil(when / self.tick - 1e-9), self._next_slot)
+        bucket = self._slots.get(slot)
+        if bucket is None:
+            self._slots[slot] = [relay]
+        else:
+            bucket.append(relay)
+
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
-        for relay in list(self.relays):
+        self.run_due(loop.time())
+        self._timer = loop.call_later(self.tick, self._run, loop)
+
+    def run_due(self, now: float) -> None:
+        """Sweep the relays filed up to `now`, and file each again for its next look."""
+        last = self._slot(now)
+        # Relays filed during this run land in later slots.
+        self._next_slot = last + 1
+        due: list[Relay] = []
+        # A few dozen slots at most (the longest wait over a tick), so scanning them is cheap.
+        for slot in [slot for slot in self._slots if slot <= last]:
+            due += self._slots.pop(slot)
+        relays, recheck = self.relays, self.recheck
+        for relay in due:
+            if relay not in relays:
+                continue  # closed since it was filed
             try:
-                relay.sweep(now)
+                when = relay.sweep(now, recheck)
             except Exception:
                 log.exception("conn=%d sweep failed; dropping the connection", relay.conn_id)
                 relay.abort()
-        self._timer = loop.call_later(self.tick, self._run, loop)
+                continue
+            if when is not None:
+                self._file(relay, when)
 
 
-def sweep_tick(settings: RelaySettings) -> float:
-    """How often to sweep: a quarter of the shortest enabled timer, 20 ms to 1 s."""
+def sweep_timing(settings: RelaySettings) -> tuple[float, float]:
+    """(tick, recheck): how often the sweeper runs, and how long an active relay may go unseen.
+
+    The tick is a quarter of the shortest enabled timer, 20 ms to 1 s: it bounds
+    how late a timeout fires. Recheck is a quarter of the shorter of the
+    heartbeat interval and the idle timeout, at least a tick and at most
+    `MAX_RECHECK`: it bounds how late the sweeper notices that traffic stopped,
+    so a ping may follow a peer's last bytes by up to `interval + recheck`.
+    """
     timers = [t for t in (settings.heartbeat_interval, settings.heartbeat_timeout, settings.idle_timeout) if t]
-    return min(1.0, max(0.02, min(timers, default=4.0) / 4))
+    tick = min(1.0, max(0.02, min(timers, default=4.0) / 4))
+    quiet = min([t for t in (settings.heartbeat_interval, settings.idle_timeout) if t], default=4.0)
+    return tick, max(tick, min(MAX_RECHECK, quiet / 4))

@@ -41,7 +41,7 @@ from .handshake import (
     render_switching_protocols,
 )
 from .metrics import Metrics, close_code_label
-from .relay import GATEWAY, Relay, RelaySettings, Sweeper, sweep_tick
+from .relay import GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
 from .routing import match_route
 from .tls import ListenerTls, listener_contexts, peer_subject
 
@@ -126,7 +126,7 @@ class Gateway:
         # Listening sockets handed over by a supervisor, by listener name (workers > 1).
         self.inherited: dict[str, socket.socket] = {}
         self.relay_settings = _relay_settings(config)
-        self._sweeper = Sweeper(sweep_tick(self.relay_settings))
+        self._sweeper = Sweeper(*sweep_timing(self.relay_settings))
         self._servers: dict[str, asyncio.Server] = {}
         self._connections: set[_ClientHandshake] = set()
         self._relays = self._sweeper.relays
@@ -329,7 +329,7 @@ class Gateway:
         # From here on nothing can fail: swap everything at once.
         self.config, self.tls, self.pools = config, tls, pools
         self.relay_settings = _relay_settings(config)
-        self._sweeper.tick = sweep_tick(self.relay_settings)
+        self._sweeper.retime(*sweep_timing(self.relay_settings), asyncio.get_running_loop().time())
         self.loaded_at = time.time()
         self.config_version = _version(config)
         for pool in old_pools.values():
@@ -838,7 +838,7 @@ class _ClientHandshake(asyncio.Protocol):
         relay.key = key
         relay.member = member
         relay.route_name = pool.route.name
-        gateway._relays.add(relay)
+        gateway._sweeper.add(relay, asyncio.get_running_loop().time())
         if self.lost or answer.lost:
             # One side left during the hand-off; its protocol already saw the loss.
             if not answer.lost:
