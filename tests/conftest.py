@@ -47,6 +47,24 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[
     return {"asyncio": asyncio.new_event_loop}
 
 
+@pytest.fixture(scope="module", params=["compiled", "python"])
+def scanner_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a module's tests with the compiled fast path of the frame scanner, then without."""
+    import wsgate.frames as frames
+
+    compiled = frames.walk_frames
+    if request.param == "compiled":
+        try:
+            from wsgate._speedups import walk_frames
+        except ImportError:
+            pytest.skip("wsgate._speedups is not built here (no C compiler or Python headers)")
+        frames.walk_frames = walk_frames
+    else:
+        frames.walk_frames = None
+    yield request.param
+    frames.walk_frames = compiled
+
+
 @pytest.fixture
 async def start_gateway() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     """`await start_gateway(config_dict)` starts a gateway and returns its ws:// URL."""

@@ -25,6 +25,9 @@ from wsgate.frames import (
     parse_close_payload,
 )
 
+# Every test runs with the compiled fast path of the scanner and with the pure-Python one.
+pytestmark = pytest.mark.usefixtures("scanner_implementation")
+
 KEY = bytes([0x37, 0xFA, 0x21, 0x3D])  # the mask key of RFC 6455 section 5.7
 
 # ---------------------------------------------------------------- test-only codec

@@ -13,8 +13,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from wsgate import frames
 from wsgate.errors import ProtocolError
 from wsgate.frames import BOUNDARY, ControlFrame, FrameScanner
+
+# Every test runs with the compiled fast path of the scanner and with the pure-Python one.
+pytestmark = pytest.mark.usefixtures("scanner_implementation")
 
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.register_profile("ci", max_examples=1000, deadline=None)
@@ -432,3 +436,63 @@ def test_requested_boundary_lands_on_the_next_frame_boundary(data: st.DataObject
     else:
         assert landed == [expected]
         assert not s.want_boundary
+
+
+# ---------------------------------------------------------------- the compiled fast path
+
+
+def walk_reference(data: bytes, pos: int, stop: int, steps: bytes, fast: bytes) -> tuple[int, int]:
+    """The scanner's pure-Python fast-path loop, as the compiled one must behave."""
+    count = 0
+    while pos <= stop:
+        step = steps[data[pos + 1]]
+        if step and fast[data[pos]]:
+            pos += step
+            count += 1
+            continue
+        break
+    return pos, count
+
+
+frame_specs = st.lists(
+    st.tuples(
+        st.sampled_from([TEXT, BINARY, CONTINUATION, PING]),
+        st.integers(0, 200),
+        st.booleans(),  # fin
+        st.sampled_from([0, 4]),  # rsv: none or RSV1
+        st.booleans(),  # masked
+    ),
+    max_size=12,
+)
+
+
+@PROFILE
+@given(frame_specs, st.binary(max_size=8), st.integers(0, 3), st.booleans(), st.booleans())
+def test_the_compiled_walk_matches_the_python_loop(specs, tail, cut, masked, deflate):
+    compiled = pytest.importorskip("wsgate._speedups").walk_frames
+    stream = b"".join(
+        encode(op, PATTERN[:size], fin=fin, rsv=rsv, key=b"\x01\x02\x03\x04" if key else None)
+        for op, size, fin, rsv, key in specs
+    ) + tail
+    data = stream[: max(0, len(stream) - cut)]
+    steps = frames._STEPS_MASKED if masked else frames._STEPS_UNMASKED
+    fast = frames._FAST_DEFLATE if deflate else frames._FAST_PLAIN
+    stop = len(data) - (6 if masked else 2)
+    expected = walk_reference(data, 0, stop, steps, fast)
+    assert compiled(data, 0, stop, steps, fast) == expected
+    assert compiled(bytearray(data), 0, stop, steps, fast) == expected
+    assert compiled(memoryview(data), 0, stop, steps, fast) == expected
+
+
+def test_the_compiled_walk_stays_inside_its_buffer_and_checks_its_tables():
+    walk = pytest.importorskip("wsgate._speedups").walk_frames
+    frame = bytes([0x82, 0x80 | 3]) + b"\0\0\0\0abc"
+    # A `stop` past the end is clamped: no header byte is read beyond the buffer.
+    assert walk(frame, 0, 10**9, frames._STEPS_MASKED, frames._FAST_PLAIN) == (9, 1)
+    assert walk(frame[:1], 0, 10**9, frames._STEPS_MASKED, frames._FAST_PLAIN) == (0, 0)
+    assert walk(b"", 0, 10**9, frames._STEPS_MASKED, frames._FAST_PLAIN) == (0, 0)
+    assert walk(frame, -5, 10**9, frames._STEPS_MASKED, frames._FAST_PLAIN) == (-5, 0)
+    with pytest.raises(ValueError):
+        walk(frame, 0, 3, b"short", frames._FAST_PLAIN)
+    with pytest.raises(TypeError):
+        walk(frame, 0, 3)

@@ -7,11 +7,22 @@ control frames are, and where it may inject frames of its own (RFC 6455).
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Final
 
 from wsgate.errors import ProtocolError
+
+# The scanner's per-frame fast path compiled (wsgate/_speedups.c), where it was
+# built; the pure-Python loop does the same. WSGATE_PURE_PYTHON=1 turns it off.
+walk_frames: Callable[[bytes, int, int, bytes, bytes], tuple[int, int]] | None = None
+if not os.environ.get("WSGATE_PURE_PYTHON"):
+    try:
+        from wsgate._speedups import walk_frames
+    except ImportError:
+        pass
 
 __all__ = [
     "BOUNDARY",
@@ -355,13 +366,17 @@ class FrameScanner:
                 # The per-frame fast path: a final TEXT/BINARY frame with the mask bit
                 # as required and a 7-bit length. `steps` maps the second header byte
                 # to the whole frame size (0 when the frame needs a closer look).
-                while pos <= last_fast_header:
-                    step = steps[data[pos + 1]]
-                    if step and fast[data[pos]]:
-                        pos += step
-                        fast_frames += 1
-                        continue
-                    break
+                if walk_frames is not None:
+                    pos, walked = walk_frames(data, pos, last_fast_header, steps, fast)
+                    fast_frames += walked
+                else:
+                    while pos <= last_fast_header:
+                        step = steps[data[pos + 1]]
+                        if step and fast[data[pos]]:
+                            pos += step
+                            fast_frames += 1
+                            continue
+                        break
                 if pos >= n:
                     if pos > n:
                         # The last frame runs past the chunk: it is not complete yet.
