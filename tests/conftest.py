@@ -15,7 +15,7 @@ from aiohttp import WSMsgType, web
 from hypothesis import settings
 
 from wsgate.config import parse_config
-from wsgate.server import Gateway
+from wsgate.gateway import Gateway
 
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.register_profile("ci", max_examples=1000, deadline=None)

@@ -41,7 +41,7 @@ from peers import (
 
 from wsgate.config import parse_config
 from wsgate.hashring import HashRing
-from wsgate.server import Gateway
+from wsgate.gateway import Gateway
 
 # Probes every 50 ms, and one result flips a backend either way.
 FAST_CHECK = {"interval": 0.05, "timeout": 0.5, "healthy_threshold": 1, "unhealthy_threshold": 1}

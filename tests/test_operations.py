@@ -37,10 +37,10 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 import wsgate
-import wsgate.server
+import wsgate.gateway
 from wsgate.admin import AdminServer
 from wsgate.config import parse_config
-from wsgate.server import Gateway
+from wsgate.gateway import Gateway
 
 UP = "client_to_backend"
 DOWN = "backend_to_client"
@@ -237,7 +237,7 @@ async def test_a_scrape_shows_an_open_connections_counts(start_admin, ws_backend
 
 
 async def test_the_periodic_flush_updates_the_registry_without_a_scrape(start_admin, ws_backend, monkeypatch):
-    monkeypatch.setattr(wsgate.server, "METRICS_FLUSH_INTERVAL", 0.05)
+    monkeypatch.setattr(wsgate.gateway, "METRICS_FLUSH_INTERVAL", 0.05)
     admin = await start_admin(gateway_config([ws_backend.url]))
     registry = admin.gateway.registry
 
@@ -643,7 +643,7 @@ async def test_access_log_and_metrics_of_connections_refused_at_the_limit(start_
 
 async def test_every_heartbeat_round_trip_is_observed(start_admin, ws_backend, monkeypatch):
     # No periodic flush during the test: several pongs pile up before the scrape.
-    monkeypatch.setattr(wsgate.server, "METRICS_FLUSH_INTERVAL", 3600.0)
+    monkeypatch.setattr(wsgate.gateway, "METRICS_FLUSH_INTERVAL", 3600.0)
     admin = await start_admin(gateway_config([ws_backend.url], heartbeat={"interval": "50ms"}))
     async with asyncio.timeout(STEP_TIMEOUT):
         async with websockets.connect(admin.ws_url, ping_interval=None):

@@ -228,7 +228,7 @@ async def test_client_dropped_gives_backend_1001(start_gateway, ws_backend):
 
 async def test_gateway_shutdown_closes_both_sides_with_1001(ws_backend):
     from wsgate.config import parse_config
-    from wsgate.server import Gateway
+    from wsgate.gateway import Gateway
 
     gateway = Gateway(parse_config(gateway_config([ws_backend.url])))
     await gateway.start()

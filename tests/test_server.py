@@ -345,7 +345,7 @@ async def test_both_legs_use_tcp_nodelay(ws_backend):
     import socket
 
     from wsgate.config import parse_config
-    from wsgate.server import Gateway
+    from wsgate.gateway import Gateway
 
     gateway = Gateway(parse_config(gateway_config([ws_backend.url])))
     await gateway.start()

@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from peers import STEP_TIMEOUT, client_frame, read_frame, read_response_head, upgrade_request
 
 from wsgate.config import parse_config
-from wsgate.server import Gateway
+from wsgate.gateway import Gateway
 
 REPO = Path(__file__).resolve().parent.parent
 

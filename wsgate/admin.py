@@ -15,7 +15,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from . import __version__
 
 if TYPE_CHECKING:
-    from .server import Gateway
+    from .gateway import Gateway
 
 log = logging.getLogger("wsgate.admin")
 

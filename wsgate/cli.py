@@ -21,7 +21,7 @@ from . import __version__
 from .admin import AdminServer
 from .config import Backend, Config, load_config
 from .errors import ConfigError
-from .server import Gateway
+from .gateway import Gateway
 from .tls import check_files
 
 EXIT_OK = 0

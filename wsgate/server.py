@@ -1,33 +1,24 @@
-"""Listeners and the handshake phase: parse, route, connect, check the 101, hand off.
+"""The handshake phase of each connection: parse, route, connect, check the 101, hand off.
 
-Each accepted socket starts with a `_ClientHandshake` protocol that feeds h11
+Each accepted socket starts with a `ClientHandshake` protocol that feeds h11
 until the request head is complete, then a task picks a backend, connects with
-a `_BackendHandshake` protocol and, on a valid 101, passes both transports to a
+a `BackendHandshake` protocol and, on a valid 101, passes both transports to a
 `Relay` by `set_protocol`. Bytes that arrive on either side before the hand-off
-are kept and relayed first.
+are kept and relayed first. The `Gateway` (gateway.py) owns the listeners and
+the books these protocols keep.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import itertools
 import logging
-import random
-import socket
-import time
-from collections.abc import Collection
-from datetime import datetime, timezone
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import h11
 
-from prometheus_client import CollectorRegistry
-
-from . import __version__
 from .balancer import Member, Pool, random_key
-from .config import Config, Listener, load_config
-from .errors import BackendUnavailable, ConfigError, HandshakeError
+from .config import Listener
+from .errors import BackendUnavailable, HandshakeError
 from .frames import CloseCode
 from .handshake import (
     affinity_key,
@@ -40,18 +31,13 @@ from .handshake import (
     render_rejection,
     render_switching_protocols,
 )
-from .metrics import Metrics, close_code_label
-from .relay import GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
-from .routing import match_route
-from .tls import ListenerTls, listener_contexts, peer_subject
+from .relay import Relay
+from .tls import ListenerTls, peer_subject
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
 
 log = logging.getLogger("wsgate.server")
-# One JSON line per connection when it ends (see cli for the handler).
-access_log = logging.getLogger("wsgate.access")
-
-# Metrics lag the connections' own counters by at most this long.
-METRICS_FLUSH_INTERVAL = 5.0
-
 
 # Bounded `reason` labels for handshake rejections, by HTTP status.
 _REJECTION_REASONS = {
@@ -65,472 +51,12 @@ _REJECTION_REASONS = {
     503: "limit",
 }
 
-
-def _pools(config: Config) -> dict[str, Pool]:
-    """A fresh pool per route (a bad backend CA file raises `ConfigError`)."""
-    return {
-        route.name: Pool(route, config.discovery, path=f"routes[{i}]")
-        for i, route in enumerate(config.routes)
-    }
-
-
-def _version(config: Config) -> str:
-    """A short digest of the effective config, for /status and the reload log."""
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
-
-
-def _relay_settings(config: Config) -> RelaySettings:
-    return RelaySettings(
-        high_water=config.flow_control.high_water,
-        low_water=config.flow_control.low_water,
-        max_message_size=config.limits.max_message_size,
-        close_timeout=config.timeouts.close,
-        heartbeat_interval=config.heartbeat.interval,
-        heartbeat_timeout=config.heartbeat.timeout,
-        idle_timeout=config.timeouts.idle,
-    )
-
-
-def key_hash(key: bytes) -> str:
-    """A short stable digest of an affinity key: logs can group by it without holding it."""
-    return hashlib.blake2b(key, digest_size=8).hexdigest()
-
-
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
-
 # A backend's refusal is relayed to the client; its body is cut at this size.
 BACKEND_REPLY_BODY_LIMIT = 64 * 1024
 _MAX_BACKEND_HEAD_SIZE = 64 * 1024
 
 
-class Gateway:
-    """Serves every listener of one config; `start` binds, `close` stops."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        # Certificates and CA files load here, so a bad one stops start-up with its key path.
-        self.tls = listener_contexts(config)
-        self.pools = _pools(config)
-        self.tls_handshake_failures = 0
-        self.tls_reload_failures = 0
-        self._watch: asyncio.Task[None] | None = None
-        self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry)
-        self._flush_task: asyncio.Task[None] | None = None
-        self.draining = False
-        self.loaded_at = time.time()
-        self.config_version = _version(config)
-        self.config_path: str | None = None  # where reload() reads the config from
-        self._reload_lock = asyncio.Lock()
-        # Listening sockets handed over by a supervisor, by listener name (workers > 1).
-        self.inherited: dict[str, socket.socket] = {}
-        self.relay_settings = _relay_settings(config)
-        self._sweeper = Sweeper(*sweep_timing(self.relay_settings))
-        self._servers: dict[str, asyncio.Server] = {}
-        self._connections: set[_ClientHandshake] = set()
-        self._relays = self._sweeper.relays
-        self._all_closed = asyncio.Event()
-        self._per_ip: dict[str, int] = {}
-        self._ids = itertools.count(1)
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        """The (host, port) each listener is bound to, in config order."""
-        return [
-            self._servers[listener.name].sockets[0].getsockname()[:2]
-            for listener in self.config.listeners
-            if listener.name in self._servers
-        ]
-
-    @property
-    def connection_count(self) -> int:
-        return sum(self._per_ip.values())
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._sweeper.start()
-        try:
-            for pool in self.pools.values():
-                await pool.start()
-            for listener in self.config.listeners:
-                await self._listen(listener)
-            self._start_watching()
-            self._flush_task = loop.create_task(self._flush_forever())
-        except BaseException:
-            await self.close()
-            raise
-
-    async def _listen(self, listener: Listener, server: asyncio.Server | None = None) -> None:
-        """Accept on `listener`: on `server` if given (bound by `_bind`), else on a new one."""
-        if server is None:
-            server = await self._bind(listener)
-        else:
-            await server.start_serving()
-        self._servers[listener.name] = server
-        log.info(
-            "listening on %s:%d (%s%s)",
-            *server.sockets[0].getsockname()[:2], listener.name, ", TLS" if listener.tls else "",
-        )
-
-    async def _bind(self, listener: Listener, start_serving: bool = True) -> asyncio.Server:
-        name = listener.name
-
-        def protocol() -> _ClientHandshake:
-            # The listener's current config, so a reload that changes only its TLS
-            # settings applies to new connections without rebinding.
-            return _ClientHandshake(self, self._listener_config(name))
-
-        loop = asyncio.get_running_loop()
-        inherited = self.inherited.get(name)
-        if inherited is not None:
-            return await loop.create_server(
-                protocol, sock=inherited, backlog=1024, start_serving=start_serving
-            )
-        return await loop.create_server(
-            protocol,
-            listener.host,
-            listener.port,
-            reuse_address=True,
-            backlog=1024,
-            start_serving=start_serving,
-        )
-
-    def _listener_config(self, name: str) -> Listener:
-        return next(listener for listener in self.config.listeners if listener.name == name)
-
-    async def close(self) -> None:
-        """Stop accepting, close every connection with 1001, drop what is left after `timeouts.close`."""
-        for server in self._servers.values():
-            server.close()
-        for connection in list(self._connections):
-            connection.transport.close()
-        for relay in list(self._relays):
-            relay.close(CloseCode.GOING_AWAY, "gateway shutting down")
-        if self._relays:
-            self._all_closed.clear()
-            try:
-                async with asyncio.timeout(self.config.timeouts.close):
-                    await self._all_closed.wait()
-            except TimeoutError:
-                for relay in list(self._relays):
-                    relay.abort()
-        self._sweeper.stop()
-        for task in (self._watch, self._flush_task):
-            if task is not None:
-                task.cancel()
-        for pool in self.pools.values():
-            await pool.stop()
-        for server in self._servers.values():
-            await server.wait_closed()
-
-    async def drain(self) -> None:
-        """Shut down gently: stop accepting, report not ready, close clients with 1001 spread
-        evenly (with jitter) over `shutdown.drain_period`, and return when every connection
-        has ended or at `shutdown.grace_period`, whichever comes first.
-        """
-        shutdown = self.config.shutdown
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        self.draining = True
-        for server in self._servers.values():
-            server.close()
-        for connection in list(self._connections):
-            connection.transport.close()
-        log.info("draining %d connections over %.1fs", len(self._relays), shutdown.drain_period)
-        handles = self._spread_closes(list(self._relays), CloseCode.GOING_AWAY, "going away")
-        if self._relays:
-            self._all_closed.clear()
-            try:
-                async with asyncio.timeout(max(0.0, shutdown.grace_period - (loop.time() - started))):
-                    await self._all_closed.wait()
-            except TimeoutError:
-                log.warning("grace period over: dropping %d connections", len(self._relays))
-                for relay in list(self._relays):
-                    relay.abort()
-        for handle in handles:
-            handle.cancel()
-        await self.close()
-
-    async def reload(self) -> str | None:
-        """Read `config_path` again and apply it; None on success, else why it was refused.
-
-        An invalid file (or certificate) changes nothing: the old config keeps serving.
-        """
-        if self.config_path is None:
-            return "this gateway was not started from a config file"
-        # Two quick SIGHUPs must not interleave inside _apply, which awaits.
-        async with self._reload_lock:
-            return await self._reload()
-
-    async def _reload(self) -> str | None:
-        assert self.config_path is not None
-        try:
-            config = load_config(self.config_path)
-            tls = listener_contexts(config)
-            pools = _pools(config)
-            # New and moved listeners are bound (not yet accepting) before anything
-            # changes: an address in use refuses the reload instead of losing a listener.
-            bound = await self._bind_listeners(config)
-        except ConfigError as exc:
-            self.metrics.config_reloads.labels("failure").inc()
-            log.error("reload refused; keeping the running config and the old certificates: %s", exc)
-            return str(exc)
-        await self._apply(config, tls, pools, bound)
-        self.metrics.config_reloads.labels("success").inc()
-        for name in tls:
-            log.info("listener %s: certificates loaded", name)
-        log.info("reloaded %s (config version %s)", self.config_path, self.config_version)
-        return None
-
-    async def _bind_listeners(self, config: Config) -> dict[str, asyncio.Server]:
-        """Bind the listeners of `config` that are new or moved, without accepting yet."""
-        if self.inherited:
-            return {}  # a supervisor owns the sockets; see _apply_listeners
-        current = {listener.name: listener.bind for listener in self.config.listeners}
-        bound: dict[str, asyncio.Server] = {}
-        try:
-            for i, listener in enumerate(config.listeners):
-                if current.get(listener.name) != listener.bind:
-                    try:
-                        bound[listener.name] = await self._bind(listener, start_serving=False)
-                    except OSError as exc:
-                        raise ConfigError(
-                            f"listeners[{i}].bind",
-                            f"cannot listen on {listener.bind}: {exc.strerror or exc}",
-                            self.config_path,
-                        ) from exc
-        except BaseException:
-            for server in bound.values():
-                server.close()
-            raise
-        return bound
-
-    async def _apply(
-        self,
-        config: Config,
-        tls: dict[str, ListenerTls],
-        pools: dict[str, Pool],
-        bound: dict[str, asyncio.Server],
-    ) -> None:
-        """Swap in a validated config: new connections follow it, open ones stay put."""
-        old_config, old_pools = self.config, self.pools
-        removed: list[tuple[Relay, bool]] = []  # relays whose backend left, and whether to keep them
-        for name, pool in pools.items():
-            previous = old_pools.get(name)
-            if previous is not None:
-                pool.adopt(previous)
-        for name, previous in old_pools.items():
-            kept = {m.identity for m in pools[name].members} if name in pools else set()
-            keep = previous.route.on_backend_removed == "keep"
-            for member in previous.members:
-                if member.identity not in kept:
-                    removed.extend((relay, keep) for relay in member.relays)
-        # From here on nothing can fail: swap everything at once.
-        self.config, self.tls, self.pools = config, tls, pools
-        self.relay_settings = _relay_settings(config)
-        self._sweeper.retime(*sweep_timing(self.relay_settings), asyncio.get_running_loop().time())
-        self.loaded_at = time.time()
-        self.config_version = _version(config)
-        for pool in old_pools.values():
-            await pool.stop()
-        for pool in pools.values():
-            await pool.start()
-        await self._apply_listeners(old_config, config, bound)
-        closing = [relay for relay, keep in removed if not keep]
-        if closing:
-            self._spread_closes(closing, CloseCode.SERVICE_RESTART, "backend removed")
-            log.info("closing %d connections on removed backends", len(closing))
-
-    async def _apply_listeners(self, old: Config, new: Config, bound: dict[str, asyncio.Server]) -> None:
-        """Start listeners that are new or moved (bound by `_bind_listeners`); close those
-        that went; leave the rest alone."""
-        before = {listener.name: listener for listener in old.listeners}
-        after = {listener.name: listener for listener in new.listeners}
-        if self.inherited:
-            # A supervisor owns the sockets (workers > 1): they change with a restart only.
-            if {n: l.bind for n, l in before.items()} != {n: l.bind for n, l in after.items()}:
-                log.warning("listener changes take a restart when workers > 1; listeners unchanged")
-            return
-        for name, listener in before.items():
-            if name not in after or after[name].bind != listener.bind:
-                server = self._servers.pop(name, None)
-                if server is not None:
-                    server.close()  # its open connections carry on
-                    log.info("stopped listening on %s (%s)", listener.bind, name)
-        for name, listener in after.items():
-            if name not in self._servers:
-                await self._listen(listener, bound.get(name))
-
-    def _spread_closes(self, relays: list[Relay], code: int, reason: str) -> list[asyncio.TimerHandle]:
-        """Close `relays` spread evenly, with jitter, over `shutdown.drain_period`."""
-        loop = asyncio.get_running_loop()
-        relays = list(relays)
-        random.shuffle(relays)
-        # One slot per connection, a random moment within each: clients do not all
-        # reconnect at the same instant, and the last close lands within the period.
-        slot = self.config.shutdown.drain_period / max(1, len(relays))
-        return [
-            loop.call_later(i * slot + random.uniform(0, slot), relay.close, code, reason)
-            for i, relay in enumerate(relays)
-        ]
-
-    def reload_tls(self) -> bool:
-        """Load every listener's certificates again; new handshakes use them, open ones are untouched.
-
-        A file that fails to load is logged and the listener keeps its old certificates.
-        """
-        ok = True
-        for name, tls in self.tls.items():
-            try:
-                tls.reload()
-            except ConfigError as exc:
-                ok = False
-                self.tls_reload_failures += 1
-                log.error("listener %s: keeping the old certificates: %s", name, exc)
-            else:
-                log.info("listener %s: certificates loaded", name)
-        if self.tls:
-            self.metrics.config_reloads.labels("success" if ok else "failure").inc()
-        return ok
-
-    def _start_watching(self) -> None:
-        intervals = [t.config.watch_interval for t in self.tls.values() if t.config.watch_interval]
-        if intervals:
-            self._watch = asyncio.get_running_loop().create_task(self._watch_files(min(intervals)))
-
-    async def _watch_files(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            if any(t.files_changed() for t in self.tls.values()):
-                self.reload_tls()
-
-    # -- observability ---------------------------------------------------------
-
-    async def _flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(METRICS_FLUSH_INTERVAL)
-            self.flush_metrics()
-
-    def flush_metrics(self) -> None:
-        """Move every connection's counts into the metrics; refresh the per-backend gauges."""
-        metrics = self.metrics
-        self._flush_relays(self._relays)
-        now = asyncio.get_running_loop().time()
-        for name, pool in self.pools.items():
-            metrics.set_pool(name, pool.members, now)
-
-    def _flush_relays(self, relays: Collection[Relay]) -> None:
-        self.metrics.flush_relays(relays)
-        for relay in relays:
-            for leg in (relay.client, relay.backend):
-                if leg.rtts:
-                    histogram = self.metrics.series(self.metrics.heartbeat_rtt, leg.side)
-                    for rtt in leg.rtts:
-                        histogram.observe(rtt)
-                    leg.rtts = None
-
-    def _relay_finished(self, relay: Relay, client: str, client_cert: str | None) -> None:
-        """Final counts and the access log line of a connection that ended."""
-        metrics = self.metrics
-        self._flush_relays((relay,))
-        duration = asyncio.get_running_loop().time() - relay.started_at
-        side = relay.closed_by or GATEWAY
-        metrics.series(metrics.close_frames, close_code_label(relay.close_code), side).inc()
-        metrics.series(metrics.connection_duration, relay.route_name).observe(duration)
-        if relay.dead_side:
-            metrics.heartbeat_timeouts.labels(relay.dead_side).inc()
-        elif relay.close_reason == "idle timeout":
-            metrics.idle_timeouts.labels(relay.route_name).inc()
-        member = relay.member
-        assert isinstance(member, Member)
-        access_log.info(
-            "",
-            extra={
-                "access": {
-                    "client": client,
-                    "route": relay.route_name,
-                    "backend": member.identity,
-                    "key_hash": key_hash(relay.key),
-                    "status": 101,
-                    "duration": round(duration, 3),
-                    "bytes_in": relay.client.bytes_received,
-                    "bytes_out": relay.backend.bytes_received,
-                    "messages_in": relay.client.scanner.messages,
-                    "messages_out": relay.backend.scanner.messages,
-                    "close_code": relay.close_code,
-                    "closed_by": side,
-                    "reason": relay.close_reason,
-                    "client_cert": client_cert,
-                }
-            },
-        )
-
-    def not_ready_reason(self) -> str | None:
-        """Why /readyz should say 503, or None when ready."""
-        if self.draining:
-            return "draining"
-        if not self._servers:
-            return "not listening"
-        if self.config.admin.ready_requires_backends:
-            now = asyncio.get_running_loop().time()
-            for name, pool in self.pools.items():
-                if not any(member.available(now) for member in pool.members):
-                    return f"route {name} has no healthy backend"
-        return None
-
-    def status(self) -> dict[str, object]:
-        """What /status reports: config, routes and backends with health and load."""
-        now = asyncio.get_running_loop().time()
-        return {
-            "version": __version__,
-            "config": {"version": self.config_version, "loaded_at": _iso(self.loaded_at)},
-            "draining": self.draining,
-            "connections": len(self._relays),
-            "routes": [
-                {
-                    "name": name,
-                    "backends": [
-                        {
-                            "backend": member.identity,
-                            "healthy": member.healthy,
-                            "ejected": now < member.ejected_until,
-                            "available": member.available(now),
-                            "active_connections": member.active,
-                            "weight": member.weight,
-                        }
-                        for member in pool.members
-                    ],
-                }
-                for name, pool in self.pools.items()
-            ],
-        }
-
-    # -- bookkeeping used by the protocols ------------------------------------
-
-    def _admit(self, ip: str) -> str | None:
-        """Count a new connection from `ip`, or say why it is refused."""
-        limits = self.config.limits
-        if self.connection_count >= limits.max_connections:
-            return "the gateway is at its connection limit"
-        if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
-            return "too many connections from your address"
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        return None
-
-    def _release(self, ip: str) -> None:
-        left = self._per_ip[ip] - 1
-        if left:
-            self._per_ip[ip] = left
-        else:
-            del self._per_ip[ip]
-
-    def _pool_for(self, host: str, path: str) -> Pool | None:
-        route = match_route(self.config.routes, host, path)
-        return None if route is None else self.pools[route.name]
-
-
-class _ClientHandshake(asyncio.Protocol):
+class ClientHandshake(asyncio.Protocol):
     """A client connection until its upgrade is relayed or refused."""
 
     def __init__(self, gateway: Gateway, listener: Listener) -> None:
@@ -697,20 +223,9 @@ class _ClientHandshake(asyncio.Protocol):
         route = self.route_name
         metrics = self.gateway.metrics
         metrics.series(metrics.connections, route, backend, outcome).inc()
-        access_log.info(
-            "",
-            extra={
-                "access": {
-                    "client": self.client_address,
-                    "route": route,
-                    "backend": backend,
-                    "key_hash": key_hash(self.key) if self.key else "",
-                    "status": status,
-                    "duration": round(asyncio.get_running_loop().time() - self.accepted_at, 3),
-                    "reason": reason,
-                    "client_cert": self.client_cert,
-                }
-            },
+        duration = asyncio.get_running_loop().time() - self.accepted_at
+        self.gateway.log_access(
+            self.client_address, route, backend, self.key, status, duration, reason, self.client_cert
         )
 
     async def _proxy(self, request: h11.Request) -> None:
@@ -763,7 +278,7 @@ class _ClientHandshake(asyncio.Protocol):
                 try:
                     async with asyncio.timeout(self.gateway.config.timeouts.connect):
                         backend_transport, answer = await loop.create_connection(
-                            lambda: _BackendHandshake(upstream),
+                            lambda: BackendHandshake(upstream),
                             member.host,
                             member.port,
                             ssl=member.tls,
@@ -818,7 +333,7 @@ class _ClientHandshake(asyncio.Protocol):
     def _hand_off(
         self,
         backend_transport: asyncio.Transport,
-        answer: _BackendHandshake,
+        answer: BackendHandshake,
         deflate: bool,
         pool: Pool,
         member: Member,
@@ -898,7 +413,7 @@ def _h11_reason(exc: h11.RemoteProtocolError) -> str:
     return f"malformed request: {exc}"
 
 
-class _BackendHandshake(asyncio.Protocol):
+class BackendHandshake(asyncio.Protocol):
     """The backend leg until its answer to the upgrade is complete."""
 
     def __init__(self, request: h11.Request) -> None:
