@@ -433,9 +433,9 @@ class Relay:
     def sweep(self, now: float, recheck: float) -> float | None:
         """Ping quiet peers, drop dead ones, close idle connections.
 
-        Returns when this relay next needs a look, at most `recheck` from now
-        while it is active (None once it is closing): an idle connection is not
-        looked at again until its next ping or timeout is due.
+        Returns when this relay next needs a look: when a ping or a timeout is
+        due, and no later than `recheck` from now; None once it is closing, or
+        when no timer is enabled.
         """
         settings = self.settings
         if self.closed_by:
@@ -492,7 +492,7 @@ class Sweeper:
 
     Relays wait in slots of one tick each, filed under the time they next need a
     look (see `Relay.sweep`): when a ping or a timeout is due, and at least every
-    `recheck` (5 s at most) to notice traffic starting or stopping. The timers
+    `recheck` (5 s at most) to notice traffic starting or stopping. Timeouts
     stay as precise as the tick, while a relay is looked at every few seconds
     rather than on every tick.
     """
