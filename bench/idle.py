@@ -120,7 +120,8 @@ async def _open(port: int, count: int, first: int, clients: list[_IdleClient]) -
 
 
 def _client_process(port: int, count: int, first: int, pipe: Connection) -> None:
-    """Opens `count` idle connections, reports, holds them until told to stop, reports again."""
+    """Opens `count` idle connections, reports, holds them until told to stop, reports the
+    pings answered since the window's start and the connections lost."""
     raise_nofile()
 
     async def main() -> None:
@@ -129,11 +130,19 @@ def _client_process(port: int, count: int, first: int, pipe: Connection) -> None
         opened, error = await _open(port, count, first, clients)
         pipe.send({"opened": opened, "error": error})
         stop = asyncio.Event()
-        loop.add_reader(pipe.fileno(), stop.set)
+        at_mark = [0] * len(clients)
+
+        def on_message() -> None:
+            # "mark": the measured window starts; "stop": it has ended.
+            if pipe.recv() == "mark":
+                at_mark[:] = [c.pings for c in clients]
+            else:
+                stop.set()
+
+        loop.add_reader(pipe.fileno(), on_message)
         await stop.wait()
         loop.remove_reader(pipe.fileno())
-        pipe.recv()
-        pings = [c.pings for c in clients]
+        pings = [c.pings - before for c, before in zip(clients, at_mark)]
         pipe.send({"lost": sum(c.lost for c in clients), "pings": pings})
         for client in clients:
             if client.transport is not None:
@@ -227,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         open_seconds = time.monotonic() - opened_at
         time.sleep(2.0)  # let the last handshakes' garbage go before measuring
         rss_after = procstat.rss_kib(gateway.pid)
+        for _, pipe in workers:
+            pipe.send("mark")
         cpu_start, wall_start = procstat.cpu_seconds(gateway.pid), time.monotonic()
         time.sleep(args.window)
         cpu = procstat.cpu_seconds(gateway.pid) - cpu_start
