@@ -369,6 +369,10 @@ class ClientHandshake(asyncio.Protocol):
         pool.opened(member, relay)
         gateway.metrics.connection_opened(relay.route_name, member.identity)
         relay.start(client_early=bytes(self.early), backend_early=bytes(answer.early))
+        # This object lives as long as the relay (its on_closed callback) and gets no more
+        # transport callbacks: let the parser, the buffer and the finished task go.
+        del self.h11, self.early
+        self.task = None
         current = gateway.pools.get(pool.route.name)
         if current is not pool and (current is None or member not in current.members):
             # A reload removed the backend while this handshake was under way; the
