@@ -59,6 +59,32 @@ _MAX_BACKEND_HEAD_SIZE = 64 * 1024
 class ClientHandshake(asyncio.Protocol):
     """A client connection until its upgrade is relayed or refused."""
 
+    # It outlives the handshake, for as long as its relay: slots keep it small.
+    __slots__ = (
+        "gateway",
+        "listener",
+        "transport",
+        "client_ip",
+        "conn_id",
+        "h11",
+        "early",
+        "task",
+        "timer",
+        "admitted",
+        "lost",
+        "handed_off",
+        "pool",
+        "tls_task",
+        "client_address",
+        "route_name",
+        "backend_tried",
+        "key",
+        "accepted_at",
+        "request_at",
+        "client_cert",
+        "tls_early",
+    )
+
     def __init__(self, gateway: Gateway, listener: Listener) -> None:
         self.gateway = gateway
         self.listener = listener
@@ -372,7 +398,7 @@ class ClientHandshake(asyncio.Protocol):
         # This object lives as long as the relay (its on_closed callback) and gets no more
         # transport callbacks: let the parser, the buffer and the finished task go.
         del self.h11, self.early
-        self.task = None
+        self.task = self.timer = self.tls_task = None
         current = gateway.pools.get(pool.route.name)
         if current is not pool and (current is None or member not in current.members):
             # A reload removed the backend while this handshake was under way; the
