@@ -358,3 +358,15 @@ async def test_busy_connection_is_not_idle(start_gateway, ws_backend):
                 assert await ws.recv() == str(i)
                 await asyncio.sleep(0.05)
     assert ws.close_code == 1000
+
+
+def test_random_bytes_come_in_the_asked_sizes_across_block_boundaries():
+    from wsgate.relay import random_bytes
+
+    # 3,000 mask keys and ping payloads span several 4 KiB blocks of os.urandom.
+    keys, payloads = zip(*((random_bytes(4), random_bytes(8)) for _ in range(1500)))
+    assert {len(key) for key in keys} == {4} and {len(p) for p in payloads} == {8}
+    # No slice is handed out twice: 64-bit payloads never repeat, nor do consecutive keys.
+    assert len(set(payloads)) == len(payloads)
+    assert all(a != b for a, b in zip(keys, keys[1:]))
+    assert len(random_bytes(5000)) == 5000  # more than a block at once
