@@ -20,6 +20,7 @@ import asyncio
 import json
 import math
 import multiprocessing
+import shutil
 import socket
 import sys
 import tempfile
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         for _, pipe in workers:
             pipe.send("stop")
         finals = [pipe.recv() for _, pipe in workers]
+    except BaseException:
+        print(f"bench.idle: failed; the processes' logs are in {workdir}", file=sys.stderr)
+        raise
     finally:
         for process, _ in workers:
             process.join(timeout=10)
@@ -252,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 process.kill()
         for proc in reversed(started):
             proc.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
     pings = sorted(p for final in finals for p in final["pings"])
     lost = sum(final["lost"] for final in finals)
     result: dict[str, Any] = {
