@@ -15,7 +15,6 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Collection
 from datetime import datetime, timezone
 
 from prometheus_client import CollectorRegistry
@@ -384,25 +383,15 @@ class Gateway:
     def flush_metrics(self) -> None:
         """Move every connection's counts into the metrics; refresh the per-backend gauges."""
         metrics = self.metrics
-        self._flush_relays(self._relays)
+        metrics.flush_relays(self._relays)
         now = asyncio.get_running_loop().time()
         for name, pool in self.pools.items():
             metrics.set_pool(name, pool.members, now)
 
-    def _flush_relays(self, relays: Collection[Relay]) -> None:
-        self.metrics.flush_relays(relays)
-        for relay in relays:
-            for leg in (relay.client, relay.backend):
-                if leg.rtts:
-                    histogram = self.metrics.series(self.metrics.heartbeat_rtt, leg.side)
-                    for rtt in leg.rtts:
-                        histogram.observe(rtt)
-                    leg.rtts = None
-
     def _relay_finished(self, relay: Relay, client: str, client_cert: str | None) -> None:
         """Final counts and the access log line of a connection that ended."""
         metrics = self.metrics
-        self._flush_relays((relay,))
+        metrics.flush_relays((relay,))
         duration = asyncio.get_running_loop().time() - relay.started_at
         side = relay.closed_by or GATEWAY
         metrics.series(metrics.close_frames, close_code_label(relay.close_code), side).inc()

@@ -205,7 +205,7 @@ class Metrics:
             del self._open[route, backend]
 
     def flush_relays(self, relays: Iterable[Any]) -> None:
-        """Add what `relays` counted since their previous flush.
+        """Add what `relays` counted since their previous flush, heartbeat round trips included.
 
         Sums are taken in plain integers first, so prometheus-client is called once
         per series, not once per connection: a flush of 100,000 connections stays cheap.
@@ -214,6 +214,11 @@ class Metrics:
         for relay in relays:
             route = relay.route_name
             for leg, direction in ((relay.client, UPSTREAM), (relay.backend, DOWNSTREAM)):
+                if leg.rtts:
+                    histogram = self.series(self.heartbeat_rtt, leg.side)
+                    for rtt in leg.rtts:
+                        histogram.observe(rtt)
+                    leg.rtts = None
                 size = leg.bytes_received - leg.flushed_bytes
                 if not size and leg.pauses == leg.flushed_pauses:
                     continue  # nothing arrived: no frame, no message either
