@@ -21,7 +21,6 @@ import json
 import math
 import multiprocessing
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import Any, cast
 import uvloop
 
 from . import procstat
+from .loadgen import Job, connect_from_source
 from .targets import REPO, Proc
 from .wire import OP_CLOSE, OP_PING, OP_PONG, client_frame, new_key, raise_nofile, upgrade_request
 
@@ -41,7 +41,6 @@ _FD_MARGIN = 500
 _PORTS_PER_PAIR = 25_000
 _SOURCES = tuple(f"127.0.0.{i}" for i in range(1, 9))
 _CONNECT_CONCURRENCY = 256
-_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 class _IdleClient(asyncio.Protocol):
@@ -103,20 +102,15 @@ async def _open(port: int, count: int, first: int, clients: list[_IdleClient]) -
         async with gate:
             opened: asyncio.Future[None] = loop.create_future()
             client = _IdleClient(upgrade_request("127.0.0.1", port, "/echo", new_key()), opened)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((_SOURCES[index % len(_SOURCES)], 0))
-                await loop.sock_connect(sock, ("127.0.0.1", port))
-                await loop.create_connection(lambda: client, sock=sock)
+                await connect_from_source(lambda: client, job, index)
                 await asyncio.wait_for(opened, 30)
                 clients.append(client)
             except (OSError, TimeoutError) as exc:
-                sock.close()
                 errors.append(f"{type(exc).__name__}: {exc}")
 
-    await asyncio.gather(*(one(first + i) for i in range(count)))
+    job = Job(kind="idle", port=port, path="/echo", conns=count, sources=_SOURCES, first_source=first)
+    await asyncio.gather(*(one(i) for i in range(count)))
     return count - len(errors), errors[0] if errors else ""
 
 

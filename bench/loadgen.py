@@ -83,7 +83,7 @@ def _tls_context(ca_pem: str) -> ssl.SSLContext:
     return client_context(ca_pem)
 
 
-async def _connect(factory: Callable[[], asyncio.Protocol], job: Job, index: int) -> asyncio.Transport:
+async def connect_from_source(factory: Callable[[], asyncio.Protocol], job: Job, index: int) -> asyncio.Transport:
     """A connection from the job's next source address; for TLS jobs, once the TLS handshake is done."""
     loop = asyncio.get_running_loop()
     source = job.sources[(job.first_source + index) % len(job.sources)]
@@ -362,7 +362,7 @@ class _Runner:
                 opened: asyncio.Future[None] = loop.create_future()
                 client = make(opened)
                 try:
-                    await _connect(lambda: client, self.job, index)
+                    await connect_from_source(lambda: client, self.job, index)
                     self.clients.append(client)
                     await opened
                 except (OSError, ClientError) as exc:
@@ -512,7 +512,7 @@ class _OneShotRunner(_Runner):
             try:
                 async with asyncio.timeout(ONE_SHOT_TIMEOUT):
                     factory = functools.partial(_OneShot, self.request(), done, session)
-                    transport = await _connect(factory, self.job, index + attempt * self.job.conns)
+                    transport = await connect_from_source(factory, self.job, index + attempt * self.job.conns)
                     await done
                 self.done += 1
             except (OSError, TimeoutError, ClientError) as exc:
