@@ -441,7 +441,7 @@ class Relay:
         if self.closed_by:
             return None
         soon = now + recheck
-        due = float("inf")
+        due = math.inf
         for leg in (self.client, self.backend):
             if leg.bytes_received != leg.bytes_seen or leg.reading_paused:
                 leg.bytes_seen = leg.bytes_received
@@ -473,7 +473,7 @@ class Relay:
                 self.close(CloseCode.GOING_AWAY, "idle timeout")
                 return None
             due = min(due, self.idle_since + settings.idle_timeout, soon)
-        return None if due == float("inf") else due
+        return None if due == math.inf else due
 
     def _on_dead(self, leg: Leg) -> None:
         log.info("conn=%d %s did not answer a ping: dropping it", self.conn_id, leg.side)
