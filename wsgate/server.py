@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 import h11
 
 from .balancer import Member, Pool, random_key
-from .config import Listener
+from .config import Listener, format_host_port
 from .errors import BackendUnavailable, HandshakeError
 from .frames import CloseCode
 from .handshake import (
@@ -54,6 +54,8 @@ _REJECTION_REASONS = {
 # A backend's refusal is relayed to the client; its body is cut at this size.
 BACKEND_REPLY_BODY_LIMIT = 64 * 1024
 _MAX_BACKEND_HEAD_SIZE = 64 * 1024
+# How long a refused client may go on sending before the gateway closes on it.
+LINGER_SECONDS = 2.0
 
 
 class ClientHandshake(asyncio.Protocol):
@@ -83,6 +85,8 @@ class ClientHandshake(asyncio.Protocol):
         "request_at",
         "client_cert",
         "tls_early",
+        "head_bytes",
+        "lingering",
     )
 
     def __init__(self, gateway: Gateway, listener: Listener) -> None:
@@ -112,6 +116,9 @@ class ClientHandshake(asyncio.Protocol):
         self.client_cert: str | None = None  # the verified client certificate's subject
         # Raw bytes (the ClientHello) read before start_tls takes the transport over.
         self.tls_early: bytearray | None = None
+        # Bytes given to h11 so far: the whole request head counts against max_header_bytes.
+        self.head_bytes = 0
+        self.lingering = False  # answered; what the client still sends is read and dropped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -119,7 +126,7 @@ class ClientHandshake(asyncio.Protocol):
         self.accepted_at = asyncio.get_running_loop().time()
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
-        self.client_address = f"{peer[0]}:{peer[1]}" if peer else "unknown"
+        self.client_address = format_host_port(peer[0], peer[1]) if peer else "unknown"
         tls = self.gateway.tls.get(self.listener.name)
         refusal = self.gateway._admit(self.client_ip)
         if refusal is not None:
@@ -127,7 +134,7 @@ class ClientHandshake(asyncio.Protocol):
             self.gateway.metrics.handshake_rejections.labels("limit").inc()
             self._account(503, "rejected", refusal)
             if tls is None:
-                self._reply(render_error(503, refusal, [("Retry-After", "1")]))
+                self._reply(render_error(503, refusal, [("Retry-After", "1")]), linger=False)
             else:
                 transport.close()  # no HTTP can be spoken before TLS; spend no handshake on it
             return
@@ -173,6 +180,8 @@ class ClientHandshake(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         if self.tls_early is not None:
             # TLS bytes that beat start_tls (uvloop); keep them for the TLS layer.
             self.tls_early += data
@@ -184,6 +193,7 @@ class ClientHandshake(asyncio.Protocol):
             if len(self.early) > self.gateway.config.flow_control.high_water:
                 self.transport.pause_reading()
             return
+        self.head_bytes += len(data)
         self.h11.receive_data(data)
         self._next_request_event()
 
@@ -215,9 +225,16 @@ class ClientHandshake(asyncio.Protocol):
         except h11.RemoteProtocolError as exc:
             self._reject(HandshakeError(exc.error_status_hint, _h11_reason(exc)))
             return
+        limit = self.gateway.config.limits.max_header_bytes
         if event is h11.NEED_DATA:
+            # h11 bounds only an incomplete head; this bounds one that arrives whole too.
+            if self.head_bytes > limit:
+                self._reject(HandshakeError(431, "request header block too large"))
             return
         if isinstance(event, h11.Request):
+            if self.head_bytes - len(self.h11.trailing_data[0]) > limit:
+                self._reject(HandshakeError(431, "request header block too large"))
+                return
             if self.timer is not None:
                 self.timer.cancel()
             self.early += self.h11.trailing_data[0]
@@ -234,9 +251,19 @@ class ClientHandshake(asyncio.Protocol):
             self._account(408, "rejected", "request timeout")
             self._reply(render_error(408, "request timeout"))
 
-    def _reply(self, data: bytes) -> None:
+    def _reply(self, data: bytes, linger: bool = True) -> None:
         self.transport.write(data)
-        self.transport.close()
+        if not linger or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # Closing with unread bytes in the kernel sends a reset, which can destroy the answer
+        # before the client reads it (a client still writing an oversized head, say). So
+        # half-close, drop what still arrives, and close at the client's EOF or after a while.
+        self.transport.write_eof()
+        self.lingering = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
 
     def _reject(self, error: HandshakeError) -> None:
         log.info("conn=%d %s rejected: %d %s", self.conn_id, self.client_ip, error.status, error.reason)
