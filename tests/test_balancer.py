@@ -90,10 +90,20 @@ class LogWatch(logging.Handler):
         super().__init__(logging.DEBUG)
         self.changes = changes
         self.messages: list[str] = []
+        self.levels: list[int] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+        self.levels.append(record.levelno)
         self.changes.notify()
+
+    def levels_of(self, *parts: str) -> list[int]:
+        """The levels of the messages that contain every one of `parts`."""
+        return [
+            level
+            for level, message in zip(self.levels, self.messages)
+            if all(part in message for part in parts)
+        ]
 
     def count(self, *parts: str) -> int:
         """How many messages contain every one of `parts`."""
@@ -793,6 +803,9 @@ async def test_unhealthy_backend_gets_no_new_connections_until_healthy(
         await changes.until(
             lambda: logs.count(f"backend {toggled.url} is now healthy"), "the probe to pass"
         )
+        # Recovery is good news, not a warning.
+        assert logs.levels_of(f"backend {toggled.url} is now unhealthy") == [logging.WARNING]
+        assert logs.levels_of(f"backend {toggled.url} is now healthy") == [logging.INFO]
         assert [await served_by(url, key=key) for _ in range(3)] == [toggled.url] * 3
         # Neither the connection kept through the outage nor those made during it moved.
         assert await echo_works(kept)

@@ -516,6 +516,10 @@ DUP_ROUTES = [
         (with_("log.level", "verbose"), "log.level",
          "expected 'debug', 'info', 'warning' or 'error', got 'verbose'"),
         (with_("log.format", "xml"), "log.format", "expected 'text' or 'json', got 'xml'"),
+        # workers
+        (with_("workers", "two"), "workers", "expected a whole number or auto, got 'two'"),
+        (with_("workers", 1.5), "workers", "expected a whole number or auto, got 1.5"),
+        (with_("workers", 0), "workers", "must be"),
     ],
 )
 def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:

@@ -438,7 +438,7 @@ class GatewayProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self = cls(process)
-        line = await self.wait_for_line(r"(?<!admin )listening on (127\.0\.0\.1:\d+)")
+        line = await self.wait_for_line(r"(?<!admin )listening on ((?:127\.0\.0\.1|\[::1\]):\d+)")
         self.ws_url = "ws://" + line
         self.admin_url = "http://" + await self.wait_for_line(r"admin listening on (127\.0\.0\.1:\d+)")
         return self
@@ -481,6 +481,31 @@ async def test_access_log_on_stdout_of_wsgate_run(tmp_path, ws_backend):
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}", entry["time"])
     assert (entry["status"], entry["messages_in"], entry["closed_by"]) == (101, 2, "client")
     assert entry["backend"] == ws_backend.url
+
+
+ISO_WITH_OFFSET = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00"
+
+
+async def test_json_logs_use_iso_times_and_bracket_ipv6(tmp_path, ws_backend):
+    config = gateway_config([ws_backend.url], log={"format": "json"})
+    config["listeners"][0]["bind"] = "[::1]:0"
+    gateway = await GatewayProcess.start(tmp_path, config)
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            async with connect(gateway.ws_url) as ws:
+                await echo_messages(ws, 1)
+            gateway.process.send_signal(signal.SIGTERM)
+            assert await gateway.wait() == 0
+    finally:
+        await gateway.stop()
+    lines = [json.loads(line) for line in gateway.stderr]
+    assert len(lines) >= 3
+    for entry in lines:
+        assert re.fullmatch(ISO_WITH_OFFSET, entry["time"]), entry
+    assert any(re.search(r"listening on \[::1\]:\d+ ", entry["message"]) for entry in lines)
+    [access] = [json.loads(line) for line in gateway.stdout]
+    assert re.fullmatch(ISO_WITH_OFFSET, access["time"])
+    assert re.fullmatch(r"\[::1\]:\d+", access["client"]), access["client"]
 
 
 # -- 5. SIGTERM: a drain spread over shutdown.drain_period --------------------------------

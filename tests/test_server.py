@@ -361,3 +361,61 @@ async def test_both_legs_use_tcp_nodelay(ws_backend):
                     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         await gateway.close()
+
+
+# -- the request head's size limit, however the head is split --------------------
+
+
+async def _send_in_pieces(url: str, data: bytes, pieces: int) -> tuple[int, dict[str, str], bytes]:
+    """Send `data` in `pieces` writes (each drained first), then read the gateway's answer."""
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        size = -(-len(data) // pieces)
+        for start in range(0, len(data), size):
+            writer.write(data[start : start + size])
+            await writer.drain()
+        return await read_response_head(reader)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 5200], ids=["one-write", "two-writes", "byte-by-byte"])
+@pytest.mark.parametrize(("limit", "head_extra"), [("1KiB", 5 * 1024), ("16KiB", 17 * 1024)])
+async def test_oversized_head_answers_431_before_any_backend(
+    start_gateway, ws_backend, pieces, limit, head_extra
+):
+    config = gateway_config([ws_backend.url], limits={"max_header_bytes": limit})
+    url = await start_gateway(config)
+    request = upgrade_request(extra="X-Big: " + "a" * head_extra + "\r\n")
+    async with asyncio.timeout(STEP_TIMEOUT):
+        status, _, _ = await _send_in_pieces(url, request, min(pieces, len(request)))
+    assert status == 431
+    assert ws_backend.connections == 0
+
+
+async def test_head_at_the_limit_is_accepted(start_gateway, ws_backend):
+    base = upgrade_request(extra="X-Pad: \r\n", key="dGhlIHNhbXBsZSBub25jZQ==")
+    request = base.replace(b"X-Pad: ", b"X-Pad: " + b"p" * (1024 - len(base)))
+    assert len(request) == 1024
+    url = await start_gateway(gateway_config([ws_backend.url], limits={"max_header_bytes": "1KiB"}))
+    status, _, _ = await raw_exchange(url, request)
+    assert status == 101
+    over = request.replace(b"X-Pad: ", b"X-Pad: p")
+    status, _, _ = await raw_exchange(url, over)
+    assert status == 431
+
+
+async def test_426_sends_one_connection_header(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url]))
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(STEP_TIMEOUT):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 426 ")
+    connection_lines = [line for line in head.split(b"\r\n") if line.lower().startswith(b"connection:")]
+    assert connection_lines == [b"Connection: Upgrade, close"]

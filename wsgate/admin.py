@@ -13,6 +13,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from . import __version__
+from .config import format_host_port
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -92,7 +93,7 @@ class AdminServer:
         self._runner = web.AppRunner(build_app(self.gateway), access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
-        log.info("admin listening on %s:%d (version %s)", *self.address, __version__)
+        log.info("admin listening on %s (version %s)", format_host_port(*self.address), __version__)
 
     async def close(self) -> None:
         if self._runner is not None:

@@ -428,7 +428,8 @@ class Pool:
                 member.healthy = flipped
                 if not flipped:
                     self._suspects.add(member)
-                log.warning(
+                log.log(
+                    logging.INFO if flipped else logging.WARNING,
                     "route %s: backend %s is now %s",
                     self.route.name, member.identity, "healthy" if flipped else "unhealthy",
                 )

@@ -40,10 +40,15 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def _iso_time(record: logging.LogRecord) -> str:
+    """ISO 8601 in UTC with its offset, to the millisecond: the same in both JSON logs."""
+    return datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record),
+            "time": _iso_time(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -55,8 +60,7 @@ class _JsonFormatter(logging.Formatter):
 
 class _AccessFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
-        return json.dumps({"time": stamp, **getattr(record, "access", {})})
+        return json.dumps({"time": _iso_time(record), **getattr(record, "access", {})})
 
 
 def _setup_logging(level: str, fmt: str, access: bool = True) -> None:

@@ -203,6 +203,11 @@ def _is_ipv6(text: str) -> bool:
     return True
 
 
+def format_host_port(host: str, port: int) -> str:
+    """ "host:port", with an IPv6 address in brackets so the port stays readable."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_host_port(value: str) -> tuple[str, int]:
     """Split "host:port", "[v6]:port" or ":port" (all interfaces) into (host, port)."""
     if not isinstance(value, str):
@@ -743,6 +748,8 @@ class Log(_Model):
 def _worker_count(value: object) -> object:
     if value == "auto":
         return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number or auto, got {_show(value)}")
     return value
 
 

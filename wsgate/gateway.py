@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .balancer import Member, Pool
-from .config import Config, Listener, load_config
+from .config import Config, Listener, format_host_port, load_config
 from .errors import ConfigError
 from .frames import CloseCode
 from .metrics import Metrics, close_code_label
@@ -137,8 +137,10 @@ class Gateway:
             await server.start_serving()
         self._servers[listener.name] = server
         log.info(
-            "listening on %s:%d (%s%s)",
-            *server.sockets[0].getsockname()[:2], listener.name, ", TLS" if listener.tls else "",
+            "listening on %s (%s%s)",
+            format_host_port(*server.sockets[0].getsockname()[:2]),
+            listener.name,
+            ", TLS" if listener.tls else "",
         )
 
     async def _bind(self, listener: Listener, start_serving: bool = True) -> asyncio.Server:

@@ -313,11 +313,18 @@ def render_switching_protocols(negotiated: Negotiated) -> bytes:
 def render_error(status: int, message: str, extra: list[tuple[str, str]] | None = None) -> bytes:
     """A short plain-text error reply that closes the connection."""
     body = (message + "\n").encode("utf-8")
-    headers: Headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in extra or []]
+    connection = "close"
+    headers: Headers = []
+    for name, value in extra or []:
+        if name.lower() == "connection":
+            # One Connection header: a 426's "Upgrade" joins the "close" every error carries.
+            connection = f"{value}, close"
+        else:
+            headers.append((name.encode("latin-1"), value.encode("latin-1")))
     headers += [
         (b"Content-Type", b"text/plain; charset=utf-8"),
         (b"Content-Length", str(len(body)).encode("ascii")),
-        (b"Connection", b"close"),
+        (b"Connection", connection.encode("latin-1")),
     ]
     return render_response(status, headers, body)
 

@@ -28,7 +28,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from .admin import admin_app, exposition
-from .config import Config, load_config
+from .config import Config, format_host_port, load_config
 
 log = logging.getLogger("wsgate.workers")
 
@@ -95,7 +95,10 @@ class Supervisor:
             sockets[0][listener.name] = first
             for i in range(1, self.count):
                 sockets[i][listener.name] = bind_listener(listener.host, port)
-            log.info("listening on %s:%d (%s, %d workers)", listener.host, port, listener.name, self.count)
+            log.info(
+                "listening on %s (%s, %d workers)",
+                format_host_port(listener.host, port), listener.name, self.count,
+            )
         self.workers = [Worker(i, sockets[i]) for i in range(self.count)]
         self._session = aiohttp.ClientSession()
         for worker in self.workers:
@@ -104,7 +107,7 @@ class Supervisor:
             self._runner = web.AppRunner(self._admin_app(), access_log=None)
             await self._runner.setup()
             await web.TCPSite(self._runner, self.config.admin.host, self.config.admin.port).start()
-            log.info("admin listening on %s:%d", *self._runner.addresses[0][:2])
+            log.info("admin listening on %s", format_host_port(*self._runner.addresses[0][:2]))
 
     async def _spawn(self, worker: Worker) -> None:
         read_fd, write_fd = os.pipe()
