@@ -1,5 +1,7 @@
-# Sourced by the other scripts: creates .venv beside the sources (once) and
-# installs wsgate into it, editable, with the extras named in WSGATE_EXTRAS.
+#!/usr/bin/env bash
+# Creates .venv beside the sources (once) and installs wsgate into it, editable,
+# with the extras named in WSGATE_EXTRAS. The other scripts source it; it also runs
+# on its own (./scripts/bootstrap.sh) to prepare the environment.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then

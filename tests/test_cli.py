@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import resource
 import signal
@@ -53,6 +54,41 @@ BROKEN = [
     pytest.param(VALID + "timeouts: {connect: 5 seconds}\n", "timeouts.connect: expected a duration", id="bad-duration"),
     pytest.param(VALID.replace("ws://127.0.0.1:9", "http://x"), "routes[0].backends[0].url: expected a ws:// or wss:// URL", id="bad-url"),
 ]
+
+
+def test_every_script_runs_on_its_own():
+    """A script run directly (not through bash) needs its interpreter line."""
+    for script in sorted((REPO / "scripts").glob("*.sh")):
+        assert script.read_text().startswith("#!/usr/bin/env bash\n"), script.name
+        assert os.access(script, os.X_OK), script.name
+
+
+def test_help_lists_only_commands_for_people():
+    result = wsgate_cli("--help")
+    assert result.returncode == 0
+    assert "_worker" not in result.stdout
+    assert "SUPPRESS" not in result.stdout
+    for command in ("run", "check", "explain", "demo"):
+        assert re.search(rf"^\s+{command}\s", result.stdout, re.MULTILINE), result.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "give at least one --key or a --keys file"),
+        (["--keys", "/nonexistent/keys.txt"], "cannot read /nonexistent/keys.txt"),
+        (["--route", "nope", "--key", "a"], "no route named 'nope'"),
+    ],
+    ids=["no-key", "unreadable-keys-file", "unknown-route"],
+)
+def test_explain_usage_errors_exit_2(tmp_path, extra, message):
+    path = tmp_path / "wsgate.yaml"
+    path.write_text(VALID)
+    route = [] if "--route" in extra else ["--route", "chat"]
+    result = wsgate_cli("explain", "-c", str(path), *route, *extra)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(("content", "message"), BROKEN)

@@ -553,6 +553,9 @@ async def test_sigterm_spreads_1001_closes_over_the_drain_period(tmp_path, ws_ba
     lines = [json.loads(line) for line in gateway.stdout]
     assert len(lines) == clients
     assert {(e["close_code"], e["closed_by"], e["reason"]) for e in lines} == {(1001, "gateway", "going away")}
+    # What docs/relay.md promises for a shutdown is what the clients got.
+    relay_doc = (Path(__file__).resolve().parent.parent / "docs" / "relay.md").read_text()
+    assert "| gateway shutdown | 1001 `going away` | 1001 `going away` |" in relay_doc
 
 
 async def test_a_second_sigterm_exits_at_once_with_status_1(tmp_path, ws_backend):

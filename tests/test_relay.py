@@ -240,7 +240,7 @@ async def test_gateway_shutdown_closes_both_sides_with_1001(ws_backend):
             await gateway.close()
             await ws.wait_closed()
     assert ws.close_code == 1001
-    assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "gateway shutting down")
+    assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "going away")
 
 
 # -- heartbeats and idle timeout ---------------------------------------------------------

@@ -291,10 +291,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 keys += [line.rstrip("\r\n") for line in lines if line.strip()]
         except OSError as exc:
             print(f"wsgate: cannot read {args.keys}: {exc.strerror}", file=sys.stderr)
-            return EXIT_FAILURE
+            return EXIT_CONFIG
     if not keys:
         print("wsgate: give at least one --key or a --keys file", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_CONFIG
     pool = Pool(route, config.discovery)
     asyncio.run(pool.resolve_once())
     if not pool.members:
@@ -337,14 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--keys", metavar="FILE", help="a file with one key per line")
     explain.set_defaults(handler=cmd_explain)
 
-    # Started by the supervisor when `workers` > 1; not for people.
-    worker = commands.add_parser("_worker", help=argparse.SUPPRESS)
-    worker.add_argument("-c", "--config", required=True)
-    worker.add_argument("--index", type=int, required=True)
-    worker.add_argument("--report-fd", type=int, required=True)
-    worker.add_argument("--listen", action="append")
-    worker.set_defaults(handler=cmd_worker)
-
     demo = commands.add_parser("demo", help="the gateway with two built-in echo backends")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     demo.add_argument("--port", type=int, default=8080, help="port to listen on (8080; 0 picks one)")
@@ -356,6 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _worker_parser() -> argparse.ArgumentParser:
+    """`wsgate _worker`: started by the supervisor when `workers` > 1, so kept out of --help."""
+    worker = argparse.ArgumentParser(prog="wsgate _worker")
+    worker.add_argument("-c", "--config", required=True)
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--report-fd", type=int, required=True)
+    worker.add_argument("--listen", action="append")
+    worker.set_defaults(handler=cmd_worker)
+    return worker
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:
+        args = _worker_parser().parse_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     return int(args.handler(args))

@@ -31,6 +31,10 @@ from .server import ClientHandshake
 from .tls import ListenerTls, listener_contexts
 
 log = logging.getLogger("wsgate.gateway")
+
+# The Close reason of a shutdown, drained or immediate: what docs/relay.md promises.
+SHUTDOWN_REASON = "going away"
+
 # One JSON line per connection when it ends (see cli for the handler).
 access_log = logging.getLogger("wsgate.access")
 
@@ -176,7 +180,7 @@ class Gateway:
         for connection in list(self._connections):
             connection.transport.close()
         for relay in list(self._relays):
-            relay.close(CloseCode.GOING_AWAY, "gateway shutting down")
+            relay.close(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
         if self._relays:
             self._all_closed.clear()
             try:
@@ -208,7 +212,7 @@ class Gateway:
         for connection in list(self._connections):
             connection.transport.close()
         log.info("draining %d connections over %.1fs", len(self._relays), shutdown.drain_period)
-        handles = self._spread_closes(list(self._relays), CloseCode.GOING_AWAY, "going away")
+        handles = self._spread_closes(list(self._relays), CloseCode.GOING_AWAY, SHUTDOWN_REASON)
         if self._relays:
             self._all_closed.clear()
             try:
