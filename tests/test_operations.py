@@ -466,16 +466,22 @@ class GatewayProcess:
             reader.cancel()
 
 
-async def test_access_log_on_stdout_of_wsgate_run(tmp_path, ws_backend):
-    gateway = await GatewayProcess.start(tmp_path, gateway_config([ws_backend.url]))
+async def _one_session_then_sigterm(tmp_path: Path, config: dict[str, Any], messages: int) -> GatewayProcess:
+    """`wsgate run`, one client that echoes `messages`, then a SIGTERM and a clean exit."""
+    gateway = await GatewayProcess.start(tmp_path, config)
     try:
         async with asyncio.timeout(STEP_TIMEOUT):
             async with connect(gateway.ws_url) as ws:
-                await echo_messages(ws, 2)
+                await echo_messages(ws, messages)
             gateway.process.send_signal(signal.SIGTERM)
             assert await gateway.wait() == 0
     finally:
         await gateway.stop()
+    return gateway
+
+
+async def test_access_log_on_stdout_of_wsgate_run(tmp_path, ws_backend):
+    gateway = await _one_session_then_sigterm(tmp_path, gateway_config([ws_backend.url]), 2)
     [line] = gateway.stdout
     entry = json.loads(line)
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}", entry["time"])
@@ -489,15 +495,7 @@ ISO_WITH_OFFSET = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00"
 async def test_json_logs_use_iso_times_and_bracket_ipv6(tmp_path, ws_backend):
     config = gateway_config([ws_backend.url], log={"format": "json"})
     config["listeners"][0]["bind"] = "[::1]:0"
-    gateway = await GatewayProcess.start(tmp_path, config)
-    try:
-        async with asyncio.timeout(STEP_TIMEOUT):
-            async with connect(gateway.ws_url) as ws:
-                await echo_messages(ws, 1)
-            gateway.process.send_signal(signal.SIGTERM)
-            assert await gateway.wait() == 0
-    finally:
-        await gateway.stop()
+    gateway = await _one_session_then_sigterm(tmp_path, config, 1)
     lines = [json.loads(line) for line in gateway.stderr]
     assert len(lines) >= 3
     for entry in lines:
