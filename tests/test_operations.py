@@ -205,6 +205,14 @@ async def test_metrics_after_traffic(start_admin, ws_backend, access_records):
     assert after.value("wsgate_close_frames_total", code="1000", side="client") == 2
     assert after.value("wsgate_connection_duration_seconds_count", route="test") == 2
     assert after.value("wsgate_handshake_duration_seconds_count", route="test") == 2
+    # Durations come from perf_counter, not uvloop's millisecond-grained loop clock.
+    for name, extra in (
+        ("wsgate_handshake_duration_seconds_sum", {}),
+        ("wsgate_connection_duration_seconds_sum", {}),
+        ("wsgate_backend_connect_duration_seconds_sum", {"backend": ws_backend.url}),
+    ):
+        total_ms = after.value(name, route="test", **extra) * 1000
+        assert abs(total_ms - round(total_ms)) > 1e-6, (name, total_ms)
     assert after.value("wsgate_handshake_rejections_total", reason="no_route") == 1
     assert after.value("wsgate_backend_up", **labels) == 1
     assert after.value("wsgate_build_info", version=wsgate.__version__) == 1

@@ -398,7 +398,7 @@ class Gateway:
         """Final counts and the access log line of a connection that ended."""
         metrics = self.metrics
         metrics.flush_relays((relay,))
-        duration = asyncio.get_running_loop().time() - relay.started_at
+        duration = time.perf_counter() - relay.started_at
         side = relay.closed_by or GATEWAY
         metrics.series(metrics.close_frames, close_code_label(relay.close_code), side).inc()
         metrics.series(metrics.connection_duration, relay.route_name).observe(duration)

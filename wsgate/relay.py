@@ -25,6 +25,7 @@ import asyncio
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -271,7 +272,7 @@ class Relay:
         """Take over both transports; bytes read during the handshake are relayed first."""
         now = asyncio.get_running_loop().time()
         self.idle_since = now
-        self.started_at = now
+        self.started_at = time.perf_counter()  # for the duration, finer than the loop clock
         for leg in (self.client, self.backend):
             leg.quiet_since = now
             leg.transport.set_protocol(leg)

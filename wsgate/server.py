@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, cast
 
 import h11
@@ -123,7 +124,8 @@ class ClientHandshake(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         # TCP_NODELAY needs no call here: uvloop and asyncio set it on every TCP transport.
-        self.accepted_at = asyncio.get_running_loop().time()
+        # Durations use perf_counter: uvloop's loop clock has only millisecond steps.
+        self.accepted_at = time.perf_counter()
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
         self.client_address = format_host_port(peer[0], peer[1]) if peer else "unknown"
@@ -238,7 +240,7 @@ class ClientHandshake(asyncio.Protocol):
             if self.timer is not None:
                 self.timer.cancel()
             self.early += self.h11.trailing_data[0]
-            self.request_at = asyncio.get_running_loop().time()
+            self.request_at = time.perf_counter()
             self.task = asyncio.get_running_loop().create_task(self._proxy(event))
             return
         # ConnectionClosed before a full request: nothing to answer.
@@ -276,7 +278,7 @@ class ClientHandshake(asyncio.Protocol):
         route = self.route_name
         metrics = self.gateway.metrics
         metrics.series(metrics.connections, route, backend, outcome).inc()
-        duration = asyncio.get_running_loop().time() - self.accepted_at
+        duration = time.perf_counter() - self.accepted_at
         self.gateway.log_access(
             self.client_address, route, backend, self.key, status, duration, reason, self.client_cert
         )
@@ -325,7 +327,7 @@ class ClientHandshake(asyncio.Protocol):
         for member in pool.candidates(key, loop.time()):
             backend_transport: asyncio.Transport | None = None
             self.backend_tried = member.identity
-            attempt_started = loop.time()
+            attempt_started = time.perf_counter()
             member.pending += 1
             try:
                 try:
@@ -364,7 +366,7 @@ class ClientHandshake(asyncio.Protocol):
             member.pending -= 1
             pool.on_connected(member)
             metrics.series(metrics.backend_connect_duration, pool.route.name, member.identity).observe(
-                loop.time() - attempt_started
+                time.perf_counter() - attempt_started
             )
             if isinstance(outcome, h11.Response):
                 # The backend answered: its refusal is the client's answer, not a failure.
@@ -377,7 +379,8 @@ class ClientHandshake(asyncio.Protocol):
                 self._reply(render_backend_reply(outcome, bytes(answer.body)))
                 return
             self.transport.write(render_switching_protocols(negotiated))
-            metrics.series(metrics.handshake_duration, pool.route.name).observe(loop.time() - self.request_at)
+            handshake_seconds = time.perf_counter() - self.request_at
+            metrics.series(metrics.handshake_duration, pool.route.name).observe(handshake_seconds)
             metrics.series(metrics.connections, pool.route.name, member.identity, "upgraded").inc()
             self._hand_off(backend_transport, answer, negotiated.deflate, pool, member, key)
             return
