@@ -7,6 +7,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,48 @@ async def test_demo_serves_an_echo_through_the_gateway():
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# -- a port in use: one error naming the key, nothing announced, nothing left running ----------
+
+
+def _taken_port() -> socket.socket:
+    """A socket listening on 127.0.0.1 at an ephemeral port, so that binding the port fails."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    return taken
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("taken_key", ["listeners[1].bind", "admin.bind"])
+def test_a_port_in_use_fails_the_start_with_one_error_naming_its_key(tmp_path, workers, taken_key):
+    with _taken_port() as taken:
+        port = taken.getsockname()[1]
+        second = f"127.0.0.1:{port}" if taken_key == "listeners[1].bind" else "127.0.0.1:0"
+        admin = f"127.0.0.1:{port}" if taken_key == "admin.bind" else "127.0.0.1:0"
+        path = tmp_path / "wsgate.yaml"
+        path.write_text(
+            f"workers: {workers}\n"
+            f'listeners: [{{name: one, bind: "127.0.0.1:0"}}, {{name: two, bind: "{second}"}}]\n'
+            f'admin: {{bind: "{admin}"}}\n'
+            'routes: [{name: chat, backends: [{url: "ws://127.0.0.1:9"}]}]\n'
+        )
+        result = wsgate_cli("run", "-c", str(path))
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("wsgate: ")]
+    assert errors == [f"wsgate: {taken_key}: cannot listen on 127.0.0.1:{port}: address already in use"]
+    assert "listening on" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("flag", "hint"), [("--port", "WebSocket port"), ("--admin-port", "admin port")])
+def test_the_demo_names_the_flag_of_a_port_in_use(flag, hint):
+    with _taken_port() as taken:
+        port = str(taken.getsockname()[1])
+        ports = {"--port": "0", "--admin-port": "0", flag: port}
+        result = wsgate_cli("demo", *(item for pair in ports.items() for item in pair))
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in result.stderr
+    assert f"the demo's {hint}; choose another with {flag}" in result.stderr
+    assert "listening on" not in result.stderr

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +33,7 @@ from test_operations import DOWN, UP, GatewayProcess, Samples, _await_close, con
 
 import wsgate
 from wsgate.hashring import HashRing
+from wsgate.workers import one_answer
 
 WORKERS = 2
 
@@ -97,7 +99,8 @@ class Supervised(GatewayProcess):
 
 
 def with_workers(config: dict[str, Any]) -> dict[str, Any]:
-    return {**config, "workers": WORKERS, "admin": {"bind": "127.0.0.1:0"}, "log": {"access": False}}
+    admin = {**config.get("admin", {}), "bind": "127.0.0.1:0"}
+    return {**config, "workers": WORKERS, "admin": admin, "log": {"access": False}}
 
 
 def is_worker(pid: int) -> bool:
@@ -378,3 +381,156 @@ async def test_sighup_reaches_every_worker(supervised, ws_backend, aiohttp_backe
         per_worker = connections_per_worker(await gateway.workers())
     assert all(count > 0 for count in per_worker), per_worker
     assert (aiohttp_backend.connections, ws_backend.connections) == (per_path, 0)
+
+
+# -- 7. no worker outlives its supervisor -----------------------------------------------
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_is_killed(supervised, ws_backend):
+    config = gateway_config([ws_backend.url], shutdown={"drain_period": "200ms", "grace_period": "3s"})
+    gateway = await supervised(config)
+    host, port = gateway.ws_url.removeprefix("ws://").rsplit(":", 1)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reader, writer = await open_raw_client(gateway.ws_url)
+        pids = [w["pid"] for w in await gateway.workers()]
+        gateway.process.kill()  # SIGKILL: the supervisor can tell nobody
+        _, code = await _await_close(reader, writer)
+
+        async def all_gone() -> bool:
+            return not any(is_worker(pid) for pid in pids)
+
+        await poll(all_gone, timeout=STEP_TIMEOUT)
+    assert code == 1001  # the connection was drained, not cut
+    assert sum("supervisor gone: draining" in line for line in gateway.stderr) == WORKERS
+    assert not [line for line in gateway.stderr if "second stop signal" in line]
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(host, int(port))
+
+
+# -- 8. a restarted worker serves what its siblings serve ------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_a_restarted_worker_serves_the_listeners_and_config_of_its_siblings(
+    supervised, ws_backend, aiohttp_backend
+):
+    gateway = await supervised(gateway_config([ws_backend.url]))
+    extra_port = free_port()
+    changed = gateway_config([ws_backend.url, aiohttp_backend.url])
+    changed["listeners"].append({"name": "extra", "bind": f"127.0.0.1:{extra_port}"})
+    gateway.config_path.write_text(yaml.safe_dump(with_workers(changed)))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with gateway.session.post(gateway.admin_url + "/reload") as response:
+            answer = await response.text()
+        assert response.status == 200, answer
+        version = re.fullmatch(r"reloaded, config version (\w+); ignored until a restart: listeners\n", answer)[1]
+        victim = (await gateway.workers())[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        await gateway.wait_for_line(r"worker (0) exited")
+        new_pid = int(await gateway.wait_for_line(r"worker 0 serving \(pid (\d+)\)"))
+
+        async def replaced() -> bool:
+            workers = await gateway.workers()
+            return workers[0]["pid"] == new_pid and "error" not in workers[0]["status"]
+
+        await poll(replaced, timeout=STEP_TIMEOUT)
+        code, body = await gateway.get("/status")
+    status = json.loads(body)
+    assert code == 200
+    assert status["config"]["version"] == version
+    assert [w["status"]["config"]["version"] for w in status["workers"]] == [version] * WORKERS
+    for worker in status["workers"]:
+        backends = [b["backend"] for b in worker["status"]["routes"][0]["backends"]]
+        assert backends == [ws_backend.url, aiohttp_backend.url]  # the rest of the reload applied
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", extra_port)
+
+
+# -- 9. counters only go up ---------------------------------------------------------------
+
+
+async def test_counters_keep_a_dead_workers_counts_and_one_sighup_counts_one_reload(supervised, ws_backend):
+    clients = 20
+    gateway = await supervised(gateway_config([ws_backend.url]))
+    labels = {"route": "test", "backend": ws_backend.url, "outcome": "upgraded"}
+    async with asyncio.timeout(STEP_TIMEOUT), contextlib.AsyncExitStack() as stack:
+        connections = await open_many(stack, gateway.ws_url, clients)
+        assert all(await asyncio.gather(*(echoes(ws) for ws in connections)))
+        workers = await gateway.workers()
+        assert all(count > 0 for count in connections_per_worker(workers))
+        before = await gateway.scrape()
+        os.kill(workers[0]["pid"], signal.SIGKILL)
+        await gateway.wait_for_line(r"worker (0) exited")
+        after_death = await gateway.scrape()
+
+        gateway.process.send_signal(signal.SIGHUP)
+        await gateway.wait_for_line(r"wsgate\.workers: (reloaded)")
+        after_reload = await gateway.scrape()
+    assert before.value("wsgate_connections_total", **labels) == clients
+    assert after_death.value("wsgate_connections_total", **labels) == clients
+    assert after_reload.value("wsgate_config_reloads_total", result="success") == 1
+
+
+# -- 10. the supervisor answers once, naming workers only when they differ --------------
+
+
+async def test_supervisor_answers_say_their_reason_once(supervised, closed_port):
+    config = gateway_config(
+        [f"ws://127.0.0.1:{closed_port}"],
+        admin={"ready_requires_backends": True},
+        route={"health_check": {"type": "tcp", "interval": "50ms", "timeout": "1s", "unhealthy_threshold": 1}},
+    )
+    gateway = await supervised(config)
+
+    async def both_unready() -> bool:
+        # (while only one worker's probe has failed, the answer names that worker)
+        return (await gateway.get("/readyz")) == (503, "not ready: route test has no healthy backend\n")
+
+    await poll(both_unready)
+    gateway.config_path.write_text("routes: [\n")
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with gateway.session.post(gateway.admin_url + "/reload") as response:
+            answer = await response.text()
+    assert response.status == 400
+    assert answer.startswith(f"reload refused: {gateway.config_path}: invalid YAML") and answer.count("refused") == 1
+
+
+def test_workers_that_disagree_are_named():
+    assert one_answer("not ready: ", {1: "not ready: draining\n"}, 2) == "not ready: draining (worker 1)"
+    assert one_answer("not ready: ", {0: "not ready: draining", 1: "not ready: draining"}, 2) == "not ready: draining"
+    mixed = {0: "not ready: draining", 1: "not ready: not listening", 2: "not ready: draining"}
+    assert one_answer("not ready: ", mixed, 3) == "not ready: draining (workers 0, 2); not listening (worker 1)"
+
+
+# -- 11. /status has one shape, whatever the number of workers --------------------------
+
+
+def shape(value: Any) -> Any:
+    """The keys of `value` all the way down (a list by its first item), without the values."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [shape(value[0])] if value else []
+    return type(value).__name__
+
+
+async def test_status_has_the_same_shape_with_one_worker_and_with_several(tmp_path, supervised, ws_backend):
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    single = await GatewayProcess.start(single_dir, gateway_config([ws_backend.url], log={"access": False}))
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT), aiohttp.ClientSession() as session:
+            async with session.get(single.admin_url + "/status") as response:
+                one = await response.json()
+        several = json.loads((await (await supervised(gateway_config([ws_backend.url]))).get("/status"))[1])
+    finally:
+        await single.stop()
+    assert shape(one) == shape(several)
+    assert [w["index"] for w in one["workers"]] == [0] and len(several["workers"]) == WORKERS
+    assert one["workers"][0]["status"]["config"] == one["config"]
+    assert several["connections"] == sum(w["status"]["connections"] for w in several["workers"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 from . import __version__
 from .config import format_host_port
+from .errors import ListenError
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -65,7 +67,10 @@ def build_app(gateway: Gateway) -> web.Application:
         return web.Response(text="ready\n")
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(gateway.status())
+        # The supervisor's shape, with this process as the one worker, so tooling reads both alike.
+        view = gateway.status()
+        one = {"index": 0, "pid": os.getpid(), "restarts": 0, "status": view}
+        return web.json_response({**view, "workers": [one]})
 
     async def reload(request: web.Request) -> web.Response:
         problem = await gateway.reload()
@@ -74,6 +79,18 @@ def build_app(gateway: Gateway) -> web.Application:
         return web.Response(text=f"reloaded, config version {gateway.config_version}\n")
 
     return admin_app(metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload)
+
+
+async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """`app` served on host:port; a port that cannot be bound is a `ListenError` naming `admin.bind`."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError.from_os_error("admin.bind", format_host_port(host, port), exc) from exc
+    return runner
 
 
 class AdminServer:
@@ -90,9 +107,10 @@ class AdminServer:
         return self._runner.addresses[0][:2]
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(build_app(self.gateway), access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        """Bind and serve; `announce` logs it, once the listeners are bound too."""
+        self._runner = await start_admin(build_app(self.gateway), host, port)
+
+    def announce(self) -> None:
         log.info("admin listening on %s (version %s)", format_host_port(*self.address), __version__)
 
     async def close(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from . import __version__
 from .admin import AdminServer
 from .config import Backend, Config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, ListenError, WorkerError
 from .gateway import Gateway
 from .tls import check_files
 
@@ -113,7 +113,14 @@ async def _serve(
     announce: Callable[[Gateway, AdminServer], None] | None = None,
     config_path: str | None = None,
     sockets: dict[str, socket.socket] | None = None,
+    lifeline: int | None = None,
+    admin_address: tuple[str, int] | None = None,
 ) -> None:
+    """Serve `config` until a stop signal (or, for a worker, the end of its `lifeline` pipe).
+
+    `admin_address` replaces `admin.bind`, so a worker's config stays the one its
+    supervisor wrote (and has the same version).
+    """
     _raise_fd_limit(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -127,6 +134,16 @@ async def _serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal)
+    if lifeline is not None:
+
+        def on_supervisor_gone() -> None:
+            # The supervisor never writes: readable means it has gone, however it died.
+            loop.remove_reader(lifeline)
+            if not stop.is_set():
+                log.warning("supervisor gone: draining")
+                stop.set()
+
+        loop.add_reader(lifeline, on_supervisor_gone)
     gateway = Gateway(config)
     gateway.config_path = config_path
     gateway.inherited = sockets or {}
@@ -140,9 +157,13 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
     admin = AdminServer(gateway)
     try:
+        # Everything is bound before anything is announced: one error or full success.
+        admin_at = admin_address or ((config.admin.host, config.admin.port) if config.admin.enabled else None)
+        if admin_at is not None:
+            await admin.start(*admin_at)
         await gateway.start()
-        if config.admin.enabled:
-            await admin.start(config.admin.host, config.admin.port)
+        if admin_at is not None:
+            admin.announce()
         if announce is not None:
             announce(gateway, admin)
         # Start-up objects live as long as the process: keep the collector from
@@ -158,7 +179,8 @@ async def _serve(
     log.info("stopped")
 
 
-def _run_loop(main: Any) -> int:
+def _run_loop(main: Any, hints: dict[str, str] | None = None) -> int:
+    """Run `main` to its exit status; `hints` add a word to a `ListenError` by its key."""
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         try:
             status = runner.run(main)
@@ -167,8 +189,15 @@ def _run_loop(main: Any) -> int:
         except ConfigError as exc:
             print(f"wsgate: invalid configuration: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        except ListenError as exc:
+            exc.hint = exc.hint or (hints or {}).get(exc.path, "")
+            print(f"wsgate: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        except WorkerError as exc:
+            print(f"wsgate: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         except OSError as exc:
-            print(f"wsgate: cannot listen: {exc}", file=sys.stderr)
+            print(f"wsgate: cannot start: {exc}", file=sys.stderr)
             return EXIT_FAILURE
     return EXIT_OK
 
@@ -213,7 +242,14 @@ async def _supervise(config: Config, config_path: str) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, lambda: supervisor.forward(signal.SIGHUP, ready_only=True))
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_reload_signal() -> None:
+        task = loop.create_task(supervisor.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
     await supervisor.start()
     await stop
     log.info("stop signal: draining %d workers", len(supervisor.workers))
@@ -223,7 +259,7 @@ async def _supervise(config: Config, config_path: str) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .workers import worker_main
 
-    return worker_main(args.config, args.index, args.report_fd, args.listen or [])
+    return worker_main(args.config, args.index, args.report_fd, args.listen or [], args.lifeline_fd)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -270,7 +306,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     config = config.model_copy(update={"listeners": [listener], "admin": admin})
     _setup_logging(args.log_level or config.log.level, config.log.format, config.log.access)
-    return _run_loop(_demo(config))
+    hints = {
+        "listeners[0].bind": "the demo's WebSocket port; choose another with --port",
+        "admin.bind": "the demo's admin port; choose another with --admin-port",
+    }
+    return _run_loop(_demo(config), hints)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -355,6 +395,7 @@ def _worker_parser() -> argparse.ArgumentParser:
     worker.add_argument("--index", type=int, required=True)
     worker.add_argument("--report-fd", type=int, required=True)
     worker.add_argument("--listen", action="append")
+    worker.add_argument("--lifeline-fd", type=int, required=True)
     worker.set_defaults(handler=cmd_worker)
     return worker
 

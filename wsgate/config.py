@@ -863,6 +863,11 @@ def _yaml_message(exc: yaml.YAMLError) -> str:
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate a config file; any failure is a ``ConfigError``."""
+    return parse_config(load_config_data(path), os.fspath(path))
+
+
+def load_config_data(path: str | os.PathLike[str]) -> Any:
+    """A config file's YAML as plain data, not yet validated; a failure is a ``ConfigError``."""
     file = os.fspath(path)
     try:
         with open(file, encoding="utf-8") as f:
@@ -878,7 +883,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError("", _yaml_message(exc), file) from None
-    return parse_config(data, file)
+    return data
 
 
 def parse_config(data: Any, file: str | None = None) -> Config:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class WsgateError(Exception):
     """Base class of every error wsgate raises on purpose."""
@@ -49,3 +51,33 @@ class BackendUnavailable(WsgateError):
         self.status = status
         self.reason = reason
         super().__init__(f"{status} {reason}")
+
+
+class ListenError(WsgateError):
+    """A socket the config asks for cannot be bound; `path` is its key, e.g. ``listeners[1].bind``."""
+
+    def __init__(self, path: str, address: str, reason: str, hint: str = "") -> None:
+        self.path = path
+        self.address = address
+        self.reason = reason
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.path}: cannot listen on {self.address}: {self.reason}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+    @classmethod
+    def from_os_error(cls, path: str, address: str, exc: OSError) -> ListenError:
+        # asyncio's servers re-raise with a long strerror; the errno's own words are enough.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return cls(path, address, reason.lower())
+
+
+class WorkerError(WsgateError):
+    """A worker process under the supervisor failed; `index` says which."""
+
+    def __init__(self, index: int, message: str) -> None:
+        self.index = index
+        self.message = message
+        super().__init__(f"worker {index} {message}")

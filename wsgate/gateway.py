@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from . import __version__
 from .balancer import Member, Pool
 from .config import Config, Listener, format_host_port, load_config
-from .errors import ConfigError
+from .errors import ConfigError, ListenError
 from .frames import CloseCode
 from .metrics import Metrics, close_code_label
 from .relay import GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
@@ -50,7 +50,7 @@ def _pools(config: Config) -> dict[str, Pool]:
     }
 
 
-def _version(config: Config) -> str:
+def config_digest(config: Config) -> str:
     """A short digest of the effective config, for /status and the reload log."""
     return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
 
@@ -72,7 +72,7 @@ def key_hash(key: bytes) -> str:
     return hashlib.blake2b(key, digest_size=8).hexdigest()
 
 
-def _iso(timestamp: float) -> str:
+def iso_timestamp(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
 
@@ -92,7 +92,7 @@ class Gateway:
         self._flush_task: asyncio.Task[None] | None = None
         self.draining = False
         self.loaded_at = time.time()
-        self.config_version = _version(config)
+        self.config_version = config_digest(config)
         self.config_path: str | None = None  # where reload() reads the config from
         self._reload_lock = asyncio.Lock()
         # Listening sockets handed over by a supervisor, by listener name (workers > 1).
@@ -125,8 +125,18 @@ class Gateway:
         try:
             for pool in self.pools.values():
                 await pool.start()
+            # Every listener is bound before any accepts or is logged: a port in use
+            # fails the start with one error naming its key, and nothing half-started.
+            bound = {}
+            for i, listener in enumerate(self.config.listeners):
+                try:
+                    bound[listener.name] = await self._bind(listener, start_serving=False)
+                except OSError as exc:
+                    for server in bound.values():
+                        server.close()
+                    raise ListenError.from_os_error(f"listeners[{i}].bind", listener.bind, exc) from exc
             for listener in self.config.listeners:
-                await self._listen(listener)
+                await self._listen(listener, bound[listener.name])
             self._start_watching()
             self._flush_task = loop.create_task(self._flush_forever())
         except BaseException:
@@ -247,15 +257,20 @@ class Gateway:
             # changes: an address in use refuses the reload instead of losing a listener.
             bound = await self._bind_listeners(config)
         except ConfigError as exc:
-            self.metrics.config_reloads.labels("failure").inc()
+            self._count_reload("failure")
             log.error("reload refused; keeping the running config and the old certificates: %s", exc)
             return str(exc)
         await self._apply(config, tls, pools, bound)
-        self.metrics.config_reloads.labels("success").inc()
+        self._count_reload("success")
         for name in tls:
             log.info("listener %s: certificates loaded", name)
         log.info("reloaded %s (config version %s)", self.config_path, self.config_version)
         return None
+
+    def _count_reload(self, result: str) -> None:
+        # A worker's reloads are its supervisor's, which counts each once for all workers.
+        if not self.inherited:
+            self.metrics.config_reloads.labels(result).inc()
 
     async def _bind_listeners(self, config: Config) -> dict[str, asyncio.Server]:
         """Bind the listeners of `config` that are new or moved, without accepting yet."""
@@ -305,7 +320,7 @@ class Gateway:
         self.relay_settings = _relay_settings(config)
         self._sweeper.retime(*sweep_timing(self.relay_settings), asyncio.get_running_loop().time())
         self.loaded_at = time.time()
-        self.config_version = _version(config)
+        self.config_version = config_digest(config)
         for pool in old_pools.values():
             await pool.stop()
         for pool in pools.values():
@@ -467,7 +482,7 @@ class Gateway:
         now = asyncio.get_running_loop().time()
         return {
             "version": __version__,
-            "config": {"version": self.config_version, "loaded_at": _iso(self.loaded_at)},
+            "config": {"version": self.config_version, "loaded_at": iso_timestamp(self.loaded_at)},
             "draining": self.draining,
             "connections": len(self._relays),
             "routes": [

@@ -1,12 +1,19 @@
 """Several worker processes behind the same listeners, supervised (`workers: N`).
 
-The supervisor binds every listener once per worker with SO_REUSEPORT, so the
-kernel spreads new connections over the workers (and port 0 still means one
-port for all), and it keeps those sockets while workers come and go: a worker
-that dies is started again on the same sockets. Signals are forwarded to the
-workers. The one admin endpoint is the supervisor's: it asks every worker's
-private admin server and sums what they say. Hashing needs no coordination:
-every worker computes the same ring from the same config.
+The supervisor binds its admin port and every listener (once per worker, with
+SO_REUSEPORT, so the kernel spreads new connections over the workers and port
+0 still means one port for all) before it starts a worker, and it keeps those
+sockets while workers come and go: a worker that dies is started again on the
+same sockets. Workers read their config from a snapshot the supervisor writes,
+so a restarted worker serves exactly what its siblings serve; a reload is the
+supervisor's: it validates the file, writes the next snapshot and asks every
+worker to load it. A worker whose supervisor dies, however it dies, drains and
+exits: the kernel closes the supervisor's end of a pipe every worker watches,
+and its end of file means the same as SIGTERM. (PR_SET_PDEATHSIG is not used: it
+fires again for each thread of the dying supervisor, and a second SIGTERM means
+"do not wait for the drain".) The one admin endpoint is the supervisor's: it asks every
+worker's private admin server and combines what they say. Hashing needs no
+coordination: every worker computes the same ring from the same config.
 """
 
 from __future__ import annotations
@@ -15,20 +22,28 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
+import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from .admin import admin_app, exposition
-from .config import Config, format_host_port, load_config
+from . import __version__
+from .admin import admin_app, exposition, start_admin
+from .config import Config, format_host_port, load_config, load_config_data, parse_config
+from .errors import ConfigError, ListenError, WorkerError
+from .gateway import METRICS_FLUSH_INTERVAL, config_digest, iso_timestamp
+from .tls import check_files
 
 log = logging.getLogger("wsgate.workers")
 
@@ -41,6 +56,8 @@ _GAUGE_COMBINE = {
     "process_start_time_seconds": min,
     "process_max_fds": min,
 }
+# Every worker counts the same certificate reloads: the largest count is the count.
+_COUNTER_COMBINE = {"wsgate_config_reloads": max}
 _RESTART_BACKOFF_CAP = 30.0
 # A worker that ran this long before dying restarts at once, not after a grown backoff.
 _STABLE_UPTIME = 60.0
@@ -50,10 +67,14 @@ def bind_listener(host: str, port: int) -> socket.socket:
     """A listening socket that other sockets may share the port of (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
     sock.set_inheritable(True)
     return sock
 
@@ -70,10 +91,15 @@ class Worker:
         self.started_at = 0.0
         self.restarts = 0  # in all
         self.crashes = 0  # in a row, each soon after starting: what the backoff grows with
+        self.snapshot = 0  # the config snapshot it was started with
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
 
 
 class Supervisor:
-    """Starts, watches and stops the workers; serves the aggregated admin endpoint."""
+    """Starts, watches and stops the workers; owns reloads; serves the combined admin endpoint."""
 
     def __init__(self, config: Config, config_path: str, count: int) -> None:
         self.config = config
@@ -81,65 +107,119 @@ class Supervisor:
         self.count = count
         self.workers: list[Worker] = []
         self.stopping = False
-        self._watchers: set[asyncio.Task[None]] = set()
+        self.loaded_at = time.time()
+        self.totals = _Totals()
+        self._data: dict[str, Any] = {}  # the running config as YAML data, for the next snapshot
+        self._snapshots = 0
+        self._snapshot_dir: str | None = None
+        self._lifeline: tuple[int, int] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        # SIGHUP and POST /reload are the supervisor's, counted once here, not once per worker.
+        self.reloads = {"success": 0, "failure": 0}
+
+    @property
+    def snapshot_path(self) -> str:
+        assert self._snapshot_dir is not None
+        return os.path.join(self._snapshot_dir, "wsgate.yaml")
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
+        """Bind everything, then start the workers; on any failure stop what was started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        self._data = load_config_data(self.config_path)
+        self._session = aiohttp.ClientSession()
+        if self.config.admin.enabled:
+            self._runner = await start_admin(self._admin_app(), self.config.admin.host, self.config.admin.port)
         sockets: list[dict[str, socket.socket]] = [{} for _ in range(self.count)]
-        for listener in self.config.listeners:
-            first = bind_listener(listener.host, listener.port)
-            port = first.getsockname()[1]
-            sockets[0][listener.name] = first
-            for i in range(1, self.count):
-                sockets[i][listener.name] = bind_listener(listener.host, port)
+        self.workers = [Worker(i, sockets[i]) for i in range(self.count)]  # so stop() closes them all
+        ports = []
+        for i, listener in enumerate(self.config.listeners):
+            try:
+                first = bind_listener(listener.host, listener.port)
+                sockets[0][listener.name] = first
+                port = first.getsockname()[1]
+                for own in sockets[1:]:
+                    own[listener.name] = bind_listener(listener.host, port)
+            except OSError as exc:
+                raise ListenError.from_os_error(f"listeners[{i}].bind", listener.bind, exc) from exc
+            ports.append(port)
+        self._snapshot_dir = tempfile.mkdtemp(prefix="wsgate-")
+        self._write_snapshot(self._data)
+        self._lifeline = os.pipe()
+        for worker in self.workers:
+            await self._spawn(worker)
+            if not worker.ready:
+                raise WorkerError(worker.index, f"exited with status {worker.process.returncode} before serving")
+        for listener, port in zip(self.config.listeners, ports, strict=True):
             log.info(
                 "listening on %s (%s, %d workers)",
                 format_host_port(listener.host, port), listener.name, self.count,
             )
-        self.workers = [Worker(i, sockets[i]) for i in range(self.count)]
-        self._session = aiohttp.ClientSession()
-        for worker in self.workers:
-            await self._spawn(worker)
-        if self.config.admin.enabled:
-            self._runner = web.AppRunner(self._admin_app(), access_log=None)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, self.config.admin.host, self.config.admin.port).start()
+        if self._runner is not None:
             log.info("admin listening on %s", format_host_port(*self._runner.addresses[0][:2]))
+        self._keep(self._remember_metrics())
+
+    def _keep(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _write_snapshot(self, data: dict[str, Any]) -> None:
+        """The config the workers serve, replaced whole so a starting worker never reads half."""
+        partial = self.snapshot_path + ".new"
+        with open(partial, "w", encoding="utf-8") as file:
+            yaml.safe_dump(data, file)
+        os.replace(partial, self.snapshot_path)
+        self._snapshots += 1
 
     async def _spawn(self, worker: Worker) -> None:
+        assert self._lifeline is not None
         read_fd, write_fd = os.pipe()
+        lifeline = self._lifeline[0]
         fds = {name: sock.fileno() for name, sock in worker.sockets.items()}
         argv = [
-            sys.executable, "-m", "wsgate", "_worker", "-c", self.config_path,
-            "--index", str(worker.index), "--report-fd", str(write_fd),
+            sys.executable, "-m", "wsgate", "_worker", "-c", self.snapshot_path,
+            "--index", str(worker.index), "--report-fd", str(write_fd), "--lifeline-fd", str(lifeline),
         ]
         for name, fd in fds.items():
             argv += ["--listen", f"{name}={fd}"]
         worker.ready = False
         worker.started_at = asyncio.get_running_loop().time()
+        worker.snapshot = self._snapshots
         # A session of its own: a terminal's Ctrl-C reaches the supervisor only,
         # which forwards one signal, rather than every worker twice.
-        worker.process = await asyncio.create_subprocess_exec(
-            *argv, pass_fds=[write_fd, *fds.values()], start_new_session=True
-        )
-        os.close(write_fd)
+        try:
+            worker.process = await asyncio.create_subprocess_exec(
+                *argv, pass_fds=[write_fd, lifeline, *fds.values()], start_new_session=True
+            )
+        finally:
+            os.close(write_fd)
         # The worker writes its private admin port once it serves; EOF means it died first.
         loop = asyncio.get_running_loop()
         with os.fdopen(read_fd, "rb") as report:
             line = await loop.run_in_executor(None, report.readline)
         worker.admin_port = int(line) if line.strip() else None
         worker.ready = worker.admin_port is not None
-        task = loop.create_task(self._watch(worker))
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        self._keep(self._watch(worker))
+        if worker.ready and worker.snapshot != self._snapshots:
+            # A reload came while it was starting and may have missed it: catch up now.
+            await self._ask_one(worker, "/reload", "POST")
 
     async def _watch(self, worker: Worker) -> None:
         """Restart a worker that exits while the supervisor is not stopping."""
         assert worker.process is not None
         status = await worker.process.wait()
+        self.totals.retire(worker.index)
         if self.stopping:
             return
         worker.ready = False
@@ -153,14 +233,12 @@ class Supervisor:
         if not self.stopping:
             await self._spawn(worker)
 
-    def forward(self, signum: int, *, ready_only: bool = False) -> None:
-        """Send `signum` to the running workers (with `ready_only`, to those past start-up:
-        a SIGHUP would kill one whose handlers are not in place yet, and it reads the
-        current file anyway)."""
+    def forward(self, signum: int) -> None:
+        """Send `signum` to the running workers."""
         for worker in self.workers:
-            if worker.process is not None and worker.process.returncode is None:
-                if worker.ready or not ready_only:
-                    worker.process.send_signal(signum)
+            if worker.running:
+                assert worker.process is not None
+                worker.process.send_signal(signum)
 
     async def stop(self, signum: int = signal.SIGTERM) -> int:
         """Forward `signum` (workers drain), wait for them; the exit status for the supervisor.
@@ -169,13 +247,13 @@ class Supervisor:
         (and so had no connections to drain), does not make the exit a failure.
         """
         self.stopping = True
-        serving = [w for w in self.workers if w.ready and w.process and w.process.returncode is None]
+        serving = [w for w in self.workers if w.ready and w.running]
         self.forward(signum)
         for worker in self.workers:
             if worker.process is not None:
                 await worker.process.wait()
         statuses = [worker.process.returncode for worker in serving if worker.process]
-        for task in list(self._watchers):
+        for task in list(self._tasks):
             task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -184,95 +262,257 @@ class Supervisor:
         for worker in self.workers:
             for sock in worker.sockets.values():
                 sock.close()
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                os.close(fd)
+            self._lifeline = None
+        if self._snapshot_dir is not None:
+            shutil.rmtree(self._snapshot_dir, ignore_errors=True)
         return 0 if all(status == 0 for status in statuses) else 1
 
-    # -- the aggregated admin endpoint ---------------------------------------------
+    # -- reload ----------------------------------------------------------------
+
+    async def reload(self) -> tuple[bool, str]:
+        """Validate the config file, hand it to every worker; (reloaded, the answer for the operator)."""
+        async with self._reload_lock:
+            try:
+                data = load_config_data(self.config_path)
+                config = parse_config(data, self.config_path)
+                check_files(config)
+            except ConfigError as exc:
+                self.reloads["failure"] += 1
+                log.error("reload refused; keeping the running config: %s", exc)
+                return False, f"reload refused: {exc}"
+            data, ignored = self._restart_only(data, config)
+            config = parse_config(data, self.config_path)
+            self._write_snapshot(data)
+            # A worker not serving yet reads the new snapshot as it starts (or catches up in _spawn).
+            serving = [worker for worker in self.workers if worker.ready and worker.running]
+            answers = await asyncio.gather(*(self._ask_one(worker, "/reload", "POST") for worker in serving))
+            refused = {w.index: body for w, (status, body) in zip(serving, answers, strict=True) if status != 200}
+            if refused:
+                self._write_snapshot(self._data)  # restarted workers keep to the running config
+                self.reloads["failure"] += 1
+                answer = one_answer("reload refused: ", refused, len(serving))
+                log.error("%s", answer)
+                return False, answer
+            self.config, self._data, self.loaded_at = config, data, time.time()
+            self.reloads["success"] += 1
+            version = config_digest(config)
+            log.info("reloaded %s (config version %s)", self.config_path, version)
+            answer = f"reloaded, config version {version}"
+            if ignored:
+                answer += "; ignored until a restart: " + ", ".join(ignored)
+            return True, answer
+
+    def _restart_only(self, data: dict[str, Any], config: Config) -> tuple[dict[str, Any], list[str]]:
+        """`data` with what only a restart can change put back as it runs, and those keys."""
+        data = dict(data)
+        ignored = []
+        running = [(listener.name, listener.bind) for listener in self.config.listeners]
+        for key, changed in (
+            ("listeners", [(listener.name, listener.bind) for listener in config.listeners] != running),
+            ("workers", config.workers != self.config.workers),
+        ):
+            if changed:
+                ignored.append(key)
+                data.pop(key, None)
+                if key in self._data:
+                    data[key] = self._data[key]
+        if config.admin.bind != self.config.admin.bind:
+            data["admin"] = {**(data.get("admin") or {}), "bind": self.config.admin.bind}
+            ignored.append("admin.bind")
+        for key in ignored:
+            log.warning("reload: a change of %s takes a restart when workers > 1; %s unchanged", key, key)
+        return data, ignored
+
+    # -- the combined admin endpoint -----------------------------------------------
+
+    async def _ask_one(self, worker: Worker, path: str, method: str = "GET") -> tuple[int, str]:
+        """(status, body) from one worker's admin server; 503 when it is not running."""
+        assert self._session is not None
+        if worker.admin_port is None or not worker.running:
+            return 503, "not running"
+        url = f"http://127.0.0.1:{worker.admin_port}{path}"
+        try:
+            async with self._session.request(method, url, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                return r.status, await r.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return 503, f"no answer: {exc!r}"
 
     async def _ask(self, path: str, method: str = "GET") -> list[tuple[int, str]]:
-        """(status, body) from every live worker's admin server."""
-        assert self._session is not None
-        answers = []
-        for worker in self.workers:
-            if worker.admin_port is None or worker.process is None or worker.process.returncode is not None:
-                answers.append((503, f"worker {worker.index} is not running"))
-                continue
-            url = f"http://127.0.0.1:{worker.admin_port}{path}"
-            try:
-                async with self._session.request(method, url, timeout=aiohttp.ClientTimeout(total=5)) as r:
-                    answers.append((r.status, await r.text()))
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                answers.append((503, f"worker {worker.index}: {exc!r}"))
-        return answers
+        """(status, body) from every worker's admin server, in worker order."""
+        return list(await asyncio.gather(*(self._ask_one(worker, path, method) for worker in self.workers)))
+
+    async def _scrape(self) -> list[str]:
+        texts = {}
+        for worker, (status, body) in zip(self.workers, await self._ask("/metrics"), strict=True):
+            if status == 200:
+                texts[worker.index] = body
+        self.totals.remember(texts)
+        return list(texts.values())
+
+    async def _remember_metrics(self) -> None:
+        """Scrape the workers now and then, so a worker that dies leaves recent totals behind."""
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_INTERVAL)
+            await self._scrape()
+
+    def status(self, answers: list[tuple[int, str]]) -> dict[str, Any]:
+        """/status: the gateway's shape (summed over the workers), plus each worker's own."""
+        workers, views = [], []
+        for worker, (code, body) in zip(self.workers, answers, strict=True):
+            view: dict[str, Any] = json.loads(body) if code == 200 else {"error": body.strip()}
+            view.pop("workers", None)
+            if code == 200:
+                views.append(view)
+            pid = worker.process.pid if worker.process else None
+            workers.append({"index": worker.index, "pid": pid, "restarts": worker.restarts, "status": view})
+        return {
+            **(views[0] if views else {}),
+            "version": __version__,
+            "config": {"version": config_digest(self.config), "loaded_at": iso_timestamp(self.loaded_at)},
+            "draining": self.stopping or any(view["draining"] for view in views),
+            "connections": sum(view["connections"] for view in views),
+            "routes": _combined_routes(views),
+            "workers": workers,
+        }
 
     def _admin_app(self) -> web.Application:
         async def metrics(request: web.Request) -> web.Response:
-            texts = [body for status, body in await self._ask("/metrics") if status == 200]
+            texts = await self._scrape()
             registry = CollectorRegistry()
-            registry.register(_Summed(texts))
+            registry.register(_Summed(texts, self.totals, self.reloads))
             return exposition(registry, request)
 
         async def healthz(request: web.Request) -> web.Response:
             return web.Response(text="ok\n")
 
         async def readyz(request: web.Request) -> web.Response:
+            if self.stopping:
+                return web.Response(status=503, text="not ready: stopping\n")
             answers = await self._ask("/readyz")
-            bad = [body.strip() for status, body in answers if status != 200]
-            if self.stopping or bad:
-                return web.Response(status=503, text="not ready: " + ("; ".join(bad) or "stopping") + "\n")
+            problems = {i: body for i, (status, body) in enumerate(answers) if status != 200}
+            if problems:
+                return web.Response(status=503, text=one_answer("not ready: ", problems, len(answers)) + "\n")
             return web.Response(text="ready\n")
 
         async def status(request: web.Request) -> web.Response:
-            answers = await self._ask("/status")
-            workers = []
-            for worker, (code, body) in zip(self.workers, answers, strict=True):
-                entry: dict[str, Any] = {
-                    "index": worker.index,
-                    "pid": worker.process.pid if worker.process else None,
-                    "restarts": worker.restarts,
-                }
-                entry["status"] = json.loads(body) if code == 200 else {"error": body}
-                workers.append(entry)
-            return web.json_response({"workers": workers})
+            return web.json_response(self.status(await self._ask("/status")))
 
         async def reload(request: web.Request) -> web.Response:
-            answers = await self._ask("/reload", "POST")
-            refused = [body.strip() for status, body in answers if status != 200]
-            if refused:
-                return web.Response(status=400, text="reload refused: " + "; ".join(refused) + "\n")
-            return web.Response(text=answers[0][1] if answers else "no workers\n")
+            reloaded, answer = await self.reload()
+            return web.Response(status=200 if reloaded else 400, text=answer + "\n")
 
         return admin_app(metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload)
 
 
-class _Summed:
-    """A collector that yields several workers' exposition texts as one."""
+def one_answer(prefix: str, problems: dict[int, str], workers: int) -> str:
+    """Workers' refusals said once: `prefix` and the reason, naming workers only when they disagree."""
+    reasons: dict[str, list[int]] = {}
+    for index, body in sorted(problems.items()):
+        reason = body.strip().removeprefix(prefix.strip()).strip()
+        reasons.setdefault(reason, []).append(index)
+    if len(reasons) == 1 and len(problems) == workers:
+        return prefix + next(iter(reasons))
+    parts = []
+    for reason, indexes in reasons.items():
+        which = ", ".join(str(i) for i in indexes)
+        parts.append(f"{reason} (worker{'s' if len(indexes) > 1 else ''} {which})")
+    return prefix + "; ".join(parts)
 
-    def __init__(self, texts: Iterable[str]) -> None:
+
+def _combined_routes(views: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every worker's view of the routes as one: connections add up, health holds if it holds in all."""
+    if not views:
+        return []
+    routes = []
+    for r, route in enumerate(views[0]["routes"]):
+        backends = []
+        for b, backend in enumerate(route["backends"]):
+            same = [view["routes"][r]["backends"][b] for view in views]
+            backends.append({
+                **backend,
+                "healthy": all(item["healthy"] for item in same),
+                "ejected": any(item["ejected"] for item in same),
+                "available": all(item["available"] for item in same),
+                "active_connections": sum(item["active_connections"] for item in same),
+            })
+        routes.append({**route, "backends": backends})
+    return routes
+
+
+_Key = tuple[str, str, tuple[tuple[str, str], ...]]
+
+
+class _Totals:
+    """The counts of workers that died, so that the supervisor's counters never go down."""
+
+    def __init__(self) -> None:
+        self.latest: dict[int, str] = {}  # each live worker's last exposition
+        self.retired: dict[_Key, float] = {}
+        self.families: dict[str, Metric] = {}
+
+    def remember(self, texts: dict[int, str]) -> None:
+        self.latest.update(texts)
+
+    def retire(self, index: int) -> None:
+        """Keep worker `index`'s last counts: it died, and a replacement starts from zero."""
+        text = self.latest.pop(index, None)
+        if text is None:
+            return
+        for family in text_string_to_metric_families(text):
+            if family.type not in ("counter", "histogram", "summary"):
+                continue  # a gauge of a dead worker is gone with it
+            self.families.setdefault(family.name, family)
+            combine = _COUNTER_COMBINE.get(family.name)
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                before = self.retired.get(key, 0.0)
+                self.retired[key] = combine(before, sample.value) if combine else before + sample.value
+
+
+class _Summed:
+    """A collector that yields several workers' exposition texts, and the dead ones' totals, as one."""
+
+    def __init__(self, texts: Iterable[str], totals: _Totals, reloads: dict[str, int]) -> None:
         self.texts = list(texts)
+        self.totals = totals
+        self.reloads = reloads  # the supervisor's own, added to the workers' certificate reloads
 
     def collect(self) -> Iterable[Metric]:
-        families: dict[str, Metric] = {}
-        values: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[float]] = {}
+        families: dict[str, Metric] = dict(self.totals.families)
+        values: dict[_Key, list[float]] = {key: [value] for key, value in self.totals.retired.items()}
         for text in self.texts:
             for family in text_string_to_metric_families(text):
                 families.setdefault(family.name, family)
                 for sample in family.samples:
                     key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
                     values.setdefault(key, []).append(sample.value)
+        own_reloads = dict(self.reloads)
         for name, family in families.items():
             merged = Metric(family.name, family.documentation, family.type)
-            combine = _GAUGE_COMBINE.get(name, sum) if family.type == "gauge" else sum
+            combine = _GAUGE_COMBINE.get(name, sum) if family.type == "gauge" else _COUNTER_COMBINE.get(name, sum)
             if family.type == "info":
                 combine = max
             for (family_name, sample_name, labels), numbers in values.items():
                 if family_name == name:
                     # A counter's or histogram's creation time is a timestamp: the earliest, not a sum.
                     how = min if sample_name.endswith("_created") else combine
-                    merged.add_sample(sample_name, dict(labels), how(numbers))
+                    value = how(numbers)
+                    if sample_name == "wsgate_config_reloads_total":
+                        value += own_reloads.pop(dict(labels)["result"], 0)
+                    merged.add_sample(sample_name, dict(labels), value)
+            if name == "wsgate_config_reloads":
+                for result, count in own_reloads.items():
+                    if count:
+                        merged.add_sample("wsgate_config_reloads_total", {"result": result}, count)
             yield merged
 
 
-def worker_main(config_path: str, index: int, report_fd: int, listen: list[str]) -> int:
+def worker_main(config_path: str, index: int, report_fd: int, listen: list[str], lifeline_fd: int) -> int:
     """The `_worker` subcommand: serve on inherited sockets, report the admin port."""
     from .cli import _run_loop, _serve, _setup_logging
 
@@ -282,13 +522,15 @@ def worker_main(config_path: str, index: int, report_fd: int, listen: list[str])
     for item in listen:
         name, _, fd = item.partition("=")
         sockets[name] = socket.socket(fileno=int(fd))
-    # The private admin server answers the supervisor only.
-    admin = config.admin.model_validate({**config.admin.model_dump(), "enabled": True, "bind": "127.0.0.1:0"})
-    config = config.model_copy(update={"admin": admin})
 
     def report(gateway: Any, admin_server: Any) -> None:
         os.write(report_fd, f"{admin_server.address[1]}\n".encode())
         os.close(report_fd)
 
     logging.getLogger("wsgate").info("worker %d serving (pid %d)", index, os.getpid())
-    return _run_loop(_serve(config, report, config_path=config_path, sockets=sockets))
+    # The private admin server answers the supervisor only.
+    serving = _serve(
+        config, report, config_path=config_path, sockets=sockets,
+        lifeline=lifeline_fd, admin_address=("127.0.0.1", 0),
+    )
+    return _run_loop(serving)
