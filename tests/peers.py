@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -126,10 +127,27 @@ async def read_until_close(reader: asyncio.StreamReader) -> tuple[list[Frame], F
     raise AssertionError("no close frame in 10,000 frames")
 
 
-async def open_raw_client(url: str, extra: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw TCP client that has completed the upgrade through the gateway."""
+async def open_raw_client(
+    url: str, extra: str = "", receive_buffer_size: int = 0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP client that has completed the upgrade through the gateway.
+
+    A `receive_buffer_size` is set before connecting, so that it bounds the TCP window.
+    """
     host, port = url.removeprefix("ws://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    if receive_buffer_size:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_size)
+        sock.setblocking(False)
+        try:
+            connecting = asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+            await asyncio.wait_for(connecting, STEP_TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
+    else:
+        reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(upgrade_request(extra=extra))
     status, _, _ = await read_response_head(reader)
     assert status == 101

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
+import sys
+from collections.abc import AsyncIterator
 
 import pytest
 import websockets
-from conftest import gateway_config
+from conftest import Backend, gateway_config
 from peers import (
     STEP_TIMEOUT,
     accept_upgrade,
@@ -283,6 +286,105 @@ async def test_backend_that_never_answers_pings_gives_client_1014(start_gateway,
             await ws.wait_closed()
     assert pinged.is_set()
     assert ws.close_code == 1014
+
+
+# A message that a slow reader takes several heartbeat periods to take in: 8 MiB read
+# 32 KiB at a time, 10 ms apart, is 2.5 s at least, four times interval + timeout.
+LARGE_MESSAGE = bytes(range(256)) * (32 * 1024)
+SLOW_READ_SIZE = 32 * 1024
+SLOW_READ_PAUSE = 0.01
+SHORT_HEARTBEAT = {"interval": "300ms", "timeout": "300ms"}
+# Bounds the client's TCP window, so that the backlog waits in the gateway, not at the client.
+SMALL_RECEIVE_BUFFER = 64 * 1024
+
+
+@pytest.fixture
+async def large_message_backend() -> AsyncIterator[Backend]:
+    """A `websockets` server that sends LARGE_MESSAGE on each connection, then reads until closed."""
+    backend = Backend(url="")
+
+    async def send_large_message(connection) -> None:
+        try:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await connection.send(LARGE_MESSAGE)
+                async for message in connection:
+                    backend.messages.append(message)
+        finally:
+            backend.closes.put_nowait((connection.close_code, connection.close_reason))
+
+    async with websockets.serve(send_large_message, "127.0.0.1", 0, max_size=None) as server:
+        backend.url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        yield backend
+
+
+async def read_large_frame_head(reader: asyncio.StreamReader) -> tuple[int, int]:
+    """The first byte and the payload length of an unmasked frame with a 64-bit length."""
+    head = await asyncio.wait_for(reader.readexactly(10), STEP_TIMEOUT)
+    first, second, length = struct.unpack("!BBQ", head)
+    assert second == 127, f"not an unmasked frame with a 64-bit length: {second:#x}"
+    return first, length
+
+
+async def read_slowly(reader: asyncio.StreamReader, size: int) -> bytes:
+    """`size` bytes, SLOW_READ_SIZE at a time with a pause after each; fewer if the connection ends."""
+    received = bytearray()
+    for offset in range(0, size, SLOW_READ_SIZE):
+        try:
+            received += await asyncio.wait_for(
+                reader.readexactly(min(SLOW_READ_SIZE, size - offset)), STEP_TIMEOUT
+            )
+        except asyncio.IncompleteReadError as exc:
+            return bytes(received + exc.partial)
+        except ConnectionResetError:
+            break
+        await asyncio.sleep(SLOW_READ_PAUSE)
+    return bytes(received)
+
+
+# Most of the backlog waits in the kernel's send queue, which the gateway reads on Linux only.
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's send queue is not read here")
+async def test_client_slowly_reading_a_large_message_is_not_dropped(start_gateway, large_message_backend):
+    url = await start_gateway(gateway_config([large_message_backend.url], heartbeat=SHORT_HEARTBEAT))
+    reader, writer = await open_raw_client(url, receive_buffer_size=SMALL_RECEIVE_BUFFER)
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT * 3):
+            assert await read_large_frame_head(reader) == (0x80 | BINARY, len(LARGE_MESSAGE))
+            # The client sends nothing while it reads: only its reading shows it is alive.
+            received = await read_slowly(reader, len(LARGE_MESSAGE))
+            assert len(received) == len(LARGE_MESSAGE), f"dropped after {len(received)} bytes"
+            assert received == LARGE_MESSAGE
+            # The gateway pinged the quiet client meanwhile; the ping came behind the message.
+            ping = await read_frame(reader)
+            assert ping.opcode == PING
+            writer.write(client_frame(PONG, ping.payload) + client_frame(CLOSE, close_payload(1000)))
+            frames, close = await read_until_close(reader)
+            assert close.close == (1000, "")
+            assert {f.opcode for f in frames} <= {PING}
+            assert await asyncio.wait_for(large_message_backend.closes.get(), STEP_TIMEOUT) == (1000, "")
+    finally:
+        writer.close()
+
+
+async def test_client_that_stops_reading_and_answering_mid_message_is_dropped(
+    start_gateway, large_message_backend
+):
+    url = await start_gateway(
+        gateway_config([large_message_backend.url], heartbeat=SHORT_HEARTBEAT, timeouts={"close": "300ms"})
+    )
+    reader, writer = await open_raw_client(url, receive_buffer_size=SMALL_RECEIVE_BUFFER)
+    try:
+        assert await read_large_frame_head(reader) == (0x80 | BINARY, len(LARGE_MESSAGE))
+        # A live client's first MiB; then it neither reads nor sends anything.
+        first_part = await read_slowly(reader, 1024 * 1024)
+        assert first_part == LARGE_MESSAGE[: 1024 * 1024]
+        assert await asyncio.wait_for(large_message_backend.closes.get(), STEP_TIMEOUT) == (1001, "")
+        # Its connection was dropped mid-message: what is left to read ends short of the message.
+        rest = b""
+        with contextlib.suppress(ConnectionResetError):
+            rest = await asyncio.wait_for(reader.read(), STEP_TIMEOUT)
+        assert len(first_part) + len(rest) < len(LARGE_MESSAGE)
+    finally:
+        writer.close()
 
 
 async def _answer_pings(

@@ -17,6 +17,9 @@ Close handshake rules, per leg:
 Liveness is judged by a single `Sweeper` for all relays: legs count the bytes
 they receive and their data reads in plain integers, and the sweep compares
 them with what it saw last time, so no timer is created per message or read.
+A peer with a ping unanswered is also alive while the bytes sent toward it
+keep leaving the gateway (see `Leg.bytes_gone`), since its pong may wait
+behind a large message that it is still reading.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import asyncio
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +37,12 @@ from .errors import ProtocolError
 from .frames import BOUNDARY, CloseCode, ControlFrame, FrameScanner, Opcode, build_close, build_frame
 
 log = logging.getLogger("wsgate.relay")
+
+if sys.platform == "linux":
+    from fcntl import ioctl
+    from termios import TIOCOUTQ  # the same request as SIOCOUTQ on a TCP socket
+else:
+    ioctl = None
 
 CLIENT = "client"
 BACKEND = "backend"
@@ -45,6 +55,16 @@ _PING_PREFIX = b"wsgate-"
 _ENTROPY_BLOCK = 4096
 _entropy = b""
 _entropy_used = 0
+
+
+def unacknowledged_size(fd: int) -> int:
+    """Bytes in socket `fd`'s kernel send queue: not sent, or not acknowledged yet; 0 where unknown."""
+    if ioctl is None or fd < 0:
+        return 0
+    try:
+        return int.from_bytes(ioctl(fd, TIOCOUTQ, b"\0\0\0\0"), sys.byteorder)
+    except OSError:
+        return 0
 
 
 def random_bytes(count: int) -> bytes:
@@ -77,6 +97,7 @@ class Leg(asyncio.Protocol):
         "relay",
         "side",
         "transport",
+        "socket_fd",
         "peer",
         "scanner",
         "mask_frames",
@@ -84,6 +105,8 @@ class Leg(asyncio.Protocol):
         "write_to_peer",
         "data_reads",
         "bytes_received",
+        "bytes_withheld",
+        "bytes_injected",
         "pending",
         "close_received",
         "sealed",
@@ -91,6 +114,8 @@ class Leg(asyncio.Protocol):
         "reading_paused",
         "ping_payload",
         "ping_sent_at",
+        "pong_wait_from",
+        "gone_seen",
         "quiet_since",
         "bytes_seen",
         "pauses",
@@ -105,6 +130,7 @@ class Leg(asyncio.Protocol):
         self.relay = relay
         self.side = side
         self.transport = transport
+        self.socket_fd = -1  # set by Relay.start, for the kernel's send queue
         self.peer: Leg = self  # set by Relay once both legs exist
         self.scanner = scanner
         # The gateway is the backend's client, so frames it writes there are masked.
@@ -114,6 +140,10 @@ class Leg(asyncio.Protocol):
         self.write_to_peer = transport.write  # replaced by the peer's write in Relay.__init__
         self.data_reads = 0
         self.bytes_received = 0
+        # Bytes received but not passed on: the pongs that answer the gateway's pings.
+        self.bytes_withheld = 0
+        # Bytes of the gateway's own frames written to this leg.
+        self.bytes_injected = 0
         # Gateway frames waiting for the stream toward this leg to reach a boundary.
         self.pending: list[bytes] = []
         self.close_received = False
@@ -123,6 +153,10 @@ class Leg(asyncio.Protocol):
         # None until the gateway pings this leg, so no peer pong can match it by accident.
         self.ping_payload: bytes | None = None
         self.ping_sent_at = 0.0
+        # While a ping is unanswered: the pong's wait runs from here, the ping or the
+        # last look that found bytes gone toward the peer (None before the first look).
+        self.pong_wait_from = 0.0
+        self.gone_seen: int | None = None
         self.quiet_since = 0.0
         self.bytes_seen = 0
         self.pauses = 0  # times reading this leg stopped for flow control
@@ -189,6 +223,7 @@ class Leg(asyncio.Protocol):
     def _inject(self, frame: bytes) -> None:
         source = self.peer.scanner
         if source.at_boundary and not self.pending:
+            self.bytes_injected += len(frame)
             self.transport.write(frame)
             return
         self.pending.append(frame)
@@ -198,8 +233,23 @@ class Leg(asyncio.Protocol):
     def flush_pending(self) -> None:
         """The stream toward this leg is at a frame boundary: write what waited."""
         if self.pending:
-            self.transport.write(b"".join(self.pending))
+            frames = b"".join(self.pending)
+            self.bytes_injected += len(frames)
+            self.transport.write(frames)
             self.pending.clear()
+
+    def bytes_gone(self) -> int:
+        """How many of the bytes written to this leg have left the gateway, as a running count.
+
+        Written: what the peer leg read, less the pongs it withheld, plus the
+        gateway's own frames. Not gone: what waits in the write buffer and, on
+        Linux, in the kernel's send queue until the peer acknowledges it. Only a
+        rise of the count before any close means something: a partial frame the
+        scanner holds, or the overhead of TLS records, shifts it by a few bytes.
+        """
+        peer = self.peer
+        written = peer.bytes_received - peer.bytes_withheld + self.bytes_injected
+        return written - self.transport.get_write_buffer_size() - unacknowledged_size(self.socket_fd)
 
 
 class Relay:
@@ -275,6 +325,9 @@ class Relay:
         self.started_at = time.perf_counter()  # for the duration, finer than the loop clock
         for leg in (self.client, self.backend):
             leg.quiet_since = now
+            sock = leg.transport.get_extra_info("socket")
+            if sock is not None:
+                leg.socket_fd = sock.fileno()
             leg.transport.set_protocol(leg)
             # After set_protocol, so that an immediate pause_writing reaches the leg.
             leg.transport.set_write_buffer_limits(
@@ -313,6 +366,7 @@ class Relay:
         opcode = frame.opcode
         if opcode == Opcode.PONG and frame.payload == src.ping_payload:
             # The answer to the gateway's own ping: measure it, never forward it.
+            src.bytes_withheld += len(frame.raw)
             if src.ping_sent_at:
                 now = asyncio.get_running_loop().time()
                 rtt = now - src.ping_sent_at
@@ -450,7 +504,14 @@ class Relay:
                 leg.ping_sent_at = 0.0
                 due = min(due, soon)
             elif leg.ping_sent_at:
-                if now - leg.ping_sent_at >= settings.heartbeat_timeout:
+                # The ping may wait behind megabytes the peer is still reading: as long
+                # as they leave the gateway, the peer is alive and the wait starts again.
+                gone = leg.bytes_gone()
+                if leg.gone_seen is None or gone > leg.gone_seen:
+                    if leg.gone_seen is not None:
+                        leg.pong_wait_from = now
+                    leg.gone_seen = gone
+                if now - leg.pong_wait_from >= settings.heartbeat_timeout:
                     self._on_dead(leg)
                     return None
                 # Waiting for an answer: any traffic will do, so look every tick.
@@ -458,7 +519,9 @@ class Relay:
             elif settings.heartbeat_interval:
                 if now - leg.quiet_since >= settings.heartbeat_interval:
                     leg.ping_payload = _PING_PREFIX + random_bytes(8).hex().encode()
-                    leg.ping_sent_at = now
+                    leg.ping_sent_at = leg.pong_wait_from = now
+                    # Measured from the next look on: most pongs come back before it.
+                    leg.gone_seen = None
                     leg.send_frame(Opcode.PING, leg.ping_payload)
                     due = min(due, now)
                 else:
