@@ -33,6 +33,7 @@ __all__ = [
     "apply_mask",
     "build_close",
     "build_frame",
+    "compressed_message_limit",
     "is_valid_close_code",
     "parse_close_payload",
 ]
@@ -150,6 +151,19 @@ def parse_close_payload(payload: bytes) -> tuple[int | None, str]:
     return code, reason
 
 
+def compressed_message_limit(max_message_size: int) -> int:
+    """The most bytes a compressed message may carry on the wire under `max_message_size` (> 0).
+
+    The gateway does not inflate, so it judges a compressed message by its
+    compressed size, and deflate makes incompressible data slightly longer:
+    zlib ends a block whenever its symbol buffer fills (every 2,047 bytes at
+    memory level 5, websockets' setting; every 16,383 at 8, browsers'), and a
+    stored block costs 5 bytes. The 64 bytes cover the message's last block
+    and Huffman-coded blocks, which small windows force (see docs/relay.md).
+    """
+    return max_message_size + 5 * -(-max_message_size // 2047) + 64
+
+
 class ControlFrame:
     """A complete ping, pong or close frame; `raw` is its exact bytes from the wire."""
 
@@ -263,6 +277,8 @@ class FrameScanner:
         "_steps",
         "_second_16",
         "_limit",
+        "_compressed_limit",
+        "_message_limit",
         "_allow_rsv1",
         "_fast",
         "_fast_outside_message",
@@ -288,6 +304,12 @@ class FrameScanner:
         self._steps = _STEPS_MASKED if masked else _STEPS_UNMASKED
         self._second_16 = self._mask_bit | 126  # second byte announcing a 16-bit length
         self._limit = max_message_size if max_message_size > 0 else _NO_LIMIT
+        # RSV1 marks a message compressed by permessage-deflate: judged by its wire size,
+        # with deflate's growth of incompressible data allowed for.
+        self._compressed_limit = self._limit
+        if allow_rsv1 and max_message_size > 0:
+            self._compressed_limit = compressed_message_limit(max_message_size)
+        self._message_limit = self._limit  # the limit of the fragmented message in progress
         self._allow_rsv1 = allow_rsv1
         fast = _FAST_DEFLATE if allow_rsv1 else _FAST_PLAIN
         if self._limit < _MAX_CONTROL_PAYLOAD:
@@ -483,6 +505,7 @@ class FrameScanner:
             if rsv1:
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "RSV1 set on a continuation frame")
             size = self._message_size + length
+            limit = self._message_limit
         elif opcode > Opcode.BINARY:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode}")
         else:
@@ -493,10 +516,10 @@ class FrameScanner:
             if rsv1 and not self._allow_rsv1:
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "RSV1 set without an extension")
             size = length
-        if size > self._limit:
-            raise ProtocolError(
-                CloseCode.MESSAGE_TOO_BIG, f"message exceeds {self._limit} bytes"
-            )
+            limit = self._compressed_limit if rsv1 else self._limit
+        if size > limit:
+            what = "message" if limit == self._limit else "compressed message"
+            raise ProtocolError(CloseCode.MESSAGE_TOO_BIG, f"{what} exceeds {limit} bytes")
         if first & 0x80:
             if self._fragmented:
                 self._fragmented = False
@@ -504,6 +527,7 @@ class FrameScanner:
                 self._fast = self._fast_outside_message
         else:
             self._message_size = size
+            self._message_limit = limit
             if not self._fragmented:
                 self._fragmented = True
                 self._fast = _FAST_NONE  # continuations need the size and state checks
