@@ -292,6 +292,7 @@ class FrameScanner:
         "want_boundary",
         "frames",
         "messages",
+        "framing_bytes",
         "valid_prefix",
     )
 
@@ -326,12 +327,19 @@ class FrameScanner:
         self.want_boundary = False
         self.frames = 0
         self.messages = 0
+        # Bytes of frame headers and of whole control frames: what is not data payload.
+        self.framing_bytes = 0
         self.valid_prefix: list = []
 
     @property
     def at_boundary(self) -> bool:
         """True when the bytes forwarded so far end exactly between two frames."""
         return self._remaining == 0
+
+    @property
+    def held_size(self) -> int:
+        """Bytes received but not yet forwarded: a partial header or control frame."""
+        return len(self._held)
 
     @property
     def in_message(self) -> bool:
@@ -383,6 +391,8 @@ class FrameScanner:
         fast = self._fast
         last_fast_header = n - self._fixed_header  # a 7-bit header starting here fits
         fast_frames = 0  # final, unfragmented data frames: count as frame and message
+        medium_frames = 0  # those of them with a 16-bit length, two header bytes more
+        cut = 0  # 1 when the last of them runs past the chunk
         try:
             while True:
                 # The per-frame fast path: a final TEXT/BINARY frame with the mask bit
@@ -402,7 +412,7 @@ class FrameScanner:
                 if pos >= n:
                     if pos > n:
                         # The last frame runs past the chunk: it is not complete yet.
-                        fast_frames -= 1
+                        cut = 1
                         self._remaining = pos - n
                         self._last_fin = 1
                         self._last_continuation = False
@@ -421,6 +431,7 @@ class FrameScanner:
                     if length <= self._limit:
                         pos += self._fixed_header + 2 + length
                         fast_frames += 1
+                        medium_frames += 1
                         continue  # pos > n is handled as for 7-bit frames
                 header_end = pos + _header_length(second)
                 if header_end > n:
@@ -441,8 +452,10 @@ class FrameScanner:
                         out.append(memoryview(data)[start:pos])
                     out.append(frame)
                     self.frames += 1
+                    self.framing_bytes += end - pos
                     pos = start = end
                     continue
+                self.framing_bytes += header_end - pos
                 fin = first >> 7
                 if end <= n:
                     self.frames += 1
@@ -457,6 +470,7 @@ class FrameScanner:
         except ProtocolError as exc:
             self.frames += fast_frames
             self.messages += fast_frames
+            self.framing_bytes += fast_frames * self._fixed_header + 2 * medium_frames
             prefix = [] if out is None else out
             if pos > start:
                 prefix.append(memoryview(data)[start:pos])
@@ -464,6 +478,8 @@ class FrameScanner:
             raise
 
         if fast_frames:
+            self.framing_bytes += fast_frames * self._fixed_header + 2 * medium_frames
+            fast_frames -= cut
             self.frames += fast_frames
             self.messages += fast_frames
         if pos < n:
@@ -581,6 +597,7 @@ class FrameScanner:
             if opcode < 8:
                 # Data frame: forward its header now and its payload as it comes.
                 out.append(bytes(held))
+                self.framing_bytes += header_size
                 held.clear()
                 available = n - pos
                 if length > available:
@@ -607,6 +624,7 @@ class FrameScanner:
             held.clear()
             out.append(frame)
             self.frames += 1
+            self.framing_bytes += total
             return out, pos
         except ProtocolError as exc:
             self._die(exc, out)

@@ -98,6 +98,7 @@ class Leg(asyncio.Protocol):
         "flushed_frames",
         "flushed_messages",
         "flushed_bytes",
+        "flushed_payload",
         "flushed_pauses",
     )
 
@@ -133,7 +134,14 @@ class Leg(asyncio.Protocol):
         self.flushed_frames = 0
         self.flushed_messages = 0
         self.flushed_bytes = 0
+        self.flushed_payload = 0
         self.flushed_pauses = 0
+
+    @property
+    def payload_received(self) -> int:
+        """Payload bytes of data frames received so far, without frame headers or control frames."""
+        scanner = self.scanner
+        return self.bytes_received - scanner.framing_bytes - scanner.held_size
 
     # -- asyncio callbacks --------------------------------------------------------
 
