@@ -21,6 +21,7 @@ from wsgate.frames import (
     apply_mask,
     build_close,
     build_frame,
+    compressed_message_limit,
     is_valid_close_code,
     parse_close_payload,
 )
@@ -679,6 +680,62 @@ def test_message_too_big_is_judged_from_header_alone() -> None:
     with pytest.raises(ProtocolError) as info:
         s.receive_data(head)
     assert info.value.close_code == 1009
+
+
+@pytest.mark.parametrize(
+    ("limit", "compressed"),
+    [(1, 70), (2047, 2047 + 5 + 64), (2048, 2048 + 10 + 64), (16 * 1024 * 1024, 16 * 1024 * 1024 + 41049)],
+)
+def test_compressed_message_limit(limit: int, compressed: int) -> None:
+    assert compressed_message_limit(limit) == compressed
+
+
+LIMIT = 1000
+COMPRESSED_LIMIT = LIMIT + 5 + 64
+TOO_BIG = f"message exceeds {LIMIT} bytes"
+COMPRESSED_TOO_BIG = f"compressed message exceeds {COMPRESSED_LIMIT} bytes"
+
+
+@pytest.mark.parametrize(
+    ("sizes", "rsv1", "error"),
+    [
+        # Payload sizes of the message's frames; error None when it is accepted.
+        pytest.param([COMPRESSED_LIMIT], True, None, id="compressed-at-its-limit"),
+        pytest.param([COMPRESSED_LIMIT + 1], True, COMPRESSED_TOO_BIG, id="compressed-one-over"),
+        pytest.param([LIMIT], False, None, id="plain-at-the-limit"),
+        pytest.param([LIMIT + 1], False, TOO_BIG, id="plain-one-over"),
+        # Fragments of a compressed message share its allowance: RSV1 is on the first only.
+        pytest.param([500, 500, COMPRESSED_LIMIT - 1000], True, None, id="compressed-fragments"),
+        pytest.param(
+            [500, 500, COMPRESSED_LIMIT - 999], True, COMPRESSED_TOO_BIG, id="compressed-fragments-over"
+        ),
+        pytest.param([500, 500, 1], False, TOO_BIG, id="plain-fragments-over"),
+    ],
+)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("split", ["whole", "bytes"])
+def test_compressed_messages_get_the_deflate_allowance(
+    sizes: list[int], rsv1: bool, error: str | None, masked: bool, split: str
+) -> None:
+    data = b"".join(
+        cframe(
+            Opcode.BINARY if i == 0 else Opcode.CONTINUATION,
+            bytes(n),
+            masked,
+            rsv=4 if rsv1 and i == 0 else 0,
+            fin=i == len(sizes) - 1,
+        )
+        for i, n in enumerate(sizes)
+    )
+    s = scanner(masked, limit=LIMIT, rsv1=True)
+    chunks = [data] if split == "whole" else bytewise(data)
+    if error is None:
+        assert wire(feed(s, chunks)) == data
+        assert s.messages == 1
+    else:
+        with pytest.raises(ProtocolError) as info:
+            feed(s, chunks)
+        assert (info.value.close_code, info.value.reason) == (1009, error)
 
 
 # ---------------------------------------------------------------- scanner: violations

@@ -210,6 +210,11 @@ def overlaps(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:
     return any(start < hi and lo < end for start, end in spans)
 
 
+def payload_before(spans: list[tuple[int, int]], offset: int) -> int:
+    """Data payload bytes among the stream's first `offset` bytes."""
+    return sum(max(0, min(end, offset) - start) for start, end in spans)
+
+
 # ---------------------------------------------------------------- (a) splits
 
 
@@ -238,6 +243,9 @@ def test_any_split_reproduces_the_stream(data: st.DataObject) -> None:
         assert s.at_boundary == (sent in boundaries)
         held = consumed - sent
         assert 0 <= held <= 14 + 125
+        assert s.held_size == held
+        # Everything received is either framing (headers, control frames), held, or payload.
+        assert consumed - s.framing_bytes - held == payload_before(stream.payload_spans, consumed)
         fast = (
             held_before == 0
             and held == 0
@@ -256,6 +264,7 @@ def test_any_split_reproduces_the_stream(data: st.DataObject) -> None:
     whole_items = items_of(whole.receive_data(everything), everything)
     assert wire_bytes(whole_items) == stream.data
     assert (whole.frames, whole.messages) == (s.frames, s.messages)
+    assert whole.framing_bytes == s.framing_bytes
 
 
 # ---------------------------------------------------------------- (b) malformed frames

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import os
+import random
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -142,6 +144,40 @@ async def test_node_client_echo(request, start_gateway, echo_backend, compressio
         assert (await node.event("close"))["code"] == 1000
     if request.node.callspec.params["echo_backend"] == "ws_backend":  # the one that records them
         assert backend.messages == sent
+
+
+DEFLATE_LIMIT = 256 * 1024
+
+
+async def test_node_client_deflate_at_the_message_size_limit(start_gateway, ws_backend):
+    # ws compresses as browsers do (zlib's default memLevel 8), here with the 4 KiB window
+    # that the websockets backend asks of clients.
+    url = await start_gateway(gateway_config([ws_backend.url], limits={"max_message_size": DEFLATE_LIMIT}))
+    data = random.Random(1).randbytes(DEFLATE_LIMIT)
+    async with asyncio.timeout(3 * STEP_TIMEOUT), node_peer("client.mjs", url, "deflate") as node:
+        opened = await node.event("open")
+        assert "permessage-deflate" in opened["extensions"]
+        await node.send(op="send", kind="binary", data=base64.b64encode(data).decode())
+        echo = await node.event("message")
+        assert base64.b64decode(echo["data"]) == data
+        # One byte more, sent uncompressed: an uncompressed message gets no allowance.
+        await node.send(op="send", kind="binary", data=base64.b64encode(data + b"x").decode(), compress=False)
+        closed = await node.event("close")
+        assert closed["code"] == 1009
+    assert ws_backend.messages == [data]
+    assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "")
+
+
+async def test_node_client_compressed_message_past_the_allowance_is_refused(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url], limits={"max_message_size": DEFLATE_LIMIT}))
+    # docs/relay.md: the limit plus 5 bytes per 2,047 plus 64, and one byte more.
+    data = random.Random(2).randbytes(DEFLATE_LIMIT + 5 * math.ceil(DEFLATE_LIMIT / 2047) + 65)
+    async with asyncio.timeout(3 * STEP_TIMEOUT), node_peer("client.mjs", url, "deflate") as node:
+        await node.event("open")
+        await node.send(op="send", kind="binary", data=base64.b64encode(data).decode())
+        closed = await node.event("close")
+        assert closed["code"] == 1009
+    assert ws_backend.messages == []
 
 
 async def test_node_client_close_code_and_reason_reach_backend(start_gateway, ws_backend):

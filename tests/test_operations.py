@@ -26,11 +26,14 @@ import yaml
 from conftest import gateway_config
 from peers import (
     STEP_TIMEOUT,
+    accept_upgrade,
     client_frame,
     close_payload,
     open_raw_client,
     read_frame,
     read_response_head,
+    read_until_close,
+    server_frame,
     upgrade_request,
 )
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
@@ -227,6 +230,71 @@ async def test_metrics_after_traffic(start_admin, ws_backend, access_records):
     assert families["wsgate_message_size_bytes"].type == "histogram"
 
 
+@pytest.mark.parametrize("size", [20, 300, 70_000], ids=["7-bit", "16-bit", "64-bit"])
+async def test_message_size_is_the_payload_of_data_messages(start_admin, ws_backend, access_records, size):
+    admin = await start_admin(gateway_config([ws_backend.url]))
+    text = "x" * size
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with connect(admin.ws_url, max_size=None) as ws:
+            await ws.send(text)
+            assert await ws.recv() == text
+        await access_records.next()  # both Close frames have crossed
+    metrics = await admin.scrape()
+    for direction in (UP, DOWN):
+        # Neither the frame headers nor the Close frames count.
+        assert metrics.value("wsgate_message_size_bytes_sum", direction=direction) == size
+        assert metrics.value("wsgate_message_size_bytes_count", direction=direction) == 1
+
+
+async def test_message_size_of_a_fragmented_message_with_a_ping(start_admin, ws_backend, access_records):
+    admin = await start_admin(gateway_config([ws_backend.url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reader, writer = await open_raw_client(admin.ws_url)
+        writer.write(
+            client_frame(0x1, b"hel", fin=False)
+            + client_frame(0x9, b"ping")
+            + client_frame(0x0, b"lo", fin=False)
+            + client_frame(0x0, b" world")
+        )
+        frames = [await read_frame(reader) for _ in range(2)]
+        assert sorted(frame.payload for frame in frames) == [b"hello world", b"ping"]
+        writer.write(client_frame(0x8, close_payload(1000)))
+        assert (await read_frame(reader)).opcode == 0x8
+        await access_records.next()
+        writer.close()
+    metrics = await admin.scrape()
+    # The fragments' payloads summed; the ping, its pong and the Closes left out.
+    assert metrics.value("wsgate_message_size_bytes_sum", direction=UP) == 11
+    assert metrics.value("wsgate_message_size_bytes_count", direction=UP) == 1
+    assert metrics.value("wsgate_message_size_bytes_sum", direction=DOWN) == 11
+
+
+async def test_message_size_of_a_message_still_arriving_at_a_flush(start_admin, ws_backend, access_records):
+    admin = await start_admin(gateway_config([ws_backend.url]))
+    size = 100_000
+    frame = client_frame(0x2, os.urandom(size))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reader, writer = await open_raw_client(admin.ws_url)
+        writer.write(frame[: size // 2])
+
+        async def half_counted() -> bool:
+            # Each scrape flushes; this one finds half a message and no message complete.
+            sent = (await admin.scrape()).value("wsgate_bytes_total", route="test", direction=UP)
+            return sent is not None and sent >= size // 2
+
+        await poll(half_counted)
+        writer.write(frame[size // 2 :])
+        assert (await read_frame(reader)).opcode == 0x2  # the echo
+        writer.write(client_frame(0x8, close_payload(1000)))
+        assert (await read_frame(reader)).opcode == 0x8
+        await access_records.next()
+        writer.close()
+    metrics = await admin.scrape()
+    # The half seen at the first flush is not lost: it counts with the message once complete.
+    assert metrics.value("wsgate_message_size_bytes_sum", direction=UP) == size
+    assert metrics.value("wsgate_message_size_bytes_count", direction=UP) == 1
+
+
 # -- 2. staleness: counts reach /metrics while a connection stays open -------------------
 
 
@@ -353,6 +421,68 @@ async def test_access_log_of_a_relayed_connection(start_admin, ws_backend, acces
     assert entry["bytes_out"] >= 3 * (PAYLOAD_SIZE + 2)
     assert (entry["messages_in"], entry["messages_out"]) == (3, 3)
     assert (entry["close_code"], entry["closed_by"], entry["reason"]) == (1000, "client", "close frame")
+    # The client's Close reached the backend, and the backend's answer the client.
+    assert entry["close_to_backend"] == {"code": 1000, "by": "client"}
+    assert entry["close_to_client"] == {"code": 1000, "by": "backend"}
+
+
+async def test_access_log_when_the_backend_is_lost_names_the_gateways_1014(
+    start_admin, raw_backend, access_records
+):
+    async def die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accept_upgrade(reader, writer)
+        writer.write(server_frame(0x1, b"last words"))
+        await writer.drain()
+        writer.transport.abort()
+
+    admin = await start_admin(gateway_config([(await raw_backend(die)).url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with connect(admin.ws_url) as ws:
+            assert await ws.recv() == "last words"
+            await ws.wait_closed()
+        entry = await access_records.next()
+    assert ws.close_code == 1014
+    assert (entry["close_code"], entry["closed_by"], entry["reason"]) == (None, "backend", "backend lost")
+    assert entry["close_to_client"] == {"code": 1014, "by": "gateway"}
+    assert entry["close_to_backend"] is None  # it was gone: nothing could be sent
+
+
+async def test_access_log_of_a_backend_violation_names_both_gateway_closes(
+    start_admin, raw_backend, access_records
+):
+    async def misbehave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accept_upgrade(reader, writer)
+        writer.write(server_frame(0x1, b"rsv2", rsv=2))
+        await read_until_close(reader)
+
+    admin = await start_admin(gateway_config([(await raw_backend(misbehave)).url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with connect(admin.ws_url) as ws:
+            await ws.wait_closed()
+        entry = await access_records.next()
+    assert ws.close_code == 1014
+    assert (entry["close_code"], entry["closed_by"]) == (1002, "gateway")
+    assert entry["close_to_client"] == {"code": 1014, "by": "gateway"}
+    assert entry["close_to_backend"] == {"code": 1002, "by": "gateway"}
+
+
+async def test_access_log_of_a_close_stuck_behind_half_a_frame(start_admin, raw_backend, access_records):
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accept_upgrade(reader, writer)
+        writer.write(server_frame(0x2, bytes(100_000))[:50_000])  # half a frame, then silence
+        await read_until_close(reader)
+
+    admin = await start_admin(gateway_config([(await raw_backend(stall)).url], timeouts={"close": "100ms"}))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reader, writer = await open_raw_client(admin.ws_url)
+        await reader.readexactly(1000)  # the frame is on its way through the gateway
+        # The client's Close waits for the end of that frame, which never comes.
+        next(iter(admin.gateway._relays)).close()
+        entry = await access_records.next()
+        writer.close()
+    assert (entry["close_code"], entry["closed_by"]) == (1001, "gateway")
+    assert entry["close_to_client"] is None
+    assert entry["close_to_backend"] == {"code": 1001, "by": "gateway"}
 
 
 async def test_access_log_of_refused_handshakes(start_admin, closed_port, access_records):
@@ -622,6 +752,7 @@ async def test_idle_timeout_is_counted(start_admin, ws_backend, access_records):
             assert ws.close_code == 1001
         entry = await access_records.next()
     assert (entry["reason"], entry["closed_by"], entry["close_code"]) == ("idle timeout", "gateway", 1001)
+    assert entry["close_to_client"] == entry["close_to_backend"] == {"code": 1001, "by": "gateway"}
     metrics = await admin.scrape()
     assert metrics.value("wsgate_idle_timeouts_total", route="test") == 1
     assert metrics.value("wsgate_heartbeat_timeouts_total", side="client") is None

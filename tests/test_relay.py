@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import random
 import struct
 import sys
+import zlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -122,6 +125,47 @@ async def test_backend_violation_closes_client_with_1014_and_backend_with_code(
         close = await seen
     assert close.masked, "frames toward a backend are masked by the gateway"
     assert close.close[0] == code
+
+
+# -- compressed messages and the size limit -------------------------------------------
+
+DEFLATE_LIMIT = 256 * 1024
+# What docs/relay.md allows a compressed message over the limit: 5 bytes per 2,047, plus 64.
+DEFLATE_ALLOWANCE = 5 * math.ceil(DEFLATE_LIMIT / 2047) + 64
+
+
+def incompressible(size: int) -> bytes:
+    """Random bytes, the same on every run: deflate can only make them longer."""
+    return random.Random(size).randbytes(size)
+
+
+async def test_incompressible_message_of_exactly_the_limit_crosses_compressed(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url], limits={"max_message_size": DEFLATE_LIMIT}))
+    data = incompressible(DEFLATE_LIMIT)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        # websockets compresses by default on both sides, at its own settings (memLevel 5).
+        async with websockets.connect(url, max_size=None) as ws:
+            assert "permessage-deflate" in ws.response.headers["Sec-WebSocket-Extensions"]
+            await ws.send(data)
+            assert await ws.recv() == data  # the backend's echo, compressed too
+    assert ws.close_code == 1000
+    assert ws_backend.messages == [data]
+
+
+async def test_compressed_message_past_the_allowance_is_refused_with_1009(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url], limits={"max_message_size": DEFLATE_LIMIT}))
+    data = incompressible(DEFLATE_LIMIT + DEFLATE_ALLOWANCE)
+    # Whatever the compressor's settings, random bytes come out longer than they went in.
+    squeezed = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    assert len(squeezed.compress(data) + squeezed.flush(zlib.Z_SYNC_FLUSH)) - 4 > len(data)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(url, max_size=None) as ws:
+            await ws.send(data)
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+    assert ws.close_code == 1009
+    assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "")
+    assert ws_backend.messages == []
 
 
 # -- close handshake ---------------------------------------------------------------

@@ -33,6 +33,7 @@ __all__ = [
     "apply_mask",
     "build_close",
     "build_frame",
+    "compressed_message_limit",
     "is_valid_close_code",
     "parse_close_payload",
 ]
@@ -150,6 +151,19 @@ def parse_close_payload(payload: bytes) -> tuple[int | None, str]:
     return code, reason
 
 
+def compressed_message_limit(max_message_size: int) -> int:
+    """The most bytes a compressed message may carry on the wire under `max_message_size` (> 0).
+
+    The gateway does not inflate, so it judges a compressed message by its
+    compressed size, and deflate makes incompressible data slightly longer:
+    zlib ends a block whenever its symbol buffer fills (every 2,047 bytes at
+    memory level 5, websockets' setting; every 16,383 at 8, browsers'), and a
+    stored block costs 5 bytes. The 64 bytes cover the message's last block
+    and Huffman-coded blocks, which small windows force (see docs/relay.md).
+    """
+    return max_message_size + 5 * -(-max_message_size // 2047) + 64
+
+
 class ControlFrame:
     """A complete ping, pong or close frame; `raw` is its exact bytes from the wire."""
 
@@ -263,6 +277,8 @@ class FrameScanner:
         "_steps",
         "_second_16",
         "_limit",
+        "_compressed_limit",
+        "_message_limit",
         "_allow_rsv1",
         "_fast",
         "_fast_outside_message",
@@ -276,6 +292,7 @@ class FrameScanner:
         "want_boundary",
         "frames",
         "messages",
+        "framing_bytes",
         "valid_prefix",
     )
 
@@ -288,6 +305,12 @@ class FrameScanner:
         self._steps = _STEPS_MASKED if masked else _STEPS_UNMASKED
         self._second_16 = self._mask_bit | 126  # second byte announcing a 16-bit length
         self._limit = max_message_size if max_message_size > 0 else _NO_LIMIT
+        # RSV1 marks a message compressed by permessage-deflate: judged by its wire size,
+        # with deflate's growth of incompressible data allowed for.
+        self._compressed_limit = self._limit
+        if allow_rsv1 and max_message_size > 0:
+            self._compressed_limit = compressed_message_limit(max_message_size)
+        self._message_limit = self._limit  # the limit of the fragmented message in progress
         self._allow_rsv1 = allow_rsv1
         fast = _FAST_DEFLATE if allow_rsv1 else _FAST_PLAIN
         if self._limit < _MAX_CONTROL_PAYLOAD:
@@ -304,12 +327,19 @@ class FrameScanner:
         self.want_boundary = False
         self.frames = 0
         self.messages = 0
+        # Bytes of frame headers and of whole control frames: what is not data payload.
+        self.framing_bytes = 0
         self.valid_prefix: list = []
 
     @property
     def at_boundary(self) -> bool:
         """True when the bytes forwarded so far end exactly between two frames."""
         return self._remaining == 0
+
+    @property
+    def held_size(self) -> int:
+        """Bytes received but not yet forwarded: a partial header or control frame."""
+        return len(self._held)
 
     @property
     def in_message(self) -> bool:
@@ -361,6 +391,8 @@ class FrameScanner:
         fast = self._fast
         last_fast_header = n - self._fixed_header  # a 7-bit header starting here fits
         fast_frames = 0  # final, unfragmented data frames: count as frame and message
+        medium_frames = 0  # those of them with a 16-bit length, two header bytes more
+        cut = 0  # 1 when the last of them runs past the chunk
         try:
             while True:
                 # The per-frame fast path: a final TEXT/BINARY frame with the mask bit
@@ -380,7 +412,7 @@ class FrameScanner:
                 if pos >= n:
                     if pos > n:
                         # The last frame runs past the chunk: it is not complete yet.
-                        fast_frames -= 1
+                        cut = 1
                         self._remaining = pos - n
                         self._last_fin = 1
                         self._last_continuation = False
@@ -399,6 +431,7 @@ class FrameScanner:
                     if length <= self._limit:
                         pos += self._fixed_header + 2 + length
                         fast_frames += 1
+                        medium_frames += 1
                         continue  # pos > n is handled as for 7-bit frames
                 header_end = pos + _header_length(second)
                 if header_end > n:
@@ -419,8 +452,10 @@ class FrameScanner:
                         out.append(memoryview(data)[start:pos])
                     out.append(frame)
                     self.frames += 1
+                    self.framing_bytes += end - pos
                     pos = start = end
                     continue
+                self.framing_bytes += header_end - pos
                 fin = first >> 7
                 if end <= n:
                     self.frames += 1
@@ -435,6 +470,7 @@ class FrameScanner:
         except ProtocolError as exc:
             self.frames += fast_frames
             self.messages += fast_frames
+            self.framing_bytes += fast_frames * self._fixed_header + 2 * medium_frames
             prefix = [] if out is None else out
             if pos > start:
                 prefix.append(memoryview(data)[start:pos])
@@ -442,6 +478,8 @@ class FrameScanner:
             raise
 
         if fast_frames:
+            self.framing_bytes += fast_frames * self._fixed_header + 2 * medium_frames
+            fast_frames -= cut
             self.frames += fast_frames
             self.messages += fast_frames
         if pos < n:
@@ -483,6 +521,7 @@ class FrameScanner:
             if rsv1:
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "RSV1 set on a continuation frame")
             size = self._message_size + length
+            limit = self._message_limit
         elif opcode > Opcode.BINARY:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode}")
         else:
@@ -493,10 +532,10 @@ class FrameScanner:
             if rsv1 and not self._allow_rsv1:
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "RSV1 set without an extension")
             size = length
-        if size > self._limit:
-            raise ProtocolError(
-                CloseCode.MESSAGE_TOO_BIG, f"message exceeds {self._limit} bytes"
-            )
+            limit = self._compressed_limit if rsv1 else self._limit
+        if size > limit:
+            what = "message" if limit == self._limit else "compressed message"
+            raise ProtocolError(CloseCode.MESSAGE_TOO_BIG, f"{what} exceeds {limit} bytes")
         if first & 0x80:
             if self._fragmented:
                 self._fragmented = False
@@ -504,6 +543,7 @@ class FrameScanner:
                 self._fast = self._fast_outside_message
         else:
             self._message_size = size
+            self._message_limit = limit
             if not self._fragmented:
                 self._fragmented = True
                 self._fast = _FAST_NONE  # continuations need the size and state checks
@@ -557,6 +597,7 @@ class FrameScanner:
             if opcode < 8:
                 # Data frame: forward its header now and its payload as it comes.
                 out.append(bytes(held))
+                self.framing_bytes += header_size
                 held.clear()
                 available = n - pos
                 if length > available:
@@ -583,6 +624,7 @@ class FrameScanner:
             held.clear()
             out.append(frame)
             self.frames += 1
+            self.framing_bytes += total
             return out, pos
         except ProtocolError as exc:
             self._die(exc, out)

@@ -72,6 +72,14 @@ def key_hash(key: bytes) -> str:
     return hashlib.blake2b(key, digest_size=8).hexdigest()
 
 
+def _close_entry(written: tuple[int | None, str] | None) -> dict[str, object] | None:
+    """The access log's record of the Close frame sent to one side; None when it got none."""
+    if written is None:
+        return None
+    code, sender = written
+    return {"code": code, "by": sender}
+
+
 def iso_timestamp(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
@@ -432,6 +440,8 @@ class Gateway:
             messages_out=relay.backend.scanner.messages,
             close_code=relay.close_code,
             closed_by=side,
+            close_to_client=_close_entry(relay.client.close_written),
+            close_to_backend=_close_entry(relay.backend.close_written),
         )
 
     def log_access(

@@ -133,8 +133,8 @@ class Metrics:
         )
         self.message_size = BulkHistogram(
             "wsgate_message_size_bytes",
-            "Message sizes; within one connection's flush interval every message counts"
-            " at that interval's mean size.",
+            "Payload sizes of data messages (fragments summed, compressed as relayed); within"
+            " one connection's flush interval every message counts at that interval's mean size.",
             "direction", _SIZE_BUCKETS,
         )
         r.register(self.message_size)
@@ -239,7 +239,11 @@ class Metrics:
                         totals[key] = totals.get(key, 0) + delta
                 leg.flushed_pauses = leg.pauses
                 if messages:
-                    self.message_size.observe_many(direction, size / messages, messages)
+                    # Payload of a message still arriving counts with the next one to complete.
+                    payload = leg.payload_received
+                    mean = (payload - leg.flushed_payload) / messages
+                    leg.flushed_payload = payload
+                    self.message_size.observe_many(direction, mean, messages)
         for (metric, route, direction), delta in totals.items():
             self.series(metric, route, direction).inc(delta)
 

@@ -109,6 +109,7 @@ class Leg(asyncio.Protocol):
         "bytes_injected",
         "pending",
         "close_received",
+        "close_written",
         "sealed",
         "lost",
         "reading_paused",
@@ -123,6 +124,7 @@ class Leg(asyncio.Protocol):
         "flushed_frames",
         "flushed_messages",
         "flushed_bytes",
+        "flushed_payload",
         "flushed_pauses",
     )
 
@@ -147,6 +149,8 @@ class Leg(asyncio.Protocol):
         # Gateway frames waiting for the stream toward this leg to reach a boundary.
         self.pending: list[bytes] = []
         self.close_received = False
+        # (code, sender) of the Close frame written to this leg, for the access log.
+        self.close_written: tuple[int | None, str] | None = None
         self.sealed = False
         self.lost = False
         self.reading_paused = False
@@ -167,7 +171,14 @@ class Leg(asyncio.Protocol):
         self.flushed_frames = 0
         self.flushed_messages = 0
         self.flushed_bytes = 0
+        self.flushed_payload = 0
         self.flushed_pauses = 0
+
+    @property
+    def payload_received(self) -> int:
+        """Payload bytes of data frames received so far, without frame headers or control frames."""
+        scanner = self.scanner
+        return self.bytes_received - scanner.framing_bytes - scanner.held_size
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -219,6 +230,7 @@ class Leg(asyncio.Protocol):
         frame = build_close(code, reason, mask_key=random_bytes(4) if self.mask_frames else None)
         self._inject(frame)
         self.sealed = True
+        self.close_written = (code, GATEWAY)
 
     def _inject(self, frame: bytes) -> None:
         source = self.peer.scanner
@@ -386,6 +398,7 @@ class Relay:
             if not dst.sealed:
                 dst.transport.write(frame.raw)
                 dst.sealed = True
+                dst.close_written = (frame.close_code, src.side)
             self._finish_legs()
             return
         if not dst.sealed:
@@ -417,6 +430,8 @@ class Relay:
         finished = leg.close_received and leg.sealed
         # Nothing more can be written to a lost leg.
         leg.sealed = True
+        if leg.pending and leg.close_written is not None and leg.close_written[1] == GATEWAY:
+            leg.close_written = None  # the gateway's Close waited for a frame boundary, in vain
         leg.pending.clear()
         peer.forwarding = False
         if peer.lost:

@@ -5,6 +5,7 @@
 // Commands arrive as JSON lines on stdin, results leave as JSON lines on stdout:
 //   {"op": "send", "kind": "text", "data": STRING}        -> (echoes arrive as "message" events)
 //   {"op": "send", "kind": "binary", "data": BASE64}
+//   ("compress": false in a send keeps that message uncompressed on a deflate connection)
 //   {"op": "ping", "data": BASE64}                        -> {"event": "pong", "data": BASE64}
 //   {"op": "close", "code": N, "reason": STRING}          -> {"event": "close", ...}
 // Events: open, message {kind, data}, pong {data}, close {code, reason}, error {message}.
@@ -37,10 +38,12 @@ const commands = createInterface({ input: process.stdin, crlfDelay: Infinity });
 commands.on("line", (line) => {
   const command = JSON.parse(line);
   switch (command.op) {
-    case "send":
-      if (command.kind === "binary") ws.send(Buffer.from(command.data, "base64"), { binary: true });
-      else ws.send(command.data, { binary: false });
+    case "send": {
+      const compress = command.compress !== false;
+      if (command.kind === "binary") ws.send(Buffer.from(command.data, "base64"), { binary: true, compress });
+      else ws.send(command.data, { binary: false, compress });
       break;
+    }
     case "ping":
       ws.ping(Buffer.from(command.data, "base64"));
       break;
