@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from .admin import AdminServer
-from .config import Backend, Config, load_config
+from .config import Backend, Config, Log, load_config
 from .errors import ConfigError
 from .gateway import Gateway
 from .tls import check_files
@@ -81,6 +81,24 @@ def _setup_logging(level: str, fmt: str, access: bool = True) -> None:
     access_log.handlers[:] = [access_handler]
 
 
+def _log_reloader(started: Log, level: str | None) -> Callable[[Log], None]:
+    """What a reload calls with the file's new `log` settings, to set logging up again.
+
+    A `--log-level` from the command line holds until the file's own log.level
+    changes: the level set last wins.
+    """
+    current = started
+
+    def reload(settings: Log) -> None:
+        nonlocal current, level
+        if settings.level != current.level:
+            level = None
+        current = settings
+        _setup_logging(level or settings.level, settings.format, settings.access)
+
+    return reload
+
+
 # Descriptors a gateway holds besides its connections: listeners, admin, logs, probes.
 _FD_RESERVE = 256
 
@@ -113,7 +131,10 @@ async def _serve(
     announce: Callable[[Gateway, AdminServer], None] | None = None,
     config_path: str | None = None,
     sockets: dict[str, socket.socket] | None = None,
+    log_level: str | None = None,
 ) -> None:
+    """Serve `config` until a stop signal. `sockets` are the listeners of a supervisor's
+    worker; `log_level` is the command line's, which logging was set up with."""
     _raise_fd_limit(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -130,6 +151,7 @@ async def _serve(
     gateway = Gateway(config)
     gateway.config_path = config_path
     gateway.inherited = sockets or {}
+    gateway.apply_log = _log_reloader(config.log, log_level)
     reloads: set[asyncio.Task[str | None]] = set()
 
     def on_reload_signal() -> None:
@@ -141,7 +163,10 @@ async def _serve(
     admin = AdminServer(gateway)
     try:
         await gateway.start()
-        if config.admin.enabled:
+        if sockets is not None:
+            # A supervisor's worker: its admin server is private, for the supervisor to ask.
+            await admin.start("127.0.0.1", 0)
+        elif config.admin.enabled:
             await admin.start(config.admin.host, config.admin.port)
         if announce is not None:
             announce(gateway, admin)
@@ -193,15 +218,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _setup_logging(args.log_level or config.log.level, config.log.format, config.log.access)
     if config.workers > 1:
-        return _run_loop(_supervise(config, args.config))
-    return _run_loop(_serve(config, config_path=args.config))
+        return _run_loop(_supervise(config, args.config, args.log_level))
+    return _run_loop(_serve(config, config_path=args.config, log_level=args.log_level))
 
 
-async def _supervise(config: Config, config_path: str) -> int:
+async def _supervise(config: Config, config_path: str, log_level: str | None) -> int:
     from .workers import Supervisor
 
     supervisor = Supervisor(config, config_path, config.workers)
     loop = asyncio.get_running_loop()
+    reload_log = _log_reloader(config.log, log_level)
+
+    def reload_own_logging() -> None:
+        """The supervisor's own lines follow the file's `log` settings, as its workers' do."""
+        try:
+            new = load_config(config_path)
+            check_files(new)
+        except ConfigError:
+            return  # the workers refuse this file too, and log why
+        reload_log(new.log)
+
     stop: asyncio.Future[int] = loop.create_future()
 
     def on_stop_signal(signum: int) -> None:
@@ -213,7 +249,13 @@ async def _supervise(config: Config, config_path: str) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, lambda: supervisor.forward(signal.SIGHUP, ready_only=True))
+
+    def on_reload_signal() -> None:
+        reload_own_logging()
+        supervisor.forward(signal.SIGHUP, ready_only=True)
+
+    loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
+    supervisor.on_reload = reload_own_logging
     await supervisor.start()
     await stop
     log.info("stop signal: draining %d workers", len(supervisor.workers))

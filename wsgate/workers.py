@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -84,6 +84,8 @@ class Supervisor:
         self._watchers: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        # Called on POST /reload, before the workers are asked (the CLI reloads its logging).
+        self.on_reload: Callable[[], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -235,6 +237,8 @@ class Supervisor:
             return web.json_response({"workers": workers})
 
         async def reload(request: web.Request) -> web.Response:
+            if self.on_reload is not None:
+                self.on_reload()
             answers = await self._ask("/reload", "POST")
             refused = [body.strip() for status, body in answers if status != 200]
             if refused:
@@ -282,9 +286,6 @@ def worker_main(config_path: str, index: int, report_fd: int, listen: list[str])
     for item in listen:
         name, _, fd = item.partition("=")
         sockets[name] = socket.socket(fileno=int(fd))
-    # The private admin server answers the supervisor only.
-    admin = config.admin.model_validate({**config.admin.model_dump(), "enabled": True, "bind": "127.0.0.1:0"})
-    config = config.model_copy(update={"admin": admin})
 
     def report(gateway: Any, admin_server: Any) -> None:
         os.write(report_fd, f"{admin_server.address[1]}\n".encode())
