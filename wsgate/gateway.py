@@ -318,6 +318,10 @@ class Gateway:
         self._sweeper.retime(*sweep_timing(self.relay_settings), asyncio.get_running_loop().time())
         self.loaded_at = time.time()
         self.config_version = _version(config)
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._start_watching()  # at the new watch_interval, over the new certificates
         for pool in old_pools.values():
             await pool.stop()
         for pool in pools.values():
