@@ -21,6 +21,7 @@ from wsgate.config import (
     Match,
     Shutdown,
     Timeouts,
+    keep_restart_settings,
     load_config,
     parse_config,
     parse_duration,
@@ -686,6 +687,64 @@ def test_validation_error_names_the_file(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"{path}: timeouts.connect: expected a duration such as 250ms, 30s, 5m or 1h, got 'soon'"
     )
+
+
+# --------------------------------------------------------------------------
+# Reloading: the settings that take a restart
+# --------------------------------------------------------------------------
+
+_TLS = {"cert": "/etc/tls.crt", "key": "/etc/tls.key"}
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "supervised", "kept"),
+    [
+        ("workers", 4, False, ["workers"]),
+        ("admin.bind", "127.0.0.1:9091", False, ["admin.bind"]),
+        ("admin.enabled", False, False, ["admin.enabled"]),
+        ("admin.ready_requires_backends", True, False, []),
+        ("log.level", "debug", False, []),
+        ("limits.max_connections", 10, True, []),
+        ("listeners.0.bind", "127.0.0.1:8081", False, []),
+        ("listeners.0.bind", "127.0.0.1:8081", True, ["listeners"]),
+        ("listeners.0", {"name": "other", "bind": "127.0.0.1:8080"}, True, ["listeners"]),
+        ("listeners.0.tls", _TLS, True, []),
+    ],
+)
+def test_keep_restart_settings(path: str, value: Any, supervised: bool, kept: list[str]) -> None:
+    running, new = parse_config(MINIMAL), parse_config(with_(path, value))
+    effective, listed = keep_restart_settings(running, new, supervised=supervised)
+    assert listed == kept
+    assert effective == (running if kept else new)
+
+
+def test_keep_restart_settings_lists_every_key_in_schema_order() -> None:
+    running = parse_config(with_("admin", {"enabled": False}))
+    new = parse_config(with_("workers", 2, with_("admin", {"bind": "127.0.0.1:9091", "enabled": True})))
+    effective, listed = keep_restart_settings(running, new, supervised=False)
+    assert listed == ["workers", "admin.enabled", "admin.bind"]
+    assert (effective.workers, effective.admin) == (1, running.admin)
+
+
+def test_under_a_supervisor_a_moved_listener_stays_but_takes_its_new_tls() -> None:
+    listeners = [{"name": "public", "bind": "127.0.0.1:8080"}, {"name": "old", "bind": ":8082"}]
+    named = with_("listeners", listeners)
+    running = parse_config(named)
+    new = parse_config(with_("listeners", [{"name": "public", "bind": "127.0.0.1:8081", "tls": _TLS}], named))
+    effective, listed = keep_restart_settings(running, new, supervised=True)
+    assert listed == ["listeners"]
+    assert [(listener.name, listener.bind) for listener in effective.listeners] == [
+        ("public", "127.0.0.1:8080"),
+        ("old", ":8082"),
+    ]
+    assert effective.listeners[0].tls == new.listeners[0].tls
+    assert effective.listeners[1] == running.listeners[1]
+
+
+def test_an_admin_server_that_stays_off_can_move() -> None:
+    running = parse_config(with_("admin", {"enabled": False}))
+    new = parse_config(with_("admin", {"enabled": False, "bind": "127.0.0.1:9091"}))
+    assert keep_restart_settings(running, new, supervised=False) == (new, [])
 
 
 # --------------------------------------------------------------------------

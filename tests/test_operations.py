@@ -566,12 +566,13 @@ class GatewayProcess:
                 queue.put_nowait(line)
 
     @classmethod
-    async def start(cls, tmp_path: Path, config: dict[str, Any]) -> GatewayProcess:
+    async def start(cls, tmp_path: Path, config: dict[str, Any], *options: str) -> GatewayProcess:
+        """`wsgate run -c tmp_path/wsgate.yaml [options]`; its log level must show INFO lines."""
         config.setdefault("admin", {})["bind"] = "127.0.0.1:0"
         path = tmp_path / "wsgate.yaml"
         path.write_text(yaml.safe_dump(config))
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wsgate", "run", "-c", str(path),
+            sys.executable, "-m", "wsgate", "run", "-c", str(path), *options,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

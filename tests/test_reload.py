@@ -10,6 +10,7 @@ step waits for the event it needs (a log line, a Close frame, an HTTP answer).
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import sys
@@ -69,11 +70,11 @@ async def echo_servers() -> AsyncIterator[Callable[[str], Awaitable[str]]]:
 
 @pytest.fixture
 async def run_gateway(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[GatewayProcess]]]:
-    """`await run_gateway(config)`: `wsgate run -c tmp_path/wsgate.yaml` in a subprocess."""
+    """`await run_gateway(config, *options)`: `wsgate run -c tmp_path/wsgate.yaml` in a subprocess."""
     started: list[GatewayProcess] = []
 
-    async def start(config: dict[str, Any]) -> GatewayProcess:
-        gateway = await GatewayProcess.start(tmp_path, config)
+    async def start(config: dict[str, Any], *options: str) -> GatewayProcess:
+        gateway = await GatewayProcess.start(tmp_path, config, *options)
         started.append(gateway)
         return gateway
 
@@ -575,3 +576,126 @@ async def test_a_handshake_under_way_follows_the_policy_of_the_backend_a_reload_
             status_now = await get_status(admin.admin_url)
             assert backends_of(status_now, "test")[ws_backend.url]["active_connections"] == 0
         writer.close()
+
+
+# -- 7. log settings apply at once; what takes a restart is named ------------------------------
+
+
+def probed(backend: str, closed_port: int, **sections: Any) -> dict[str, Any]:
+    """Route "test" to `backend`, and route "dead" to a closed port probed every 50 ms: its
+    first failed probe logs a WARNING, every failed probe a DEBUG record."""
+    check = {"type": "tcp", "interval": "50ms", "timeout": "1s", "unhealthy_threshold": 1}
+    dead = {
+        "name": "dead",
+        "match": {"path_prefix": "/dead"},
+        "backends": [{"url": f"ws://127.0.0.1:{closed_port}"}],
+        "health_check": check,
+    }
+    return gateway_config([backend], extra_routes=[dead], **sections)
+
+
+DEBUG_RECORD = r"(probe of \S+ failed)"
+
+
+async def test_a_reload_applies_log_level(tmp_path, run_gateway, ws_backend, closed_port):
+    path = tmp_path / "wsgate.yaml"
+    gateway = await run_gateway(probed(ws_backend.url, closed_port, log={"level": "info"}))
+    await gateway.wait_for_line(r"(backend \S+ is now unhealthy)")
+    # That probe's DEBUG record came first, and the INFO level dropped it.
+    assert not any("probe of" in line for line in gateway.stderr), "".join(gateway.stderr)
+    line = await sighup(gateway, path, probed(ws_backend.url, closed_port, log={"level": "debug"}))
+    assert line.startswith("reloaded "), "".join(gateway.stderr)
+    await gateway.wait_for_line(DEBUG_RECORD)
+
+
+async def test_a_command_line_log_level_holds_until_the_files_log_level_changes(
+    tmp_path, run_gateway, ws_backend, closed_port
+):
+    path = tmp_path / "wsgate.yaml"
+    config = probed(ws_backend.url, closed_port, log={"level": "warning"})
+    gateway = await run_gateway(config, "--log-level", "info")
+    # Logging is set up again, with the same log.level: --log-level info stays, so the INFO line shows.
+    no_access_log = probed(ws_backend.url, closed_port, log={"level": "warning", "access": False})
+    line = await sighup(gateway, path, no_access_log)
+    assert line.startswith("reloaded "), "".join(gateway.stderr)
+    # The file's log.level changed: now it is the one that counts.
+    line = await sighup(gateway, path, probed(ws_backend.url, closed_port, log={"level": "debug"}))
+    assert line.startswith("reloaded "), "".join(gateway.stderr)
+    await gateway.wait_for_line(DEBUG_RECORD)
+
+
+async def test_a_reload_applies_log_format(tmp_path, run_gateway, ws_backend):
+    path = tmp_path / "wsgate.yaml"
+    gateway = await run_gateway(gateway_config([ws_backend.url], log={"format": "text"}))
+    assert all(not line.startswith("{") for line in gateway.stderr), "".join(gateway.stderr)
+    await sighup(gateway, path, gateway_config([ws_backend.url], log={"format": "json"}))
+    [line] = [line for line in gateway.stderr if "reloaded " in line]
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"]) == ("info", "wsgate.gateway")
+    assert entry["message"].startswith("reloaded "), entry
+    await sighup(gateway, path, gateway_config([ws_backend.url], log={"format": "text"}))
+    line = [line for line in gateway.stderr if "reloaded " in line][-1]
+    assert line.split()[2:5] == ["INFO", "wsgate.gateway:", "reloaded"], line
+
+
+async def test_a_reload_applies_log_access(tmp_path, run_gateway, ws_backend):
+    path = tmp_path / "wsgate.yaml"
+    gateway = await run_gateway(gateway_config([ws_backend.url], log={"access": True}))
+
+    async def one_connection() -> int:
+        """A connection that has ended once this returns (and so has had its access line, if any)."""
+        async with websockets.connect(gateway.ws_url) as ws:
+            assert await ask(ws, "hello") == "hello"
+            port = ws.local_address[1]
+
+        async def ended() -> bool:
+            return (await get_status(gateway.admin_url))["connections"] == 0
+
+        await poll(ended)
+        return port
+
+    async def access_lines(count: int) -> list[int]:
+        """The client ports of the first `count` access lines, once that many are on stdout."""
+
+        async def written() -> bool:
+            return len(gateway.stdout) >= count
+
+        await poll(written)
+        return [int(json.loads(line)["client"].rsplit(":", 1)[1]) for line in gateway.stdout]
+
+    async with asyncio.timeout(STEP_TIMEOUT):
+        logged = await one_connection()
+        assert await access_lines(1) == [logged]
+        await sighup(gateway, path, gateway_config([ws_backend.url], log={"access": False}))
+        await one_connection()
+        await sighup(gateway, path, gateway_config([ws_backend.url], log={"access": True}))
+        logged_again = await one_connection()
+        assert await access_lines(2) == [logged, logged_again]
+
+
+RESTART_ONLY = {"workers": 2, "admin.bind": "127.0.0.2:0", "admin.enabled": False}
+
+
+@pytest.mark.parametrize("key", list(RESTART_ONLY))
+async def test_a_reload_names_each_setting_it_leaves_until_a_restart(tmp_path, run_gateway, ws_backend, key):
+    path = tmp_path / "wsgate.yaml"
+    gateway = await run_gateway(gateway_config([ws_backend.url]))
+    changed = gateway_config([ws_backend.url], admin={"bind": "127.0.0.1:0"})
+    section, _, name = key.rpartition(".")
+    (changed[section] if section else changed)[name] = RESTART_ONLY[key]
+    async with asyncio.timeout(STEP_TIMEOUT):
+        version = (await get_status(gateway.admin_url))["config"]["version"]
+        path.write_text(yaml.safe_dump(changed))
+        # The admin server is where it was: it answers, and says what it left alone.
+        for _ in range(2):
+            answer = await post_reload(gateway.admin_url)
+            assert answer == (200, f"reloaded, config version {version}; ignored until a restart: {key}\n")
+            warning = await gateway.wait_for_line(r"WARNING wsgate\.gateway: (.*)")
+            assert warning == f"ignored until a restart: {key}"
+            assert (await get_status(gateway.admin_url))["config"]["restart_needed"] == [key]
+        async with websockets.connect(gateway.ws_url) as ws:
+            assert await ask(ws, "still serving") == "still serving"
+
+        write_config(path, gateway_config([ws_backend.url]))
+        assert await post_reload(gateway.admin_url) == (200, f"reloaded, config version {version}\n")
+        assert (await get_status(gateway.admin_url))["config"]["restart_needed"] == []

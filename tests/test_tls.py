@@ -786,6 +786,24 @@ async def test_watch_interval_reloads_changed_files(tmp_path, pki, echo_backend)
         await gateway.stop()
 
 
+
+async def test_a_reload_starts_the_watch_that_the_new_config_asks_for(tmp_path, pki, echo_backend):
+    backend = await echo_backend()
+    config, cert, key = rotation_setup(tmp_path, pki, backend.url)
+    gateway = await GatewayProcess.start(config)
+    try:
+        rotation_setup(tmp_path, pki, backend.url, watch_interval="100ms")
+        await gateway.reload("reloaded ")
+        assert await served_cn(pki, gateway.port) == "gateway-v1"
+        # Changed after the reload, the files reach new handshakes only through the watch.
+        replace_files(write_leaf(tmp_path, "v2", pki.ca, "gateway.test", cn="gateway-v2"), cert, key)
+        deadline = time.monotonic() + 5
+        while (cn := await served_cn(pki, gateway.port)) != "gateway-v2":
+            assert time.monotonic() < deadline, f"still serving {cn}:\n{''.join(gateway.lines)}"
+            await asyncio.sleep(0.05)
+    finally:
+        await gateway.stop()
+
 # -- bad files: `check` and `run` exit 2 without listening ---------------------------------
 
 

@@ -43,11 +43,14 @@ class Supervised(GatewayProcess):
 
     config_path: Path
     session: aiohttp.ClientSession
+    worker_admin_urls: list[str]
 
     @classmethod
-    async def launch(cls, tmp_path: Path, config: dict[str, Any]) -> Supervised:
+    async def launch(cls, tmp_path: Path, config: dict[str, Any], *, admin: bool = True) -> Supervised:
+        """With `admin` false the supervisor serves no admin endpoint: `worker_admin_urls` are
+        the workers' private ones."""
         path = tmp_path / "wsgate.yaml"
-        path.write_text(yaml.safe_dump(with_workers(config)))
+        path.write_text(yaml.safe_dump(with_workers(config, admin=admin)))
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "wsgate", "run", "-c", str(path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -56,14 +59,25 @@ class Supervised(GatewayProcess):
         self = cls(process)
         self.config_path = path
         self.session = aiohttp.ClientSession()
+        admin_line = r"wsgate\.{}: admin listening on (127\.0\.0\.1:\d+)"
+        if not admin:  # the workers announce theirs as they start, before the supervisor's lines
+            self.worker_admin_urls = [
+                "http://" + await self.wait_for_line(admin_line.format("admin")) for _ in range(WORKERS)
+            ]
         # The supervisor's lines, not a worker's "listening on ... (test)" or "admin listening on ... (version ...)".
         self.ws_url = "ws://" + await self.wait_for_line(rf"listening on (127\.0\.0\.1:\d+) \(test, {WORKERS} workers\)")
-        self.admin_url = "http://" + await self.wait_for_line(r"wsgate\.workers: admin listening on (127\.0\.0\.1:\d+)")
+        if admin:
+            self.admin_url = "http://" + await self.wait_for_line(admin_line.format("workers"))
         return self
 
     async def get(self, path: str) -> tuple[int, str]:
         async with asyncio.timeout(STEP_TIMEOUT):
             async with self.session.get(self.admin_url + path) as response:
+                return response.status, await response.text()
+
+    async def post(self, url: str) -> tuple[int, str]:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            async with self.session.post(url) as response:
                 return response.status, await response.text()
 
     async def workers(self) -> list[dict[str, Any]]:
@@ -98,9 +112,13 @@ class Supervised(GatewayProcess):
         await self.session.close()
 
 
-def with_workers(config: dict[str, Any]) -> dict[str, Any]:
-    admin = {**config.get("admin", {}), "bind": "127.0.0.1:0"}
-    return {**config, "workers": WORKERS, "admin": admin, "log": {"access": False}}
+def with_workers(config: dict[str, Any], *, admin: bool = True) -> dict[str, Any]:
+    return {
+        **config,
+        "workers": WORKERS,
+        "admin": {**config.get("admin", {}), "bind": "127.0.0.1:0"} if admin else {"enabled": False},
+        "log": {"access": False, **config.get("log", {})},
+    }
 
 
 def is_worker(pid: int) -> bool:
@@ -119,8 +137,8 @@ def is_worker(pid: int) -> bool:
 async def supervised(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Supervised]]]:
     started: list[Supervised] = []
 
-    async def launch(config: dict[str, Any]) -> Supervised:
-        gateway = await Supervised.launch(tmp_path, config)
+    async def launch(config: dict[str, Any], **options: Any) -> Supervised:
+        gateway = await Supervised.launch(tmp_path, config, **options)
         started.append(gateway)
         return gateway
 
@@ -397,14 +415,19 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(supervised, 
         _, code = await _await_close(reader, writer)
 
         async def all_gone() -> bool:
-            return not any(is_worker(pid) for pid in pids)
+            if any(is_worker(pid) for pid in pids):
+                return False
+            try:  # a process that has just exited may still be closing its sockets
+                _, probe = await asyncio.open_connection(host, int(port))
+            except ConnectionRefusedError:
+                return True
+            probe.close()
+            return False
 
         await poll(all_gone, timeout=STEP_TIMEOUT)
     assert code == 1001  # the connection was drained, not cut
     assert sum("supervisor gone: draining" in line for line in gateway.stderr) == WORKERS
     assert not [line for line in gateway.stderr if "second stop signal" in line]
-    with pytest.raises(ConnectionRefusedError):
-        await asyncio.open_connection(host, int(port))
 
 
 # -- 8. a restarted worker serves what its siblings serve ------------------------------
@@ -534,3 +557,61 @@ async def test_status_has_the_same_shape_with_one_worker_and_with_several(tmp_pa
     assert [w["index"] for w in one["workers"]] == [0] and len(several["workers"]) == WORKERS
     assert one["workers"][0]["status"]["config"] == one["config"]
     assert several["connections"] == sum(w["status"]["connections"] for w in several["workers"])
+
+
+# -- 7. a reload names what takes a restart, and every process follows the log settings ----
+
+
+async def test_a_reload_under_workers_names_the_settings_that_take_a_restart(supervised, ws_backend):
+    gateway = await supervised(gateway_config([ws_backend.url]))
+    changed = with_workers(gateway_config([ws_backend.url]))
+    changed["workers"] = WORKERS + 1
+    changed["admin"]["bind"] = "127.0.0.2:0"
+    changed["listeners"][0]["bind"] = "127.0.0.2:0"
+    gateway.config_path.write_text(yaml.safe_dump(changed))
+    keys = "listeners, workers, admin.bind"
+    code, text = await gateway.post(gateway.admin_url + "/reload")
+    assert code == 200 and text.endswith(f"; ignored until a restart: {keys}\n"), text
+    # The supervisor keeps them out of the workers' snapshot: it warns, once.
+    assert await gateway.wait_for_line(r"WARNING wsgate\.workers: (.*)") == f"ignored until a restart: {keys}"
+    code, body = await gateway.get("/status")
+    assert json.loads(body)["config"]["restart_needed"] == keys.split(", ")
+    workers = await gateway.workers()
+    assert [w["status"]["config"]["restart_needed"] for w in workers] == [[]] * WORKERS
+    assert len(workers) == WORKERS and all(worker["restarts"] == 0 for worker in workers)
+    # The supervisor's sockets stay where they were, and so do the workers' listeners.
+    async with asyncio.timeout(STEP_TIMEOUT), contextlib.AsyncExitStack() as stack:
+        connections = await open_many(stack, gateway.ws_url, 16)
+        assert all(await asyncio.gather(*(echoes(ws) for ws in connections)))
+
+
+async def test_workers_compare_the_admin_settings_with_the_file_not_with_their_private_admin(
+    supervised, ws_backend
+):
+    gateway = await supervised(gateway_config([ws_backend.url]), admin=False)
+    for url in gateway.worker_admin_urls:
+        code, text = await gateway.post(url + "/reload")
+        assert code == 200 and "ignored" not in text, text
+
+
+@pytest.mark.parametrize("how", ["sighup", "post"])
+async def test_a_reload_switches_the_log_format_of_the_supervisor_and_every_worker(
+    supervised, ws_backend, how
+):
+    gateway = await supervised(gateway_config([ws_backend.url]))
+    json_logs = with_workers(gateway_config([ws_backend.url], log={"format": "json"}))
+    gateway.config_path.write_text(yaml.safe_dump(json_logs))
+    if how == "sighup":
+        gateway.process.send_signal(signal.SIGHUP)
+    else:
+        code, text = await gateway.post(gateway.admin_url + "/reload")
+        assert code == 200, text
+    for _ in range(WORKERS):
+        await gateway.wait_for_line(r"(reloaded .*)")
+    gateway.process.send_signal(signal.SIGTERM)
+    assert await gateway.wait() == 0
+    last_reload = max(i for i, line in enumerate(gateway.stderr) if "reloaded " in line)
+    entries = [json.loads(line) for line in gateway.stderr[last_reload:]]
+    messages = [(entry["logger"], entry["message"]) for entry in entries]
+    assert ("wsgate", f"stop signal: draining {WORKERS} workers") in messages, messages
+    assert messages.count(("wsgate", "stopped")) == WORKERS, messages

@@ -76,7 +76,10 @@ def build_app(gateway: Gateway) -> web.Application:
         problem = await gateway.reload()
         if problem is not None:
             return web.Response(status=400, text=f"reload refused: {problem}\n")
-        return web.Response(text=f"reloaded, config version {gateway.config_version}\n")
+        text = f"reloaded, config version {gateway.config_version}"
+        if gateway.restart_needed:
+            text += f"; ignored until a restart: {', '.join(gateway.restart_needed)}"
+        return web.Response(text=text + "\n")
 
     return admin_app(metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload)
 

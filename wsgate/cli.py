@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from .admin import AdminServer
-from .config import Backend, Config, load_config
+from .config import Backend, Config, Log, load_config
 from .errors import ConfigError, ListenError, WorkerError
 from .gateway import Gateway
 from .tls import check_files
@@ -81,6 +81,24 @@ def _setup_logging(level: str, fmt: str, access: bool = True) -> None:
     access_log.handlers[:] = [access_handler]
 
 
+def _log_reloader(started: Log, level: str | None) -> Callable[[Log], None]:
+    """What a reload calls with the file's new `log` settings, to set logging up again.
+
+    A `--log-level` from the command line holds until the file's own log.level
+    changes: the level set last wins.
+    """
+    current = started
+
+    def reload(settings: Log) -> None:
+        nonlocal current, level
+        if settings.level != current.level:
+            level = None
+        current = settings
+        _setup_logging(level or settings.level, settings.format, settings.access)
+
+    return reload
+
+
 # Descriptors a gateway holds besides its connections: listeners, admin, logs, probes.
 _FD_RESERVE = 256
 
@@ -115,11 +133,13 @@ async def _serve(
     sockets: dict[str, socket.socket] | None = None,
     lifeline: int | None = None,
     admin_address: tuple[str, int] | None = None,
+    log_level: str | None = None,
 ) -> None:
     """Serve `config` until a stop signal (or, for a worker, the end of its `lifeline` pipe).
 
     `admin_address` replaces `admin.bind`, so a worker's config stays the one its
-    supervisor wrote (and has the same version).
+    supervisor wrote (and has the same version); `log_level` is the command line's,
+    which logging was set up with.
     """
     _raise_fd_limit(config)
     stop = asyncio.Event()
@@ -147,6 +167,7 @@ async def _serve(
     gateway = Gateway(config)
     gateway.config_path = config_path
     gateway.inherited = sockets or {}
+    gateway.apply_log = _log_reloader(config.log, log_level)
     reloads: set[asyncio.Task[str | None]] = set()
 
     def on_reload_signal() -> None:
@@ -222,11 +243,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _setup_logging(args.log_level or config.log.level, config.log.format, config.log.access)
     if config.workers > 1:
-        return _run_loop(_supervise(config, args.config))
-    return _run_loop(_serve(config, config_path=args.config))
+        return _run_loop(_supervise(config, args.config, args.log_level))
+    return _run_loop(_serve(config, config_path=args.config, log_level=args.log_level))
 
 
-async def _supervise(config: Config, config_path: str) -> int:
+async def _supervise(config: Config, config_path: str, log_level: str | None) -> int:
     from .workers import Supervisor
 
     supervisor = Supervisor(config, config_path, config.workers)
@@ -250,6 +271,7 @@ async def _supervise(config: Config, config_path: str) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
+    supervisor.apply_log = _log_reloader(config.log, log_level)
     await supervisor.start()
     await stop
     log.info("stop signal: draining %d workers", len(supervisor.workers))

@@ -56,6 +56,7 @@ __all__ = [
     "SniCertificate",
     "Timeouts",
     "Tls",
+    "keep_restart_settings",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -822,6 +823,49 @@ class Config(_Model):
                         f"{self.admin.bind} is already used by listener {listener.name!r}",
                     )
         return self
+
+
+# --------------------------------------------------------------------------
+# Reloading
+# --------------------------------------------------------------------------
+
+
+def keep_restart_settings(running: Config, new: Config, *, supervised: bool) -> tuple[Config, list[str]]:
+    """`new`, with each setting that a running process cannot change put back to its value
+    in `running`, and the key paths of those that differed (empty when none did).
+
+    The worker count and the admin server are set up once, at start-up. Under a
+    supervisor (`supervised`) the listeners' names and addresses are the supervisor's
+    sockets, so they stay too, while a listener's other settings (TLS) still change.
+    """
+    kept: list[str] = []
+    update: dict[str, Any] = {}
+    if supervised and _addresses(new.listeners) != _addresses(running.listeners):
+        kept.append("listeners")
+        by_name = {listener.name: listener for listener in new.listeners}
+        update["listeners"] = [
+            by_name[listener.name].model_copy(update={"bind": listener.bind})
+            if listener.name in by_name
+            else listener
+            for listener in running.listeners
+        ]
+    if new.workers != running.workers:
+        kept.append("workers")
+        update["workers"] = running.workers
+    admin: dict[str, Any] = {}
+    if new.admin.enabled != running.admin.enabled:
+        admin["enabled"] = running.admin.enabled
+    # An admin server that is off, before and after, listens nowhere: its address does not matter.
+    if new.admin.bind != running.admin.bind and (new.admin.enabled or running.admin.enabled):
+        admin["bind"] = running.admin.bind
+    if admin:
+        kept += [f"admin.{key}" for key in admin]
+        update["admin"] = new.admin.model_copy(update=admin)
+    return (new.model_copy(update=update) if update else new), kept
+
+
+def _addresses(listeners: list[Listener]) -> dict[str, str]:
+    return {listener.name: listener.bind for listener in listeners}
 
 
 # --------------------------------------------------------------------------

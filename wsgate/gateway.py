@@ -15,13 +15,14 @@ import logging
 import random
 import socket
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .balancer import Member, Pool
-from .config import Config, Listener, format_host_port, load_config
+from .config import Config, Listener, Log, format_host_port, keep_restart_settings, load_config
 from .errors import ConfigError, ListenError
 from .frames import CloseCode
 from .metrics import Metrics, close_code_label
@@ -102,6 +103,10 @@ class Gateway:
         self.loaded_at = time.time()
         self.config_version = config_digest(config)
         self.config_path: str | None = None  # where reload() reads the config from
+        # Set by whoever set up the process's logging from `log`, so that a reload changes it too.
+        self.apply_log: Callable[[Log], None] | None = None
+        # The key paths whose values in the file wait for a restart, as of the last reload.
+        self.restart_needed: list[str] = []
         self._reload_lock = asyncio.Lock()
         # Listening sockets handed over by a supervisor, by listener name (workers > 1).
         self.inherited: dict[str, socket.socket] = {}
@@ -258,7 +263,9 @@ class Gateway:
     async def _reload(self) -> str | None:
         assert self.config_path is not None
         try:
-            config = load_config(self.config_path)
+            config, kept = keep_restart_settings(
+                self.config, load_config(self.config_path), supervised=bool(self.inherited)
+            )
             tls = listener_contexts(config)
             pools = _pools(config)
             # New and moved listeners are bound (not yet accepting) before anything
@@ -269,10 +276,13 @@ class Gateway:
             log.error("reload refused; keeping the running config and the old certificates: %s", exc)
             return str(exc)
         await self._apply(config, tls, pools, bound)
+        self.restart_needed = kept
         self._count_reload("success")
         for name in tls:
             log.info("listener %s: certificates loaded", name)
         log.info("reloaded %s (config version %s)", self.config_path, self.config_version)
+        if kept:
+            log.warning("ignored until a restart: %s", ", ".join(kept))
         return None
 
     def _count_reload(self, result: str) -> None:
@@ -324,11 +334,17 @@ class Gateway:
                 if member.identity not in kept:
                     removed.extend((relay, keep) for relay in member.relays)
         # From here on nothing can fail: swap everything at once.
+        if config.log != old_config.log and self.apply_log is not None:
+            self.apply_log(config.log)  # first, so that what the reload logs follows it
         self.config, self.tls, self.pools = config, tls, pools
         self.relay_settings = _relay_settings(config)
         self._sweeper.retime(*sweep_timing(self.relay_settings), asyncio.get_running_loop().time())
         self.loaded_at = time.time()
         self.config_version = config_digest(config)
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._start_watching()  # at the new watch_interval, over the new certificates
         for pool in old_pools.values():
             await pool.stop()
         for pool in pools.values():
@@ -342,13 +358,11 @@ class Gateway:
     async def _apply_listeners(self, old: Config, new: Config, bound: dict[str, asyncio.Server]) -> None:
         """Start listeners that are new or moved (bound by `_bind_listeners`); close those
         that went; leave the rest alone."""
+        if self.inherited:
+            # A supervisor owns the sockets (workers > 1): keep_restart_settings kept them.
+            return
         before = {listener.name: listener for listener in old.listeners}
         after = {listener.name: listener for listener in new.listeners}
-        if self.inherited:
-            # A supervisor owns the sockets (workers > 1): they change with a restart only.
-            if {n: l.bind for n, l in before.items()} != {n: l.bind for n, l in after.items()}:
-                log.warning("listener changes take a restart when workers > 1; listeners unchanged")
-            return
         for name, listener in before.items():
             if name not in after or after[name].bind != listener.bind:
                 server = self._servers.pop(name, None)
@@ -492,7 +506,11 @@ class Gateway:
         now = asyncio.get_running_loop().time()
         return {
             "version": __version__,
-            "config": {"version": self.config_version, "loaded_at": iso_timestamp(self.loaded_at)},
+            "config": {
+                "version": self.config_version,
+                "loaded_at": iso_timestamp(self.loaded_at),
+                "restart_needed": self.restart_needed,
+            },
             "draining": self.draining,
             "connections": len(self._relays),
             "routes": [

@@ -28,7 +28,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -40,7 +40,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import __version__
 from .admin import admin_app, exposition, start_admin
-from .config import Config, format_host_port, load_config, load_config_data, parse_config
+from .config import (
+    Config, Log, format_host_port, keep_restart_settings, load_config, load_config_data, parse_config,
+)
 from .errors import ConfigError, ListenError, WorkerError
 from .gateway import METRICS_FLUSH_INTERVAL, config_digest, iso_timestamp
 from .tls import check_files
@@ -113,12 +115,15 @@ class Supervisor:
         self._snapshots = 0
         self._snapshot_dir: str | None = None
         self._lifeline: tuple[int, int] | None = None
+        self.restart_needed: list[str] = []  # as of the last reload
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         # SIGHUP and POST /reload are the supervisor's, counted once here, not once per worker.
         self.reloads = {"success": 0, "failure": 0}
+        # Set by the CLI: sets the supervisor's own logging up again from a reloaded `log`.
+        self.apply_log: Callable[[Log], None] | None = None
 
     @property
     def snapshot_path(self) -> str:
@@ -297,7 +302,10 @@ class Supervisor:
                 log.error("%s", answer)
                 return False, answer
             self.config, self._data, self.loaded_at = config, data, time.time()
+            self.restart_needed = ignored
             self.reloads["success"] += 1
+            if self.apply_log is not None:
+                self.apply_log(config.log)
             version = config_digest(config)
             log.info("reloaded %s (config version %s)", self.config_path, version)
             answer = f"reloaded, config version {version}"
@@ -307,24 +315,20 @@ class Supervisor:
 
     def _restart_only(self, data: dict[str, Any], config: Config) -> tuple[dict[str, Any], list[str]]:
         """`data` with what only a restart can change put back as it runs, and those keys."""
+        _, kept = keep_restart_settings(self.config, config, supervised=True)
         data = dict(data)
-        ignored = []
-        running = [(listener.name, listener.bind) for listener in self.config.listeners]
-        for key, changed in (
-            ("listeners", [(listener.name, listener.bind) for listener in config.listeners] != running),
-            ("workers", config.workers != self.config.workers),
-        ):
-            if changed:
-                ignored.append(key)
+        for key in ("listeners", "workers"):
+            if key in kept:
                 data.pop(key, None)
                 if key in self._data:
                     data[key] = self._data[key]
-        if config.admin.bind != self.config.admin.bind:
-            data["admin"] = {**(data.get("admin") or {}), "bind": self.config.admin.bind}
-            ignored.append("admin.bind")
-        for key in ignored:
-            log.warning("reload: a change of %s takes a restart when workers > 1; %s unchanged", key, key)
-        return data, ignored
+        admin = {key.removeprefix("admin."): key for key in kept if key.startswith("admin.")}
+        if admin:
+            running = self.config.admin
+            data["admin"] = {**(data.get("admin") or {}), **{key: getattr(running, key) for key in admin}}
+        if kept:
+            log.warning("ignored until a restart: %s", ", ".join(kept))
+        return data, kept
 
     # -- the combined admin endpoint -----------------------------------------------
 
@@ -371,7 +375,11 @@ class Supervisor:
         return {
             **(views[0] if views else {}),
             "version": __version__,
-            "config": {"version": config_digest(self.config), "loaded_at": iso_timestamp(self.loaded_at)},
+            "config": {
+                "version": config_digest(self.config),
+                "loaded_at": iso_timestamp(self.loaded_at),
+                "restart_needed": self.restart_needed,
+            },
             "draining": self.stopping or any(view["draining"] for view in views),
             "connections": sum(view["connections"] for view in views),
             "routes": _combined_routes(views),
