@@ -770,6 +770,14 @@ async def test_sighup_rotates_certificates_and_keeps_old_connections(tmp_path, p
     assert gateway.process.returncode == 0, "".join(gateway.lines)
 
 
+async def until_served(pki: Pki, gateway: GatewayProcess, cn: str) -> None:
+    """Poll new handshakes (bounded, 5 s) until they get the certificate named `cn`."""
+    deadline = time.monotonic() + 5
+    while (served := await served_cn(pki, gateway.port)) != cn:
+        assert time.monotonic() < deadline, f"still serving {served}:\n{''.join(gateway.lines)}"
+        await asyncio.sleep(0.05)
+
+
 async def test_watch_interval_reloads_changed_files(tmp_path, pki, echo_backend):
     backend = await echo_backend()
     config, cert, key = rotation_setup(tmp_path, pki, backend.url, watch_interval="100ms")
@@ -777,14 +785,10 @@ async def test_watch_interval_reloads_changed_files(tmp_path, pki, echo_backend)
     try:
         assert await served_cn(pki, gateway.port) == "gateway-v1"
         replace_files(write_leaf(tmp_path, "v2", pki.ca, "gateway.test", cn="gateway-v2"), cert, key)
-        deadline = time.monotonic() + 5
-        while (cn := await served_cn(pki, gateway.port)) != "gateway-v2":
-            assert time.monotonic() < deadline, f"still serving {cn}:\n{''.join(gateway.lines)}"
-            await asyncio.sleep(0.05)
+        await until_served(pki, gateway, "gateway-v2")
         await gateway.wait_for("certificates loaded")
     finally:
         await gateway.stop()
-
 
 
 async def test_a_reload_starts_the_watch_that_the_new_config_asks_for(tmp_path, pki, echo_backend):
@@ -797,12 +801,10 @@ async def test_a_reload_starts_the_watch_that_the_new_config_asks_for(tmp_path, 
         assert await served_cn(pki, gateway.port) == "gateway-v1"
         # Changed after the reload, the files reach new handshakes only through the watch.
         replace_files(write_leaf(tmp_path, "v2", pki.ca, "gateway.test", cn="gateway-v2"), cert, key)
-        deadline = time.monotonic() + 5
-        while (cn := await served_cn(pki, gateway.port)) != "gateway-v2":
-            assert time.monotonic() < deadline, f"still serving {cn}:\n{''.join(gateway.lines)}"
-            await asyncio.sleep(0.05)
+        await until_served(pki, gateway, "gateway-v2")
     finally:
         await gateway.stop()
+
 
 # -- bad files: `check` and `run` exit 2 without listening ---------------------------------
 
