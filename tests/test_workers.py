@@ -46,13 +46,15 @@ class Supervised(GatewayProcess):
     worker_admin_urls: list[str]
 
     @classmethod
-    async def launch(cls, tmp_path: Path, config: dict[str, Any], *, admin: bool = True) -> Supervised:
+    async def launch(
+        cls, tmp_path: Path, config: dict[str, Any], *, admin: bool = True, log_level: str = "info"
+    ) -> Supervised:
         """With `admin` false the supervisor serves no admin endpoint: `worker_admin_urls` are
         the workers' private ones."""
         path = tmp_path / "wsgate.yaml"
         path.write_text(yaml.safe_dump(with_workers(config, admin=admin)))
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wsgate", "run", "-c", str(path),
+            sys.executable, "-m", "wsgate", "run", "-c", str(path), "--log-level", log_level,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -615,3 +617,10 @@ async def test_a_reload_switches_the_log_format_of_the_supervisor_and_every_work
     messages = [(entry["logger"], entry["message"]) for entry in entries]
     assert ("wsgate", f"stop signal: draining {WORKERS} workers") in messages, messages
     assert messages.count(("wsgate", "stopped")) == WORKERS, messages
+
+
+async def test_workers_log_at_the_command_lines_level(supervised, closed_port):
+    probed = {"health_check": {"type": "tcp", "interval": "50ms", "timeout": "1s", "unhealthy_threshold": 1}}
+    gateway = await supervised(gateway_config([f"ws://127.0.0.1:{closed_port}"], route=probed), log_level="debug")
+    # Only workers probe backends: a DEBUG line about a probe is a worker's, at the level asked for.
+    assert await gateway.wait_for_line(rf"DEBUG \S+: (probe of ws://127\.0\.0\.1:{closed_port}) failed")

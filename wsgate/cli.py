@@ -250,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 async def _supervise(config: Config, config_path: str, log_level: str | None) -> int:
     from .workers import Supervisor
 
-    supervisor = Supervisor(config, config_path, config.workers)
+    supervisor = Supervisor(config, config_path, config.workers, log_level)
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[int] = loop.create_future()
 
@@ -281,7 +281,9 @@ async def _supervise(config: Config, config_path: str, log_level: str | None) ->
 def cmd_worker(args: argparse.Namespace) -> int:
     from .workers import worker_main
 
-    return worker_main(args.config, args.index, args.report_fd, args.listen or [], args.lifeline_fd)
+    return worker_main(
+        args.config, args.index, args.report_fd, args.listen or [], args.lifeline_fd, args.log_level
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -418,6 +420,7 @@ def _worker_parser() -> argparse.ArgumentParser:
     worker.add_argument("--report-fd", type=int, required=True)
     worker.add_argument("--listen", action="append")
     worker.add_argument("--lifeline-fd", type=int, required=True)
+    worker.add_argument("--log-level")
     worker.set_defaults(handler=cmd_worker)
     return worker
 

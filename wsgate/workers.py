@@ -103,8 +103,9 @@ class Worker:
 class Supervisor:
     """Starts, watches and stops the workers; owns reloads; serves the combined admin endpoint."""
 
-    def __init__(self, config: Config, config_path: str, count: int) -> None:
+    def __init__(self, config: Config, config_path: str, count: int, log_level: str | None = None) -> None:
         self.config = config
+        self.log_level = log_level  # the command line's, which the workers follow too
         self.config_path = config_path
         self.count = count
         self.workers: list[Worker] = []
@@ -198,6 +199,8 @@ class Supervisor:
         ]
         for name, fd in fds.items():
             argv += ["--listen", f"{name}={fd}"]
+        if self.log_level:
+            argv += ["--log-level", self.log_level]
         worker.ready = False
         worker.started_at = asyncio.get_running_loop().time()
         worker.snapshot = self._snapshots
@@ -520,12 +523,14 @@ class _Summed:
             yield merged
 
 
-def worker_main(config_path: str, index: int, report_fd: int, listen: list[str], lifeline_fd: int) -> int:
+def worker_main(
+    config_path: str, index: int, report_fd: int, listen: list[str], lifeline_fd: int, log_level: str | None
+) -> int:
     """The `_worker` subcommand: serve on inherited sockets, report the admin port."""
     from .cli import _run_loop, _serve, _setup_logging
 
     config = load_config(config_path)
-    _setup_logging(config.log.level, config.log.format, config.log.access)
+    _setup_logging(log_level or config.log.level, config.log.format, config.log.access)
     sockets = {}
     for item in listen:
         name, _, fd = item.partition("=")
@@ -539,6 +544,6 @@ def worker_main(config_path: str, index: int, report_fd: int, listen: list[str],
     # The private admin server answers the supervisor only.
     serving = _serve(
         config, report, config_path=config_path, sockets=sockets,
-        lifeline=lifeline_fd, admin_address=("127.0.0.1", 0),
+        lifeline=lifeline_fd, admin_address=("127.0.0.1", 0), log_level=log_level,
     )
     return _run_loop(serving)
