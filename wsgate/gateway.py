@@ -140,14 +140,7 @@ class Gateway:
                 await pool.start()
             # Every listener is bound before any accepts or is logged: a port in use
             # fails the start with one error naming its key, and nothing half-started.
-            bound = {}
-            for i, listener in enumerate(self.config.listeners):
-                try:
-                    bound[listener.name] = await self._bind(listener, start_serving=False)
-                except OSError as exc:
-                    for server in bound.values():
-                        server.close()
-                    raise ListenError.from_os_error(f"listeners[{i}].bind", listener.bind, exc) from exc
+            bound = await self._bind_unserved(list(enumerate(self.config.listeners)))
             for listener in self.config.listeners:
                 await self._listen(listener, bound[listener.name])
             self._start_watching()
@@ -290,28 +283,38 @@ class Gateway:
         if not self.inherited:
             self.metrics.config_reloads.labels(result).inc()
 
-    async def _bind_listeners(self, config: Config) -> dict[str, asyncio.Server]:
-        """Bind the listeners of `config` that are new or moved, without accepting yet."""
-        if self.inherited:
-            return {}  # a supervisor owns the sockets; see _apply_listeners
-        current = {listener.name: listener.bind for listener in self.config.listeners}
+    async def _bind_unserved(self, listeners: list[tuple[int, Listener]]) -> dict[str, asyncio.Server]:
+        """Bind each (index in the config, listener), not accepting yet: all of them, or none
+        and a `ListenError` naming the first that failed."""
         bound: dict[str, asyncio.Server] = {}
         try:
-            for i, listener in enumerate(config.listeners):
-                if current.get(listener.name) != listener.bind:
-                    try:
-                        bound[listener.name] = await self._bind(listener, start_serving=False)
-                    except OSError as exc:
-                        raise ConfigError(
-                            f"listeners[{i}].bind",
-                            f"cannot listen on {listener.bind}: {exc.strerror or exc}",
-                            self.config_path,
-                        ) from exc
+            for i, listener in listeners:
+                try:
+                    bound[listener.name] = await self._bind(listener, start_serving=False)
+                except OSError as exc:
+                    raise ListenError.from_os_error(f"listeners[{i}].bind", listener.bind, exc) from exc
         except BaseException:
             for server in bound.values():
                 server.close()
             raise
         return bound
+
+    async def _bind_listeners(self, config: Config) -> dict[str, asyncio.Server]:
+        """Bind the listeners of `config` that are new or moved, without accepting yet."""
+        if self.inherited:
+            return {}  # a supervisor owns the sockets; see _apply_listeners
+        current = {listener.name: listener.bind for listener in self.config.listeners}
+        changed = [
+            (i, listener)
+            for i, listener in enumerate(config.listeners)
+            if current.get(listener.name) != listener.bind
+        ]
+        try:
+            return await self._bind_unserved(changed)
+        except ListenError as exc:
+            # For a reload, a port in use is a reason to refuse the file.
+            message = f"cannot listen on {exc.address}: {exc.reason}"
+            raise ConfigError(exc.path, message, self.config_path) from exc
 
     async def _apply(
         self,
