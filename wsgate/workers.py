@@ -142,7 +142,11 @@ class Supervisor:
             raise
 
     async def _start(self) -> None:
+        # The config run is the data snapshotted, read once here: a file edited since
+        # `wsgate run` validated it cannot make the two differ.
         self._data = load_config_data(self.config_path)
+        self.config = parse_config(self._data, self.config_path)
+        check_files(self.config)
         self._session = aiohttp.ClientSession()
         if self.config.admin.enabled:
             self._runner = await start_admin(self._admin_app(), self.config.admin.host, self.config.admin.port)
