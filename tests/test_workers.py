@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -624,3 +625,34 @@ async def test_workers_log_at_the_command_lines_level(supervised, closed_port):
     gateway = await supervised(gateway_config([f"ws://127.0.0.1:{closed_port}"], route=probed), log_level="debug")
     # Only workers probe backends: a DEBUG line about a probe is a worker's, at the level asked for.
     assert await gateway.wait_for_line(rf"DEBUG \S+: (probe of ws://127\.0\.0\.1:{closed_port}) failed")
+
+
+def test_a_worker_that_dies_before_serving_stops_the_sibling_already_serving(tmp_path, closed_port):
+    # Workers start one after another; a sitecustomize on the path ends worker 1 at start-up,
+    # once worker 0 already serves the listener.
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os\n"
+        "with open('/proc/self/cmdline', 'rb') as file:\n"
+        "    argv = file.read().split(b'\\0')\n"
+        "if b'_worker' in argv and argv[argv.index(b'--index') + 1] == b'1':\n"
+        "    os._exit(3)\n"
+    )
+    path = tmp_path / "wsgate.yaml"
+    path.write_text(yaml.safe_dump(with_workers(gateway_config([f"ws://127.0.0.1:{closed_port}"]))))
+    python_path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "wsgate", "run", "-c", str(path)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": python_path},
+    )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("wsgate: ")]
+    assert errors == ["wsgate: worker 1 exited with status 3 before serving"]
+    served = [int(m.group(1)) for m in re.finditer(r"worker 0 serving \(pid (\d+)\)", result.stderr)]
+    assert len(served) == 1, result.stderr
+    assert not is_worker(served[0]), "worker 0 outlived its supervisor"
+    # Stopped by the supervisor (a signal), not left to notice the supervisor gone.
+    assert "stop signal: draining" in result.stderr
+    assert "supervisor gone" not in result.stderr
+    assert "starting it again" not in result.stderr

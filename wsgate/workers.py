@@ -169,7 +169,13 @@ class Supervisor:
         for worker in self.workers:
             await self._spawn(worker)
             if not worker.ready:
-                raise WorkerError(worker.index, f"exited with status {worker.process.returncode} before serving")
+                self.stopping = True  # the start has failed: nothing is to be restarted
+                # Its report pipe closed, which can come before the exit status does.
+                try:
+                    status: int | str = await asyncio.wait_for(worker.process.wait(), 5.0)
+                except TimeoutError:
+                    status = "unknown"
+                raise WorkerError(worker.index, f"exited with status {status} before serving")
         for listener, port in zip(self.config.listeners, ports, strict=True):
             log.info(
                 "listening on %s (%s, %d workers)",
