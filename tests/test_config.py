@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from wsgate.config import (
     parse_duration,
     parse_host_port,
     parse_size,
+    read_admin_token,
 )
 from wsgate.errors import ConfigError
 
@@ -328,6 +330,41 @@ def test_listener_with_tls_and_ports_zero() -> None:
     assert config.listeners[1].port == 0
 
 
+@pytest.mark.parametrize(
+    ("section", "burst"), [({"rate": 100}, 100), ({"rate": 0.5}, 1), ({"rate": 10, "burst": 3}, 3)]
+)
+def test_frame_rate_burst_defaults_to_one_seconds_worth(section: dict[str, Any], burst: int) -> None:
+    frame_rate = parse_config(with_("limits.max_frames_per_second", section)).limits.max_frames_per_second
+    assert frame_rate is not None and frame_rate.burst_size == burst
+
+
+@pytest.mark.parametrize(
+    ("environment", "token", "error"),
+    [
+        ({"WSGATE_T": " abc\n"}, "abc", None),
+        ({}, None, "admin.token_env: environment variable WSGATE_T is not set"),
+        ({"WSGATE_T": "  "}, None, "admin.token_env: WSGATE_T holds an empty token"),
+        ({"WSGATE_T": "a\u00e9"}, None, "admin.token_env: the token in WSGATE_T must be visible ASCII"),
+    ],
+)
+def test_read_admin_token_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], token: str | None, error: str | None
+) -> None:
+    monkeypatch.delenv("WSGATE_T", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    admin = parse_config(with_("admin.token_env", "WSGATE_T")).admin
+    if error is None:
+        assert read_admin_token(admin) == token
+    else:
+        with pytest.raises(ConfigError, match=re.escape(error)):
+            read_admin_token(admin)
+
+
+def test_no_token_source_means_no_token() -> None:
+    assert read_admin_token(parse_config(MINIMAL).admin) is None
+
+
 def test_admin_may_share_a_port_when_disabled() -> None:
     data = with_("admin", {"enabled": False, "bind": "127.0.0.1:8080"})
     assert parse_config(data).admin.enabled is False
@@ -374,6 +411,9 @@ DUP_ROUTES = [
         (with_("admin.bind", "127.0.0.1:8080"), "admin.bind",
          "127.0.0.1:8080 is already used by listener '127.0.0.1:8080'"),
         (with_("admin.enabled", "maybe"), "admin.enabled", "expected true or false, got 'maybe'"),
+        (with_("admin", {"token_file": "/etc/token", "token_env": "TOKEN"}), "admin.token_env",
+         "give token_file or token_env, not both"),
+        (with_("admin.token_file", ""), "admin.token_file", "must not be empty"),
         # routes
         (with_("routes.0.name", ""), "routes[0].name", "must not be empty"),
         (with_("routes.0", {"backends": [{"url": "ws://x"}]}), "routes[0].name", "missing required key"),
@@ -502,6 +542,14 @@ DUP_ROUTES = [
          "must be between 1KiB and 1MiB, got 512 bytes"),
         (with_("limits.max_header_bytes", "2MiB"), "limits.max_header_bytes",
          "must be between 1KiB and 1MiB, got 2MiB"),
+        (with_("limits.max_frames_per_second", {"burst": 10}), "limits.max_frames_per_second.rate",
+         "missing required key"),
+        (with_("limits.max_frames_per_second", {"rate": 0}), "limits.max_frames_per_second.rate",
+         "must be greater than zero"),
+        (with_("limits.max_frames_per_second", {"rate": True}), "limits.max_frames_per_second.rate",
+         "expected a number, got true"),
+        (with_("limits.max_frames_per_second", {"rate": 10, "burst": 0}),
+         "limits.max_frames_per_second.burst", "must be at least 1, got 0"),
         # flow control
         (with_("flow_control.high_water", 0), "flow_control.high_water", "must be greater than zero"),
         (with_("flow_control.low_water", "256KiB"), "flow_control.low_water",
@@ -703,6 +751,9 @@ _TLS = {"cert": "/etc/tls.crt", "key": "/etc/tls.key"}
         ("admin.bind", "127.0.0.1:9091", False, ["admin.bind"]),
         ("admin.enabled", False, False, ["admin.enabled"]),
         ("admin.ready_requires_backends", True, False, []),
+        ("admin.token_file", "/etc/wsgate/token", False, ["admin.token_file"]),
+        ("admin.token_env", "WSGATE_TOKEN", True, ["admin.token_env"]),
+        ("limits.max_frames_per_second", {"rate": 100}, True, []),
         ("log.level", "debug", False, []),
         ("limits.max_connections", 10, True, []),
         ("listeners.0.bind", "127.0.0.1:8081", False, []),

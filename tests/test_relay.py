@@ -24,6 +24,7 @@ from peers import (
     read_until_close,
     server_frame,
 )
+from test_operations import access_records, start_admin  # noqa: F401
 
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 MASK = b"\x11\x22\x33\x44"
@@ -504,6 +505,86 @@ async def test_busy_connection_is_not_idle(start_gateway, ws_backend):
                 assert await ws.recv() == str(i)
                 await asyncio.sleep(0.05)
     assert ws.close_code == 1000
+
+
+# -- per-connection frame rate ---------------------------------------------------------------
+
+# One frame a second, ten at once: a client sending FLOOD frames at any pace a test machine
+# manages goes over it, and one sending fewer than FRAME_BURST never does.
+FRAME_LIMIT = {"max_frames_per_second": {"rate": 1, "burst": 10}}
+FRAME_BURST = 10
+FLOOD = 500
+
+
+async def flood(ws: websockets.ClientConnection, count: int) -> int:
+    """Send up to `count` one-byte messages, then read to the close; how many were sent."""
+    sent = 0
+    with contextlib.suppress(websockets.ConnectionClosed):
+        for _ in range(count):
+            await ws.send("x")
+            sent += 1
+    with contextlib.suppress(websockets.ConnectionClosed):
+        async for _ in ws:  # the backend's echoes, until the gateway's Close
+            pass
+    return sent
+
+
+async def test_a_client_flooding_frames_gets_1008_and_a_calm_one_is_untouched(
+    start_admin, aiohttp_backend, access_records
+):
+    admin = await start_admin(gateway_config([aiohttp_backend.url], limits=FRAME_LIMIT))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(admin.ws_url) as calm:
+            async with websockets.connect(admin.ws_url, max_queue=None) as flooder:
+                await flood(flooder, FLOOD)
+                for i in range(FRAME_BURST - 1):
+                    await calm.send(f"calm {i}")
+                    assert await calm.recv() == f"calm {i}"
+            entry = await access_records.next()
+            assert (flooder.close_code, flooder.close_reason) == (1008, "frame rate limit exceeded")
+            assert (entry["close_code"], entry["reason"]) == (1008, "client frame rate limit exceeded")
+            # (The backend's own view of its Close is checked in the mid-frame test.)
+            assert entry["close_to_backend"] == {"code": 1001, "by": "gateway"}
+            assert entry["messages_in"] < FLOOD
+        assert calm.close_code == 1000
+        await access_records.next()
+        metrics = await admin.scrape()
+    assert metrics.value("wsgate_limit_closes_total", reason="frame_rate") == 1
+    assert metrics.value("wsgate_close_frames_total", code="1008", side="gateway") == 1
+    assert metrics.value("wsgate_close_frames_total", code="1000", side="client") == 1
+
+
+async def test_frames_are_not_limited_by_default(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(url, max_queue=None) as ws:
+            for _ in range(FLOOD):
+                await ws.send("x")
+            for _ in range(FLOOD):
+                assert await ws.recv() == "x"
+    assert ws.close_code == 1000
+
+
+async def test_over_the_frame_rate_mid_frame_the_backend_gets_the_whole_frame_then_1001(
+    start_gateway, ws_backend
+):
+    url = await start_gateway(gateway_config([ws_backend.url], limits=FRAME_LIMIT))
+    reader, writer = await open_raw_client(url)
+    large = client_frame(BINARY, b"L" * 4000)
+    try:
+        # Over the burst in one write, which ends inside a large frame on its way to the backend.
+        writer.write(b"".join(client_frame(TEXT, b"%d" % i) for i in range(FRAME_BURST + 1)) + large[:1000])
+        _, close = await read_until_close(reader)
+        assert close.close == (1008, "frame rate limit exceeded")
+        # The rest of that frame still reaches the backend; what follows it does not.
+        writer.write(large[1000:] + client_frame(TEXT, b"after"))
+        assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "")
+        assert ws_backend.messages[-1] == b"L" * 4000
+        assert "after" not in ws_backend.messages
+        writer.write(client_frame(CLOSE, close_payload(1008)))
+        assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b""
+    finally:
+        writer.close()
 
 
 def test_random_bytes_come_in_the_asked_sizes_across_block_boundaries():

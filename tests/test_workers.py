@@ -526,6 +526,40 @@ async def test_supervisor_answers_say_their_reason_once(supervised, closed_port)
     assert answer.startswith(f"reload refused: {gateway.config_path}: invalid YAML") and answer.count("refused") == 1
 
 
+async def test_a_token_guards_the_supervisors_reload_and_its_own_calls_to_the_workers(
+    tmp_path, supervised, ws_backend
+):
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("first-token\n")
+    gateway = await supervised(gateway_config([ws_backend.url], admin={"token_file": str(token_file)}))
+
+    async def reload(token: str | None) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with asyncio.timeout(STEP_TIMEOUT):
+            async with gateway.session.post(gateway.admin_url + "/reload", headers=headers) as response:
+                return response.status, await response.text()
+
+    assert (await reload(None))[0] == 401
+    assert (await reload("wrong"))[0] == 401
+    code, text = await reload("first-token")
+    assert code == 200 and text.startswith("reloaded, config version"), text
+    # A worker started after the file changed takes the supervisor's token, not the file's.
+    token_file.write_text("second-token\n")
+    [victim, _] = await gateway.workers()
+    os.kill(victim["pid"], signal.SIGKILL)
+    new_pid = int(await gateway.wait_for_line(r"worker 0 serving \(pid (\d+)\)"))
+
+    async def replaced() -> bool:
+        workers = await gateway.workers()
+        return workers[0]["pid"] == new_pid and "error" not in workers[0]["status"]
+
+    await poll(replaced, timeout=STEP_TIMEOUT)
+    code, text = await reload("first-token")
+    assert code == 200 and text.startswith("reloaded, config version"), text
+    assert (await reload("second-token"))[0] == 401
+    assert (await gateway.get("/metrics"))[0] == 200
+
+
 def test_workers_that_disagree_are_named():
     assert one_answer("not ready: ", {1: "not ready: draining\n"}, 2) == "not ready: draining (worker 1)"
     assert one_answer("not ready: ", {0: "not ready: draining", 1: "not ready: draining"}, 2) == "not ready: draining"

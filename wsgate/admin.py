@@ -1,7 +1,17 @@
-"""The admin HTTP server: /metrics, /healthz, /readyz, /status, POST /reload (aiohttp, never on a traffic port)."""
+"""The admin HTTP server: /metrics, /healthz, /readyz, /status, POST /reload (aiohttp, never on a traffic port).
+
+Reading is open to whoever reaches the port. Anything else (POST /reload, and
+whatever changes the gateway later) is refused to a web page, which could
+otherwise make a browser on the operator's machine send it: any `Origin`
+header, and the content types an HTML form or a simple fetch may send without
+a CORS preflight. What is left needs the bearer token when one is configured,
+and otherwise a loopback peer.
+"""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 import os
 import time
@@ -25,6 +35,63 @@ log = logging.getLogger("wsgate.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# Requests that change nothing, open to any peer.
+_READ_METHODS = frozenset({"GET", "HEAD"})
+# The content types a browser sends cross-origin without asking the server first.
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
+_TOKEN = web.AppKey("token", str)
+_CHALLENGE = 'Bearer realm="wsgate admin"'
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 (IPv4-mapped too) and the name localhost."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _refuse(status: int, text: str, **headers: str) -> web.Response:
+    return web.Response(status=status, text=text + "\n", headers=headers)
+
+
+def _change_refusal(request: web.Request, token: str | None) -> web.Response | None:
+    """Why `request`, which would change the gateway, is refused; None when it may go on."""
+    if "Origin" in request.headers:
+        return _refuse(
+            403, "refused: a request with an Origin header (from a web page) cannot change the gateway"
+        )
+    if "Content-Type" in request.headers and request.content_type in _FORM_TYPES:
+        return _refuse(415, f"refused: a {request.content_type} body is what a web form sends; send none")
+    if token is None:
+        if request.remote is None or not is_loopback(request.remote):
+            return _refuse(
+                403, "refused: without admin.token_file or admin.token_env, only loopback peers may do this"
+            )
+        return None
+    scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
+    # Encoded, since compare_digest takes only ASCII text; "replace" so odd bytes just fail to match.
+    offered_bytes = offered.strip().encode("utf-8", "replace")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(offered_bytes, token.encode()):
+        return _refuse(401, "refused: a valid bearer token is needed", **{"WWW-Authenticate": _CHALLENGE})
+    return None
+
+
+@web.middleware
+async def _guard_changes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method not in _READ_METHODS:
+        refusal = _change_refusal(request, request.app.get(_TOKEN))
+        if refusal is not None:
+            reason = (refusal.text or "").strip()
+            log.warning("admin: %s %s from %s %s", request.method, request.path, request.remote, reason)
+            return refusal
+    return await handler(request)
+
 
 def exposition(registry: CollectorRegistry, request: web.Request) -> web.Response:
     """`registry` in the format the scraper asks for: OpenMetrics, or Prometheus text."""
@@ -38,10 +105,17 @@ def exposition(registry: CollectorRegistry, request: web.Request) -> web.Respons
 
 
 def admin_app(
-    *, metrics: Handler, healthz: Handler, readyz: Handler, status: Handler, reload: Handler
+    *, metrics: Handler, healthz: Handler, readyz: Handler, status: Handler, reload: Handler,
+    token: str | None = None,
 ) -> web.Application:
-    """The admin routes, the same for one gateway and for a supervisor of several."""
-    app = web.Application()
+    """The admin routes, the same for one gateway and for a supervisor of several.
+
+    Requests other than GET and HEAD need `token` as a bearer token, or, when it
+    is None, a loopback peer; see the module's docstring for the rest.
+    """
+    app = web.Application(middlewares=[_guard_changes])
+    if token is not None:
+        app[_TOKEN] = token
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -50,8 +124,8 @@ def admin_app(
     return app
 
 
-def build_app(gateway: Gateway) -> web.Application:
-    """The admin routes, reading live state from `gateway`."""
+def build_app(gateway: Gateway, token: str | None = None) -> web.Application:
+    """The admin routes, reading live state from `gateway`; `token` guards the changes."""
 
     async def metrics(request: web.Request) -> web.Response:
         gateway.flush_metrics()
@@ -81,11 +155,19 @@ def build_app(gateway: Gateway) -> web.Application:
             text += f"; ignored until a restart: {', '.join(gateway.restart_needed)}"
         return web.Response(text=text + "\n")
 
-    return admin_app(metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload)
+    return admin_app(
+        metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload, token=token
+    )
 
 
 async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunner:
     """`app` served on host:port; a port that cannot be bound is a `ListenError` naming `admin.bind`."""
+    if _TOKEN not in app and not is_loopback(host):
+        log.warning(
+            "admin.bind %s is not a loopback address and no admin token is set: POST /reload is"
+            " refused to all but loopback peers, and /metrics and /status are open to anyone who"
+            " reaches the port; set admin.token_file or admin.token_env", format_host_port(host, port),
+        )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
@@ -97,10 +179,11 @@ async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunn
 
 
 class AdminServer:
-    """Runs `build_app` on `admin.bind` with AppRunner and TCPSite."""
+    """Runs `build_app` on `admin.bind` with AppRunner and TCPSite; `token` guards the changes."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, token: str | None = None) -> None:
         self.gateway = gateway
+        self.token = token
         self._runner: web.AppRunner | None = None
         self.started_at = time.time()
 
@@ -111,7 +194,7 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> None:
         """Bind and serve; `announce` logs it, once the listeners are bound too."""
-        self._runner = await start_admin(build_app(self.gateway), host, port)
+        self._runner = await start_admin(build_app(self.gateway, self.token), host, port)
 
     def announce(self) -> None:
         log.info("admin listening on %s (version %s)", format_host_port(*self.address), __version__)

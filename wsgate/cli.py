@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from .admin import AdminServer
-from .config import Backend, Config, Log, load_config
+from .config import Backend, Config, Log, load_config, read_admin_token
 from .errors import ConfigError, ListenError, WorkerError
 from .gateway import Gateway
 from .tls import check_files
@@ -134,12 +134,13 @@ async def _serve(
     lifeline: int | None = None,
     admin_address: tuple[str, int] | None = None,
     log_level: str | None = None,
+    admin_token: str | None = None,
 ) -> None:
     """Serve `config` until a stop signal (or, for a worker, the end of its `lifeline` pipe).
 
-    `admin_address` replaces `admin.bind`, so a worker's config stays the one its
-    supervisor wrote (and has the same version); `log_level` is the command line's,
-    which logging was set up with.
+    `admin_address` and `admin_token` replace `admin.bind` and the token the config
+    names, so a worker's config stays the one its supervisor wrote (and has the same
+    version); `log_level` is the command line's, which logging was set up with.
     """
     _raise_fd_limit(config)
     stop = asyncio.Event()
@@ -176,7 +177,9 @@ async def _serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
-    admin = AdminServer(gateway)
+    if admin_address is None and config.admin.enabled:
+        admin_token = read_admin_token(config.admin)
+    admin = AdminServer(gateway, admin_token)
     try:
         # Everything is bound before anything is announced: one error or full success.
         admin_at = admin_address or ((config.admin.host, config.admin.port) if config.admin.enabled else None)
@@ -229,6 +232,8 @@ def _load(path: str, *, files: bool = True) -> Config | None:
         config = load_config(path)
         if files:
             check_files(config)
+            if config.admin.enabled:
+                read_admin_token(config.admin)
         return config
     except ConfigError as exc:
         if exc.file is None:

@@ -42,6 +42,7 @@ __all__ = [
     "Discovery",
     "Duration",
     "FlowControl",
+    "FrameRate",
     "HealthCheck",
     "Heartbeat",
     "Limits",
@@ -62,6 +63,7 @@ __all__ = [
     "parse_duration",
     "parse_host_port",
     "parse_size",
+    "read_admin_token",
 ]
 
 KiB = 1024
@@ -481,12 +483,22 @@ class Listener(_Bound):
 
 
 class Admin(_Bound):
-    """The admin HTTP server: /metrics, /healthz, /readyz, /status."""
+    """The admin HTTP server: /metrics, /healthz, /readyz, /status, POST /reload."""
 
     enabled: bool = True
     bind: _HostPort = "127.0.0.1:9090"
     # /readyz also says 503 while some route has no healthy backend.
     ready_requires_backends: bool = False
+    # Where the bearer token that POST /reload needs comes from: a file, or an environment
+    # variable by name. Without either, only loopback peers may POST.
+    token_file: _Name | None = None
+    token_env: _Name | None = None
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> Admin:
+        if self.token_file is not None and self.token_env is not None:
+            raise _error_at(("token_env",), "give token_file or token_env, not both")
+        return self
 
 
 class Match(_Model):
@@ -691,6 +703,24 @@ class Heartbeat(_Model):
     timeout: _PositiveDuration = 10.0
 
 
+def _check_number(value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"expected a number, got {_show(value)}")
+    return value
+
+
+class FrameRate(_Model):
+    """A token bucket per connection: `rate` frames a second, up to `burst` at once."""
+
+    rate: Annotated[float, BeforeValidator(_check_number), AfterValidator(_positive)]
+    # Defaults to one second's worth of frames.
+    burst: Annotated[_Int, _at_least(1)] | None = None
+
+    @property
+    def burst_size(self) -> int:
+        return self.burst if self.burst is not None else max(1, math.ceil(self.rate))
+
+
 class Limits(_Model):
     """Caps that protect the gateway from too many or too large inputs."""
 
@@ -698,6 +728,8 @@ class Limits(_Model):
     max_connections_per_ip: Annotated[_Int, _at_least(1)] = 1000
     max_message_size: Size = 16 * MiB
     max_header_bytes: Annotated[Size, _size_between(KiB, MiB)] = 16 * KiB
+    # Frames a client may send per connection; beyond it, Close 1008. Off when absent.
+    max_frames_per_second: FrameRate | None = None
 
 
 class FlowControl(_Model):
@@ -858,6 +890,10 @@ def keep_restart_settings(running: Config, new: Config, *, supervised: bool) -> 
     # An admin server that is off, before and after, listens nowhere: its address does not matter.
     if new.admin.bind != running.admin.bind and (new.admin.enabled or running.admin.enabled):
         admin["bind"] = running.admin.bind
+    # The token is read once, when the admin server starts.
+    for key in ("token_file", "token_env"):
+        if getattr(new.admin, key) != getattr(running.admin, key):
+            admin[key] = getattr(running.admin, key)
     if admin:
         kept += [f"admin.{key}" for key in admin]
         update["admin"] = new.admin.model_copy(update=admin)
@@ -928,6 +964,37 @@ def load_config_data(path: str | os.PathLike[str]) -> Any:
     except yaml.YAMLError as exc:
         raise ConfigError("", _yaml_message(exc), file) from None
     return data
+
+
+def read_admin_token(admin: Admin) -> str | None:
+    """The bearer token `admin.token_file` or `admin.token_env` names, or None when neither is set.
+
+    Surrounding whitespace (a file's final newline) is not part of the token. A
+    source that cannot be read, or holds no token, is a ``ConfigError``.
+    """
+    if admin.token_file is not None:
+        path, where = "admin.token_file", admin.token_file
+        try:
+            with open(admin.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
+            raise ConfigError(path, f"cannot read token file {where}: {reason}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(path, f"token file {where} is not UTF-8 text (byte {exc.start})") from None
+    elif admin.token_env is not None:
+        path, where = "admin.token_env", admin.token_env
+        token = os.environ.get(admin.token_env, "").strip()
+        if admin.token_env not in os.environ:
+            raise ConfigError(path, f"environment variable {where} is not set")
+    else:
+        return None
+    if not token:
+        raise ConfigError(path, f"{where} holds an empty token")
+    # What goes after "Bearer " in a header: visible ASCII, no spaces.
+    if not all("!" <= c <= "~" for c in token):
+        raise ConfigError(path, f"the token in {where} must be visible ASCII characters, without spaces")
+    return token
 
 
 def parse_config(data: Any, file: str | None = None) -> Config:

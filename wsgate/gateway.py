@@ -57,6 +57,7 @@ def config_digest(config: Config) -> str:
 
 
 def _relay_settings(config: Config) -> RelaySettings:
+    frame_rate = config.limits.max_frames_per_second
     return RelaySettings(
         high_water=config.flow_control.high_water,
         low_water=config.flow_control.low_water,
@@ -65,6 +66,8 @@ def _relay_settings(config: Config) -> RelaySettings:
         heartbeat_interval=config.heartbeat.interval,
         heartbeat_timeout=config.heartbeat.timeout,
         idle_timeout=config.timeouts.idle,
+        frame_rate=frame_rate.rate if frame_rate else 0.0,
+        frame_burst=frame_rate.burst_size if frame_rate else 0,
     )
 
 
@@ -446,6 +449,8 @@ class Gateway:
             metrics.heartbeat_timeouts.labels(relay.dead_side).inc()
         elif relay.close_reason == "idle timeout":
             metrics.idle_timeouts.labels(relay.route_name).inc()
+        if relay.limit_exceeded:
+            metrics.series(metrics.limit_closes, relay.limit_exceeded).inc()
         member = relay.member
         assert isinstance(member, Member)
         self.log_access(

@@ -153,6 +153,11 @@ class Metrics:
         self.idle_timeouts = Counter(
             "wsgate_idle_timeouts", "Connections closed for carrying no data.", ["route"], registry=r
         )
+        self.limit_closes = Counter(
+            "wsgate_limit_closes",
+            "Client connections closed with 1008 for going over a per-connection limit, by limit.",
+            ["reason"], registry=r,
+        )
         self.flow_control_pauses = Counter(
             "wsgate_flow_control_pauses",
             "Times reading one side stopped because the other side's buffer passed high water.",

@@ -88,6 +88,9 @@ class RelaySettings:
     heartbeat_interval: float
     heartbeat_timeout: float
     idle_timeout: float
+    # Frames a client may send a second, and at once; a rate of 0 means no limit.
+    frame_rate: float = 0.0
+    frame_burst: int = 0
 
 
 class Leg(asyncio.Protocol):
@@ -264,6 +267,42 @@ class Leg(asyncio.Protocol):
         return written - self.transport.get_write_buffer_size() - unacknowledged_size(self.socket_fd)
 
 
+# The per-connection limits a client can go over, as metric labels.
+FRAME_RATE = "frame_rate"
+
+
+class RateLimitedLeg(Leg):
+    """A client leg whose frames draw on a token bucket, filled at `frame_rate` up to `frame_burst`.
+
+    The bucket is charged once per read, with the frames the scanner completed in
+    it and one clock read, so a flood of tiny frames costs no Python per frame.
+    """
+
+    __slots__ = ("frame_tokens", "frames_charged", "charged_at")
+
+    def __init__(self, relay: Relay, side: str, transport: asyncio.Transport, scanner: FrameScanner) -> None:
+        super().__init__(relay, side, transport, scanner)
+        self.frame_tokens = float(relay.settings.frame_burst)
+        self.frames_charged = 0
+        self.charged_at = time.monotonic()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        frames = self.scanner.frames
+        if frames == self.frames_charged:
+            return  # no frame ended in this read: nothing to charge
+        settings = self.relay.settings
+        now = time.monotonic()
+        tokens = self.frame_tokens + (now - self.charged_at) * settings.frame_rate
+        if tokens > settings.frame_burst:
+            tokens = settings.frame_burst
+        self.frame_tokens = tokens - (frames - self.frames_charged)
+        self.frames_charged = frames
+        self.charged_at = now
+        if self.frame_tokens < 0 and not self.sealed:
+            self.relay.on_over_limit(self, FRAME_RATE, "frame rate limit exceeded")
+
+
 class Relay:
     """Pairs a client transport with a backend transport until both are closed."""
 
@@ -285,6 +324,7 @@ class Relay:
         "started_at",
         "close_reason",
         "dead_side",
+        "limit_exceeded",
         "__weakref__",
     )
 
@@ -299,7 +339,9 @@ class Relay:
         on_closed: Callable[[Relay], None] | None = None,
     ) -> None:
         limit = settings.max_message_size
-        self.client = Leg(
+        self.settings = settings
+        client_leg = RateLimitedLeg if settings.frame_rate else Leg
+        self.client = client_leg(
             self, CLIENT, client_transport,
             FrameScanner(masked=True, max_message_size=limit, allow_rsv1=deflate),
         )
@@ -311,7 +353,6 @@ class Relay:
         self.backend.peer = self.client
         self.client.write_to_peer = backend_transport.write
         self.backend.write_to_peer = client_transport.write
-        self.settings = settings
         self.conn_id = conn_id
         self._on_closed = on_closed
         self.closed = False
@@ -329,6 +370,8 @@ class Relay:
         self.close_reason = ""
         # The side dropped for not answering a heartbeat ping, if that is how it ended.
         self.dead_side = ""
+        # The per-connection limit the client went over (FRAME_RATE), if that is how it ended.
+        self.limit_exceeded = ""
 
     def start(self, client_early: bytes = b"", backend_early: bytes = b"") -> None:
         """Take over both transports; bytes read during the handshake are relayed first."""
@@ -424,6 +467,26 @@ class Relay:
         src.send_close(to_src, exc.reason)
         # A peer that broke the protocol gets no close handshake: drop it after the flush.
         src.transport.close()
+
+    def on_over_limit(self, src: Leg, limit: str, reason: str) -> None:
+        """The client went over a per-connection limit: 1008 to it, 1001 to the backend.
+
+        As for a client's protocol violation, except that the client's stream is
+        still valid: when a frame of it is still on its way to the backend, the
+        backend's Close waits for its end (reads go on until then, and are dropped
+        after), so the backend never sees a frame cut short.
+        """
+        if self.closed_by:
+            return
+        log.info("conn=%d %s over a limit: %s", self.conn_id, src.side, reason)
+        self.limit_exceeded = limit
+        self._record(GATEWAY, CloseCode.POLICY_VIOLATION, f"{src.side} {reason}")
+        self._gateway_close(CloseCode.POLICY_VIOLATION, reason, only=src)
+        self._gateway_close(CloseCode.GOING_AWAY, "", only=src.peer)
+        if not src.peer.pending:
+            # The backend has its Close: the offender gets no close handshake.
+            src.transport.pause_reading()
+            src.transport.close()
 
     def on_leg_lost(self, leg: Leg) -> None:
         peer = leg.peer

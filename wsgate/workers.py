@@ -42,12 +42,17 @@ from . import __version__
 from .admin import admin_app, exposition, start_admin
 from .config import (
     Config, Log, format_host_port, keep_restart_settings, load_config, load_config_data, parse_config,
+    read_admin_token,
 )
 from .errors import ConfigError, ListenError, WorkerError
 from .gateway import METRICS_FLUSH_INTERVAL, config_digest, iso_timestamp
 from .tls import check_files
 
 log = logging.getLogger("wsgate.workers")
+
+# How a worker learns the admin token: from the supervisor, which read it once at start,
+# so a worker started later takes the token the supervisor sends even if the file changed.
+_WORKER_TOKEN_ENV = "WSGATE_WORKER_ADMIN_TOKEN"
 
 # How a gauge from several workers combines; every other series is summed.
 _GAUGE_COMBINE = {
@@ -121,6 +126,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._admin_token: str | None = None  # what a POST /reload must carry, to it and to its workers
         # SIGHUP and POST /reload are the supervisor's, counted once here, not once per worker.
         self.reloads = {"success": 0, "failure": 0}
         # Set by the CLI: sets the supervisor's own logging up again from a reloaded `log`.
@@ -147,7 +153,11 @@ class Supervisor:
         self._data = load_config_data(self.config_path)
         self.config = parse_config(self._data, self.config_path)
         check_files(self.config)
-        self._session = aiohttp.ClientSession()
+        if self.config.admin.enabled:
+            self._admin_token = read_admin_token(self.config.admin)
+        # The workers' private admin servers take the same token.
+        auth = {"Authorization": f"Bearer {self._admin_token}"} if self._admin_token else None
+        self._session = aiohttp.ClientSession(headers=auth)
         if self.config.admin.enabled:
             self._runner = await start_admin(self._admin_app(), self.config.admin.host, self.config.admin.port)
         sockets: list[dict[str, socket.socket]] = [{} for _ in range(self.count)]
@@ -218,7 +228,8 @@ class Supervisor:
         # which forwards one signal, rather than every worker twice.
         try:
             worker.process = await asyncio.create_subprocess_exec(
-                *argv, pass_fds=[write_fd, lifeline, *fds.values()], start_new_session=True
+                *argv, pass_fds=[write_fd, lifeline, *fds.values()], start_new_session=True,
+                env={**os.environ, _WORKER_TOKEN_ENV: self._admin_token or ""},
             )
         finally:
             os.close(write_fd)
@@ -425,7 +436,10 @@ class Supervisor:
             reloaded, answer = await self.reload()
             return web.Response(status=200 if reloaded else 400, text=answer + "\n")
 
-        return admin_app(metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload)
+        return admin_app(
+            metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload,
+            token=self._admin_token,
+        )
 
 
 def one_answer(prefix: str, problems: dict[int, str], workers: int) -> str:
@@ -551,9 +565,10 @@ def worker_main(
         os.close(report_fd)
 
     logging.getLogger("wsgate").info("worker %d serving (pid %d)", index, os.getpid())
-    # The private admin server answers the supervisor only.
+    # The private admin server answers the supervisor only: on loopback, with its token if any.
+    token = os.environ.pop(_WORKER_TOKEN_ENV, "") or None
     serving = _serve(
         config, report, config_path=config_path, sockets=sockets,
-        lifeline=lifeline_fd, admin_address=("127.0.0.1", 0), log_level=log_level,
+        lifeline=lifeline_fd, admin_address=("127.0.0.1", 0), log_level=log_level, admin_token=token,
     )
     return _run_loop(serving)
