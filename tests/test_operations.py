@@ -799,12 +799,12 @@ async def test_access_log_and_metrics_of_connections_refused_at_the_limit(start_
             await ws.recv()
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(upgrade_request())
-            assert (await read_response_head(reader))[0] == 503
+            assert (await read_response_head(reader))[0] == 429
             writer.close()
             entry = await access_records.next()
-    assert (entry["status"], entry["reason"]) == (503, "too many connections from your address")
+    assert (entry["status"], entry["reason"]) == (429, "too many connections from your address")
     metrics = await admin.scrape()
-    assert metrics.value("wsgate_handshake_rejections_total", reason="limit") == 1
+    assert metrics.value("wsgate_handshake_rejections_total", reason="ip_limit") == 1
 
 
 async def test_every_heartbeat_round_trip_is_observed(start_admin, ws_backend, monkeypatch):

@@ -379,10 +379,10 @@ async def test_a_lowered_per_ip_limit_applies_to_new_connections(tmp_path, start
             writer.write(upgrade_request())
             status, headers, _ = await read_response_head(reader)
             writer.close()
-            assert (status, headers["retry-after"]) == (503, "1")
+            assert (status, headers["retry-after"]) == (429, "1")
             assert await ask(first, "still open") == "still open"
         entry = await access_records.next()  # the refusal
-        assert (entry["status"], entry["reason"]) == (503, "too many connections from your address")
+        assert (entry["status"], entry["reason"]) == (429, "too many connections from your address")
         await access_records.next()  # the first one has ended
         async with websockets.connect(admin.ws_url) as alone:
             assert await ask(alone, "alone") == "alone"
