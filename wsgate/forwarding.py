@@ -98,17 +98,19 @@ def _node(text: str, *, bare_ipv6: bool) -> Address | None:
     """An address from `1.2.3.4`, `1.2.3.4:80`, `[v6]` or `[v6]:80`; bare v6 where allowed."""
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not _PORT.fullmatch(rest)):
+        if not bracket or ":" not in host or (rest and not _PORT.fullmatch(rest)):
             return None
-        address = _address(host)
-        return address if isinstance(address, ipaddress.IPv6Address) else None
-    host, colon, port = text.partition(":")
-    if colon and ":" not in port:
-        address = _address(host) if _PORT.fullmatch(":" + port) else None
-        return address if isinstance(address, ipaddress.IPv4Address) else None
-    address = _address(text)
-    if isinstance(address, ipaddress.IPv6Address) and not bare_ipv6:
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not _PORT.fullmatch(":" + port):
+            return None
+    elif ":" in text and not bare_ipv6:
         return None  # RFC 7239 puts IPv6 in brackets; without them a port cannot be told apart
+    else:
+        host = text
+    address = _address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        return None  # a zone means something only on the host that wrote it
     return address
 
 

@@ -23,12 +23,13 @@ __all__ = ["TokenBuckets"]
 class TokenBuckets:
     """Buckets by key; the clock is passed in, in seconds."""
 
-    __slots__ = ("_interval", "_tolerance", "max_addresses", "_full_at")
+    __slots__ = ("_interval", "_slack", "max_addresses", "_full_at")
 
     def __init__(self, rate: float, burst: int, max_addresses: int) -> None:
         assert rate > 0 and burst >= 1 and max_addresses >= 1
         self._interval = 1.0 / rate  # the time one token takes to come back
-        self._tolerance = burst * self._interval  # how far ahead of now full_at may run
+        # How far ahead of now full_at may be for one more token to be there.
+        self._slack = (burst - 1) * self._interval
         self.max_addresses = max_addresses
         self._full_at: OrderedDict[str, float] = OrderedDict()
 
@@ -37,14 +38,15 @@ class TokenBuckets:
 
     def take(self, key: str, now: float) -> float:
         """Spend one of `key`'s tokens: 0.0 when there was one, else the seconds until there is."""
-        full_at = max(self._full_at.get(key, now), now) + self._interval
-        wait = full_at - now - self._tolerance
+        # A bucket never seen, or full again, is at `now`: the comparison is exact for it.
+        full_at = max(self._full_at.get(key, now), now)
+        wait = full_at - now - self._slack
         if wait > 0:
-            # Refused, so nothing is spent (and a key is only refused once it has an entry);
+            # Refused, so nothing is spent (and only a key with an entry is ever refused);
             # seen most recently all the same, so it is the last to be forgotten.
             self._full_at.move_to_end(key)
             return wait
-        self._full_at[key] = full_at
+        self._full_at[key] = full_at + self._interval
         self._full_at.move_to_end(key)
         if len(self._full_at) > self.max_addresses:
             self._full_at.popitem(last=False)
