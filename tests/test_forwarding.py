@@ -62,7 +62,9 @@ RESOLVED = [
     pytest.param(xff("::ffff:203.0.113.7"), "203.0.113.7", ["203.0.113.7", PROXY], id="v4-mapped"),
     pytest.param(xff("[::ffff:203.0.113.7]"), "203.0.113.7", ["203.0.113.7", PROXY], id="v4-mapped-brackets"),
     pytest.param(xff(" , 203.0.113.7,"), "203.0.113.7", ["203.0.113.7", PROXY], id="empty-entries"),
-    pytest.param(xff("garbage, 203.0.113.7"), "203.0.113.7", ["203.0.113.7", PROXY], id="garbage-left-of-client"),
+    pytest.param(
+        xff("garbage, 203.0.113.7"), "203.0.113.7", ["203.0.113.7", PROXY], id="garbage-left-of-client"
+    ),
     # What the walk meets before the client that is not an address: the peer is the client.
     pytest.param(xff("203.0.113.7, unknown"), PROXY, [PROXY], id="unknown"),
     pytest.param(xff("203.0.113.7, 10.0.0.300"), PROXY, [PROXY], id="not-an-address"),
@@ -92,7 +94,9 @@ RESOLVED = [
     pytest.param(
         forwarded(r'for="\[2001:db8::9\]"'), "2001:db8::9", ["2001:db8::9", PROXY], id="fwd-quoted-pairs"
     ),
-    pytest.param(forwarded('for="203.0.113.7:_p1"'), "203.0.113.7", ["203.0.113.7", PROXY], id="fwd-obf-port"),
+    pytest.param(
+        forwarded('for="203.0.113.7:_p1"'), "203.0.113.7", ["203.0.113.7", PROXY], id="fwd-obf-port"
+    ),
     pytest.param(forwarded("for=_hidden"), PROXY, [PROXY], id="fwd-obfuscated"),
     pytest.param(forwarded("for=unknown"), PROXY, [PROXY], id="fwd-unknown"),
     pytest.param(forwarded("for=203.0.113.7, proto=https"), PROXY, [PROXY], id="fwd-element-without-for"),

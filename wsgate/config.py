@@ -208,7 +208,9 @@ def parse_rate(value: object) -> float:
         rate = float(Fraction(match["num"]) / _RATE_PERIODS[match["unit"]])
     else:
         raise ValueError(f"{_RATE_HINT}, got {_show(value)}")
-    if not math.isfinite(rate) or rate <= 0:
+    if not math.isfinite(rate):
+        raise ValueError(f"{_RATE_HINT}, got {_show(value)}")
+    if rate <= 0:
         raise ValueError(f"a rate must be greater than zero, got {_show(value)}")
     return rate
 
