@@ -423,7 +423,9 @@ async def test_limits_per_address_on_a_tls_listener(pki, echo_backend, start_gat
     async with asyncio.timeout(STEP_TIMEOUT):
         async with websockets.connect(url, ssl=pki.client_context()) as held:
             with pytest.raises((ssl.SSLError, ConnectionError)):
-                _, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway), ssl=pki.client_context())
+                _, writer = await asyncio.open_connection(
+                    "127.0.0.1", port_of(gateway), ssl=pki.client_context()
+                )
                 await close_writer(writer)
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1", port_of(gateway), ssl=pki.client_context(), local_addr=("127.0.0.2", 0)
