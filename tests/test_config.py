@@ -640,7 +640,8 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
     ("data", "path", "allowed"),
     [
         (with_("bogus", 1), "bogus",
-         "listeners, workers, admin, routes, trusted_proxies, timeouts, heartbeat, limits, flow_control, shutdown, discovery, log"),
+         "listeners, workers, admin, routes, trusted_proxies, timeouts, heartbeat, limits,"
+         " flow_control, shutdown, discovery, log"),
         (with_("listeners.0.port", 1), "listeners[0].port", "name, bind, tls"),
         (with_("listeners.0.tls", {"cert": "c", "key": "k", "ca": "x"}), "listeners[0].tls.ca",
          "cert, key, sni, min_version, client_ca, client_auth, forward_client_cert, watch_interval"),
@@ -653,7 +654,8 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
         (with_("timeouts.read", "1s"), "timeouts.read", "handshake, connect, idle, close"),
         (with_("heartbeat.pong", "1s"), "heartbeat.pong", "interval, timeout"),
         (with_("limits.max_frame_size", 1), "limits.max_frame_size",
-         "max_connections, max_connections_per_ip, new_connections_per_ip, max_message_size, max_header_bytes"),
+         "max_connections, max_connections_per_ip, new_connections_per_ip, max_message_size,"
+         " max_header_bytes"),
         (with_("flow_control.mid_water", 1), "flow_control.mid_water", "high_water, low_water"),
         (with_("shutdown.drain", "1s"), "shutdown.drain", "drain_period, grace_period"),
         (with_("log.file", "x"), "log.file", "level, format"),
