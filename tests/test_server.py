@@ -24,7 +24,7 @@ from peers import (
 )
 
 from wsgate.config import parse_config
-from wsgate.gateway import Gateway
+from wsgate.gateway import Gateway, key_hash
 from wsgate.handshake import accept_key
 
 SIZES = [0, 125, 126, 65535, 65536, 4 * 1024 * 1024]
@@ -533,6 +533,7 @@ async def test_trusted_peer_names_the_client(start_gateway, ws_backend, caplog, 
     (line,) = [r.access for r in caplog.records if r.name == "wsgate.access"]
     # The peer is logged with its port, as any client is; a client named by the proxy, without.
     assert line["client"] == client or (client == "127.0.0.1" and line["client"].startswith("127.0.0.1:"))
+    assert line["key_hash"] == key_hash(client.encode())  # the route hashes by ip
 
 
 async def test_per_ip_cap_counts_the_resolved_address(start_gateway, ws_backend):

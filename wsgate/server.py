@@ -48,7 +48,7 @@ _REJECTION_REASONS = {
     405: "method",
     408: "timeout",
     426: "upgrade_required",
-    429: "rate_limit",  # a client address's cap of open connections says "ip_limit"
+    429: "rate_limit",  # the cap of open connections per address passes "ip_limit" itself
     431: "headers_too_large",
     503: "limit",
 }
