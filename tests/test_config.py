@@ -20,6 +20,7 @@ from wsgate.config import (
     Limits,
     Log,
     Match,
+    NewConnections,
     Shutdown,
     Timeouts,
     keep_restart_settings,
@@ -27,6 +28,8 @@ from wsgate.config import (
     parse_config,
     parse_duration,
     parse_host_port,
+    parse_network,
+    parse_rate,
     parse_size,
     read_admin_token,
 )
@@ -199,6 +202,70 @@ def test_parse_host_port_invalid(value: str, message: str) -> None:
     assert str(info.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    ("value", "per_second"),
+    [
+        (20, 20.0),
+        (0.5, 0.5),
+        ("20/s", 20.0),
+        ("600/m", 10.0),
+        ("600 / m", 10.0),
+        ("36/h", 0.01),
+        ("2.5", 2.5),
+    ],
+)
+def test_parse_rate_valid(value: object, per_second: float) -> None:
+    assert parse_rate(value) == pytest.approx(per_second)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("20/d", "expected a rate such as 20/s or 600/m, or a number per second, got '20/d'"),
+        ("fast", "expected a rate such as 20/s"),
+        (True, "expected a rate such as 20/s"),
+        (None, "expected a rate such as 20/s"),
+        ("-1/s", "expected a rate such as 20/s"),
+        (0, "a rate must be greater than zero, got 0"),
+        ("0/m", "a rate must be greater than zero, got '0/m'"),
+        (math.inf, "expected a rate such as 20/s"),
+    ],
+)
+def test_parse_rate_invalid(value: object, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_rate(value)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("value", "network"),
+    [
+        ("10.0.0.0/8", "10.0.0.0/8"),
+        (" 192.0.2.7 ", "192.0.2.7/32"),
+        ("2001:DB8::/32", "2001:db8::/32"),
+        ("::1", "::1/128"),
+        ("0.0.0.0/0", "0.0.0.0/0"),
+    ],
+)
+def test_parse_network_valid(value: str, network: str) -> None:
+    assert parse_network(value) == network
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("10.0.0.1/8", "'10.0.0.1/8' has bits set beyond its prefix; did you mean '10.0.0.0/8'?"),
+        ("10.0.0.0/33", "expected an address or network such as 10.0.0.0/8 or 2001:db8::/32, got '10."),
+        ("proxy.internal", "expected an address or network such as 10.0.0.0/8"),
+        (8, "expected an address or network such as 10.0.0.0/8 or 2001:db8::/32, got 8"),
+    ],
+)
+def test_parse_network_invalid(value: object, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_network(value)
+    assert str(info.value).startswith(message)
+
+
 # --------------------------------------------------------------------------
 # Defaults and accepted values
 # --------------------------------------------------------------------------
@@ -213,9 +280,11 @@ def test_defaults_applied() -> None:
     assert config.limits == Limits(
         max_connections=100_000,
         max_connections_per_ip=1000,
+        new_connections_per_ip=None,
         max_message_size=16 * 1024**2,
         max_header_bytes=16 * 1024,
     )
+    assert config.trusted_proxies == []
     assert config.flow_control == FlowControl(high_water=256 * 1024, low_water=64 * 1024)
     assert config.shutdown == Shutdown(drain_period=30, grace_period=45)
     assert config.log == Log(level="info", format="text")
@@ -246,6 +315,25 @@ def test_empty_section_means_defaults(section: str) -> None:
     # `timeouts:` with everything under it commented out is null in YAML.
     config = parse_config(with_(section, None))
     assert getattr(config, section) == getattr(parse_config(MINIMAL), section)
+
+
+def test_client_address_settings() -> None:
+    config = parse_config(
+        {
+            **MINIMAL,
+            "trusted_proxies": ["10.0.0.0/8", "2001:db8::1"],
+            "limits": {
+                "max_connections_per_ip": None,
+                "new_connections_per_ip": {"rate": "600/m", "burst": 40},
+            },
+        }
+    )
+    assert config.trusted_proxies == ["10.0.0.0/8", "2001:db8::1/128"]
+    assert config.limits.max_connections_per_ip is None
+    rate_limit = NewConnections(rate=10.0, burst=40, max_addresses=100_000)
+    assert config.limits.new_connections_per_ip == rate_limit
+    # What the config holds reads back as the same config (the supervisor hands it on).
+    assert parse_config(config.model_dump()) == config
 
 
 def test_values_in_units_are_converted() -> None:
@@ -534,6 +622,22 @@ DUP_ROUTES = [
         (with_("limits.max_connections", 0), "limits.max_connections", "must be at least 1, got 0"),
         (with_("limits.max_connections_per_ip", 0), "limits.max_connections_per_ip",
          "must be at least 1, got 0"),
+        (with_("limits.new_connections_per_ip", {"rate": "fast", "burst": 1}),
+         "limits.new_connections_per_ip.rate", "expected a rate such as 20/s or 600/m"),
+        (with_("limits.new_connections_per_ip", {"rate": "20/s"}),
+         "limits.new_connections_per_ip.burst", "missing required key"),
+        (with_("limits.new_connections_per_ip", {"rate": 1, "burst": 0}),
+         "limits.new_connections_per_ip.burst", "must be at least 1, got 0"),
+        (with_("limits.new_connections_per_ip", {"rate": 1, "burst": 1, "max_addresses": 0}),
+         "limits.new_connections_per_ip.max_addresses", "must be at least 1, got 0"),
+        (with_("limits.new_connections_per_ip", "20/s"), "limits.new_connections_per_ip",
+         "expected a mapping of keys to values, got '20/s'"),
+        # trusted proxies
+        (with_("trusted_proxies", ["10.0.0.0/8", "10.0.0.1/8"]), "trusted_proxies[1]",
+         "'10.0.0.1/8' has bits set beyond its prefix; did you mean '10.0.0.0/8'?"),
+        (with_("trusted_proxies", ["lb.internal"]), "trusted_proxies[0]",
+         "expected an address or network such as 10.0.0.0/8"),
+        (with_("trusted_proxies", "10.0.0.0/8"), "trusted_proxies", "expected a list, got '10.0.0.0/8'"),
         (with_("limits.max_connections", "many"), "limits.max_connections",
          "expected a whole number, got 'many'"),
         (with_("limits.max_message_size", "16 megs"), "limits.max_message_size",
@@ -545,9 +649,9 @@ DUP_ROUTES = [
         (with_("limits.max_frames_per_second", {"burst": 10}), "limits.max_frames_per_second.rate",
          "missing required key"),
         (with_("limits.max_frames_per_second", {"rate": 0}), "limits.max_frames_per_second.rate",
-         "must be greater than zero"),
+         "a rate must be greater than zero"),
         (with_("limits.max_frames_per_second", {"rate": True}), "limits.max_frames_per_second.rate",
-         "expected a number, got true"),
+         "expected a rate such as 20/s or 600/m, or a number per second, got true"),
         (with_("limits.max_frames_per_second", {"rate": 10, "burst": 0}),
          "limits.max_frames_per_second.burst", "must be at least 1, got 0"),
         # flow control
@@ -584,7 +688,8 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
     ("data", "path", "allowed"),
     [
         (with_("bogus", 1), "bogus",
-         "listeners, workers, admin, routes, timeouts, heartbeat, limits, flow_control, shutdown, discovery, log"),
+         "listeners, workers, admin, routes, trusted_proxies, timeouts, heartbeat, limits,"
+         " flow_control, shutdown, discovery, log"),
         (with_("listeners.0.port", 1), "listeners[0].port", "name, bind, tls"),
         (with_("listeners.0.tls", {"cert": "c", "key": "k", "ca": "x"}), "listeners[0].tls.ca",
          "cert, key, sni, min_version, client_ca, client_auth, forward_client_cert, watch_interval"),
@@ -597,7 +702,8 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
         (with_("timeouts.read", "1s"), "timeouts.read", "handshake, connect, idle, close"),
         (with_("heartbeat.pong", "1s"), "heartbeat.pong", "interval, timeout"),
         (with_("limits.max_frame_size", 1), "limits.max_frame_size",
-         "max_connections, max_connections_per_ip, max_message_size, max_header_bytes"),
+         "max_connections, max_connections_per_ip, new_connections_per_ip, max_message_size,"
+         " max_header_bytes"),
         (with_("flow_control.mid_water", 1), "flow_control.mid_water", "high_water, low_water"),
         (with_("shutdown.drain", "1s"), "shutdown.drain", "drain_period, grace_period"),
         (with_("log.file", "x"), "log.file", "level, format"),

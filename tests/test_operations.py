@@ -799,12 +799,56 @@ async def test_access_log_and_metrics_of_connections_refused_at_the_limit(start_
             await ws.recv()
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(upgrade_request())
-            assert (await read_response_head(reader))[0] == 503
+            assert (await read_response_head(reader))[0] == 429
             writer.close()
             entry = await access_records.next()
-    assert (entry["status"], entry["reason"]) == (503, "too many connections from your address")
+    assert (entry["status"], entry["reason"]) == (429, "too many connections from your address")
     metrics = await admin.scrape()
-    assert metrics.value("wsgate_handshake_rejections_total", reason="limit") == 1
+    assert metrics.value("wsgate_handshake_rejections_total", reason="ip_limit") == 1
+
+
+async def test_rejection_metrics_tell_the_limits_apart(start_admin, ws_backend):
+    limits = {
+        "max_connections": 2,
+        "max_connections_per_ip": 1,
+        "new_connections_per_ip": {"rate": "1/m", "burst": 2},
+    }
+    admin = await start_admin(gateway_config([ws_backend.url], limits=limits))
+    gateway = admin.gateway
+    host, port = admin.ws_url.removeprefix("ws://").rsplit(":", 1)
+    held: list[asyncio.StreamWriter] = []
+
+    async def released() -> None:
+        # A refused or closed connection gives its count back once its socket is gone.
+        for _ in range(1000):
+            if gateway.connection_count == len(held):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{gateway.connection_count} connections counted, {len(held)} open")
+
+    async def answer(local_host: str) -> int:
+        reader, writer = await asyncio.open_connection(host, int(port), local_addr=(local_host, 0))
+        status, _, _ = await read_response_head(reader)
+        writer.close()
+        await released()
+        return status
+
+    async with asyncio.timeout(STEP_TIMEOUT):
+        for local_host in ("127.0.0.1", "127.0.0.2"):
+            reader, writer = await asyncio.open_connection(host, int(port), local_addr=(local_host, 0))
+            held.append(writer)
+            writer.write(upgrade_request())
+            assert (await read_response_head(reader))[0] == 101
+        statuses = [await answer("127.0.0.3")]  # the gateway is full
+        held.pop().close()
+        await released()
+        statuses += [await answer("127.0.0.1"), await answer("127.0.0.1")]  # its cap, then its rate
+        metrics = await admin.scrape()
+        for writer in held:
+            writer.close()
+    assert statuses == [503, 429, 429]
+    for reason in ("limit", "ip_limit", "rate_limit"):
+        assert metrics.value("wsgate_handshake_rejections_total", reason=reason) == 1, reason
 
 
 async def test_every_heartbeat_round_trip_is_observed(start_admin, ws_backend, monkeypatch):

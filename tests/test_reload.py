@@ -27,6 +27,7 @@ from peers import (
     STEP_TIMEOUT,
     client_frame,
     close_payload,
+    raw_exchange,
     read_frame,
     read_response_head,
     read_until_close,
@@ -379,13 +380,29 @@ async def test_a_lowered_per_ip_limit_applies_to_new_connections(tmp_path, start
             writer.write(upgrade_request())
             status, headers, _ = await read_response_head(reader)
             writer.close()
-            assert (status, headers["retry-after"]) == (503, "1")
+            assert (status, headers["retry-after"]) == (429, "1")
             assert await ask(first, "still open") == "still open"
         entry = await access_records.next()  # the refusal
-        assert (entry["status"], entry["reason"]) == (503, "too many connections from your address")
+        assert (entry["status"], entry["reason"]) == (429, "too many connections from your address")
         await access_records.next()  # the first one has ended
         async with websockets.connect(admin.ws_url) as alone:
             assert await ask(alone, "alone") == "alone"
+
+
+async def test_trusted_proxies_and_the_rate_limit_apply_to_new_connections(tmp_path, start_admin, ws_backend):
+    path = tmp_path / "wsgate.yaml"
+    admin = await started_from_file(start_admin, path, gateway_config([ws_backend.url]))
+    via_proxy = upgrade_request(extra="X-Forwarded-For: 203.0.113.7\r\n")
+    async with asyncio.timeout(STEP_TIMEOUT):
+        assert (await raw_exchange(admin.ws_url, via_proxy))[0] == 101
+        limits = {"new_connections_per_ip": {"rate": "1/m", "burst": 1}}
+        config = gateway_config([ws_backend.url], trusted_proxies=["127.0.0.1"], limits=limits)
+        await reload_with(admin, path, config)
+        assert (await raw_exchange(admin.ws_url, via_proxy))[0] == 101
+        status, headers, _ = await raw_exchange(admin.ws_url, via_proxy)
+    assert status == 429 and int(headers["retry-after"]) >= 1
+    assert [r["x-forwarded-for"] for r in ws_backend.requests] == ["127.0.0.1", "203.0.113.7, 127.0.0.1"]
+    assert [r["x-real-ip"] for r in ws_backend.requests] == ["127.0.0.1", "203.0.113.7"]
 
 
 async def test_post_reload_reports_the_new_version_and_status_shows_it(

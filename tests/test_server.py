@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
 import websockets
 from conftest import gateway_config
-from peers import STEP_TIMEOUT, client_frame, raw_exchange, read_response_head, upgrade_request
+from peers import (
+    STEP_TIMEOUT,
+    client_frame,
+    open_raw_client,
+    raw_exchange,
+    read_response_head,
+    upgrade_request,
+)
 
+from wsgate.config import parse_config
+from wsgate.gateway import Gateway, key_hash
 from wsgate.handshake import accept_key
 
 SIZES = [0, 125, 126, 65535, 65536, 4 * 1024 * 1024]
@@ -107,7 +120,7 @@ async def test_end_to_end_headers_forwarded_and_forwarding_headers_set(start_gat
     assert seen["cookie"] == "session=abc"
     assert seen["authorization"] == "Bearer t0ken"
     assert seen["x-custom"] == "kept"
-    assert seen["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert seen["x-forwarded-for"] == "127.0.0.1"  # the client's own value is not believed
     assert seen["x-real-ip"] == "127.0.0.1"
     assert seen["x-forwarded-proto"] == "http"
     assert seen["x-forwarded-host"] == url.removeprefix("ws://")
@@ -192,8 +205,8 @@ async def test_connection_limit_per_ip(start_gateway, ws_backend):
     url = await start_gateway(gateway_config([ws_backend.url], limits={"max_connections_per_ip": 1}))
     async with asyncio.timeout(STEP_TIMEOUT):
         async with websockets.connect(url) as ws:
-            status, _, _ = await raw_exchange(url, upgrade_request())
-            assert status == 503
+            status, headers, _ = await raw_exchange(url, upgrade_request())
+            assert (status, headers["retry-after"]) == (429, "1")
             await ws.send("still fine")
             assert await ws.recv() == "still fine"
 
@@ -419,3 +432,217 @@ async def test_426_sends_one_connection_header(start_gateway, ws_backend):
     assert head.startswith(b"HTTP/1.1 426 ")
     connection_lines = [line for line in head.split(b"\r\n") if line.lower().startswith(b"connection:")]
     assert connection_lines == [b"Connection: Upgrade, close"]
+
+
+# -- the client's address and the limits per address ----------------------------------
+
+
+@pytest.fixture
+async def start_gateway_object() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Gateway]]]:
+    """Like conftest's start_gateway, but returns the Gateway, for its books."""
+    gateways: list[Gateway] = []
+
+    async def start(config: dict[str, Any]) -> Gateway:
+        gateway = Gateway(parse_config(config))
+        await gateway.start()
+        gateways.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in gateways:
+        await gateway.close()
+
+
+def ws_url(gateway: Gateway) -> str:
+    host, port = gateway.addresses[0]
+    return f"ws://{host}:{port}"
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def connect_from(url: str, local_host: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection to the gateway from a chosen source address (all of 127.0.0.0/8 is local)."""
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port), local_addr=(local_host, 0))
+
+
+async def answer_at_accept(url: str, local_host: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+    """What the gateway answers a connection that has sent nothing yet."""
+    reader, writer = await connect_from(url, local_host)
+    try:
+        return await read_response_head(reader)
+    finally:
+        writer.close()
+
+
+async def exchange_from(url: str, local_host: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await connect_from(url, local_host)
+    try:
+        writer.write(data)
+        return await read_response_head(reader)
+    finally:
+        writer.close()
+
+
+async def test_untrusted_peer_cannot_choose_its_forwarded_address(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url], route={"hash_key": "ip"}))
+    spoofed = "X-Forwarded-For: 203.0.113.7\r\nForwarded: for=198.51.100.9\r\nX-Real-IP: 192.0.2.1\r\n"
+    status, _, _ = await raw_exchange(url, upgrade_request(extra=spoofed))
+    assert status == 101
+    seen = ws_backend.requests[0]
+    assert (seen["x-forwarded-for"], seen["x-real-ip"]) == ("127.0.0.1", "127.0.0.1")
+    assert "forwarded" not in seen
+
+
+@pytest.mark.parametrize(
+    ("header", "client", "chain"),
+    [
+        pytest.param(
+            "X-Forwarded-For: 198.51.100.1, 203.0.113.9\r\nX-Forwarded-For: 10.1.2.3:5050\r\n",
+            "203.0.113.9", "203.0.113.9, 10.1.2.3, 127.0.0.1", id="x-forwarded-for",
+        ),
+        pytest.param(
+            'Forwarded: for=198.51.100.1, for="[2001:DB8::9]:4711";proto=https, for=10.1.2.3\r\n',
+            "2001:db8::9", "2001:db8::9, 10.1.2.3, 127.0.0.1", id="forwarded",
+        ),
+        pytest.param(
+            "X-Forwarded-For: 10.1.2.4\r\n", "10.1.2.4", "10.1.2.4, 127.0.0.1", id="all-trusted",
+        ),
+        pytest.param(
+            "Forwarded: for=198.51.100.1, for=_hidden\r\n", "127.0.0.1", "127.0.0.1", id="obfuscated",
+        ),
+        pytest.param("X-Forwarded-For: 203.0.113.9, bogus\r\n", "127.0.0.1", "127.0.0.1", id="invalid"),
+        pytest.param("", "127.0.0.1", "127.0.0.1", id="absent"),
+    ],
+)
+async def test_trusted_peer_names_the_client(start_gateway, ws_backend, caplog, header, client, chain):
+    caplog.set_level(logging.INFO, logger="wsgate.access")
+    config = gateway_config([ws_backend.url], trusted_proxies=["127.0.0.1", "10.0.0.0/8"])
+    url = await start_gateway(config)
+    status, _, _ = await raw_exchange(url, upgrade_request(extra=header))
+    assert status == 101
+    seen = ws_backend.requests[0]
+    assert (seen["x-forwarded-for"], seen["x-real-ip"]) == (chain, client)
+    assert "forwarded" not in seen
+    await until(lambda: any(r.name == "wsgate.access" for r in caplog.records), "the access line")
+    (line,) = [r.access for r in caplog.records if r.name == "wsgate.access"]
+    # The peer is logged with its port, as any client is; a client named by the proxy, without.
+    assert line["client"] == client or (client == "127.0.0.1" and line["client"].startswith("127.0.0.1:"))
+    assert line["key_hash"] == key_hash(client.encode())  # the route hashes by ip
+
+
+async def test_per_ip_cap_counts_the_resolved_address(start_gateway, ws_backend):
+    config = gateway_config(
+        [ws_backend.url], trusted_proxies=["127.0.0.1"], limits={"max_connections_per_ip": 1}
+    )
+    url = await start_gateway(config)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        _, first = await open_raw_client(url, extra="X-Forwarded-For: 203.0.113.1\r\n")
+        _, second = await open_raw_client(url, extra="X-Forwarded-For: 203.0.113.2\r\n")
+        again = upgrade_request(extra="X-Forwarded-For: 203.0.113.1\r\n")
+        status, headers, _ = await raw_exchange(url, again)
+        first.close()
+        second.close()
+    assert (status, headers["retry-after"]) == (429, "1")
+    assert ws_backend.connections == 2
+
+
+async def test_new_connections_over_the_rate_get_429_with_retry_after(start_gateway, ws_backend):
+    limits = {"new_connections_per_ip": {"rate": "1/m", "burst": 2}}
+    url = await start_gateway(gateway_config([ws_backend.url], limits=limits))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        for _ in range(2):
+            assert (await raw_exchange(url, upgrade_request()))[0] == 101
+        status, headers, body = await answer_at_accept(url)
+    assert status == 429 and body
+    # One token a minute, and the second was spent a moment ago.
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert ws_backend.connections == 2
+
+
+async def test_per_ip_cap_off_leaves_the_global_cap(start_gateway, ws_backend):
+    limits = {"max_connections_per_ip": None, "max_connections": 2}
+    url = await start_gateway(gateway_config([ws_backend.url], limits=limits))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        _, first = await open_raw_client(url)
+        _, second = await open_raw_client(url)
+        status, headers, _ = await answer_at_accept(url)
+        first.close()
+        second.close()
+    assert (status, headers["retry-after"]) == (503, "1")
+
+
+async def test_bucket_table_stays_within_its_bound(start_gateway_object, ws_backend):
+    limits = {"new_connections_per_ip": {"rate": "1/m", "burst": 1, "max_addresses": 4}}
+    gateway = await start_gateway_object(
+        gateway_config([ws_backend.url], trusted_proxies=["127.0.0.1"], limits=limits)
+    )
+    url = ws_url(gateway)
+
+    def from_address(i: int) -> bytes:
+        return upgrade_request(extra=f"X-Forwarded-For: 203.0.113.{i}\r\n")
+
+    async with asyncio.timeout(STEP_TIMEOUT):
+        for i in range(20):
+            assert (await raw_exchange(url, from_address(i)))[0] == 101
+            assert gateway.tracked_addresses <= 4
+        assert gateway.tracked_addresses == 4
+        # The latest address is remembered, with its one token spent; the first was
+        # forgotten, so it starts again with a full bucket.
+        assert (await raw_exchange(url, from_address(19)))[0] == 429
+        assert (await raw_exchange(url, from_address(0)))[0] == 101
+
+
+async def test_refused_and_relayed_connections_leave_no_count_behind(start_gateway_object, ws_backend):
+    # Clients from 127.0.0.1 are admitted per address at accept; those from 127.0.0.2, a
+    # trusted proxy, once their request head has named the client.
+    limits = {
+        "max_connections": 5,
+        "max_connections_per_ip": 2,
+        "new_connections_per_ip": {"rate": "1/m", "burst": 3},
+    }
+    gateway = await start_gateway_object(
+        gateway_config([ws_backend.url], trusted_proxies=["127.0.0.2"], limits=limits)
+    )
+    url = ws_url(gateway)
+    held: list[asyncio.StreamWriter] = []
+    answers: list[tuple[int, bytes]] = []
+
+    async def hold(local_host: str, client: str = "") -> None:
+        reader, writer = await connect_from(url, local_host)
+        held.append(writer)
+        writer.write(upgrade_request(extra=f"X-Forwarded-For: {client}\r\n" if client else ""))
+        assert (await read_response_head(reader))[0] == 101
+
+    async def refused(answer: Awaitable[tuple[int, dict[str, str], bytes]]) -> None:
+        status, _, body = await answer
+        answers.append((status, body))
+        # A refused connection gives back what it was counted for, however it was refused.
+        await until(lambda: gateway.connection_count == len(held), "the refused connection's release")
+
+    via_proxy = upgrade_request(extra="X-Forwarded-For: 203.0.113.1\r\n")
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await hold("127.0.0.1")
+        await hold("127.0.0.1")
+        await refused(answer_at_accept(url))  # the cap of 2
+        await refused(answer_at_accept(url))  # the bucket of 3, now empty
+        await hold("127.0.0.2", "203.0.113.1")
+        await hold("127.0.0.2", "203.0.113.1")
+        await refused(exchange_from(url, "127.0.0.2", via_proxy))
+        await refused(exchange_from(url, "127.0.0.2", via_proxy))
+        await hold("127.0.0.2", "203.0.113.2")
+        await refused(answer_at_accept(url, "127.0.0.3"))  # the global cap of 5
+        assert gateway._per_ip == {"127.0.0.1": 2, "203.0.113.1": 2, "203.0.113.2": 1}
+        for writer in held:
+            writer.close()
+        await until(lambda: gateway.connection_count == 0, "every connection's release")
+    cap = b"too many connections from your address\n"
+    rate = b"too many new connections from your address\n"
+    full = b"the gateway is at its connection limit\n"
+    assert answers == [(429, cap), (429, rate), (429, cap), (429, rate), (503, full)]
+    assert gateway._per_ip == {}

@@ -410,6 +410,36 @@ async def test_plain_tcp_on_the_tls_port_fails_cleanly(pki, tls_listener):
             assert await ws.recv() == "still serving"
 
 
+async def test_limits_per_address_on_a_tls_listener(pki, echo_backend, start_gateway_object):
+    # A client that is its own peer is refused at accept, before any TLS is spent on it;
+    # one behind a trusted proxy is known only from the request, so it hears a 429 over TLS.
+    backend = await echo_backend()
+    tls = {"cert": pki.default.cert, "key": pki.default.key}
+    config = tls_config(
+        backend.url, tls, trusted_proxies=["127.0.0.2"], limits={"max_connections_per_ip": 1}
+    )
+    gateway = await start_gateway_object(config)
+    url = f"wss://127.0.0.1:{port_of(gateway)}/"
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(url, ssl=pki.client_context()) as held:
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                _, writer = await asyncio.open_connection(
+                    "127.0.0.1", port_of(gateway), ssl=pki.client_context()
+                )
+                await close_writer(writer)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port_of(gateway), ssl=pki.client_context(), local_addr=("127.0.0.2", 0)
+            )
+            writer.write(upgrade_request(extra="X-Forwarded-For: 127.0.0.1\r\n"))
+            status, headers, _ = await read_response_head(reader)
+            await close_writer(writer)
+            await held.send("still serving")
+            assert await held.recv() == "still serving"
+    assert (status, headers["retry-after"]) == (429, "1")
+    assert len(backend.requests) == 1
+    await wait_until(lambda: gateway.connection_count == 0, "every connection's release")
+
+
 async def test_silent_client_is_dropped_after_the_handshake_timeout(pki, echo_backend, start_gateway_object):
     backend = await echo_backend()
     tls = {"cert": pki.default.cert, "key": pki.default.key}

@@ -49,6 +49,7 @@ __all__ = [
     "Listener",
     "Log",
     "Match",
+    "NewConnections",
     "PassiveEjection",
     "Rebalance",
     "Route",
@@ -62,6 +63,8 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "parse_host_port",
+    "parse_network",
+    "parse_rate",
     "parse_size",
     "read_admin_token",
 ]
@@ -187,6 +190,49 @@ def parse_size(value: object) -> int:
     if size < 0:
         raise ValueError(f"a size cannot be negative, got {_show(value)}")
     return size
+
+
+_RATE_HINT = "expected a rate such as 20/s or 600/m, or a number per second"
+_RATE_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:/\s*(?P<unit>s|m|h))?")
+_RATE_PERIODS = {"s": 1, "m": 60, "h": 3600, None: 1}
+
+
+def parse_rate(value: object) -> float:
+    """Events per second from a number or a string like "20/s", "600/m", "1000/h"."""
+    if isinstance(value, bool):
+        raise ValueError(f"{_RATE_HINT}, got {_show(value)}")
+    if isinstance(value, (int, float)):
+        rate = float(value)
+    elif isinstance(value, str):
+        match = _RATE_RE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f"{_RATE_HINT}, got {_show(value)}")
+        rate = float(Fraction(match["num"]) / _RATE_PERIODS[match["unit"]])
+    else:
+        raise ValueError(f"{_RATE_HINT}, got {_show(value)}")
+    if not math.isfinite(rate):
+        raise ValueError(f"{_RATE_HINT}, got {_show(value)}")
+    if rate <= 0:
+        raise ValueError(f"a rate must be greater than zero, got {_show(value)}")
+    return rate
+
+
+_NETWORK_HINT = "expected an address or network such as 10.0.0.0/8 or 2001:db8::/32"
+
+
+def parse_network(value: object) -> str:
+    """A network in CIDR form ("10.0.0.0/8"; a bare address is a /32 or /128), normalized."""
+    if not isinstance(value, str):
+        raise ValueError(f"{_NETWORK_HINT}, got {_show(value)}")
+    try:
+        return str(ipaddress.ip_network(value.strip()))
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{_NETWORK_HINT}, got {_show(value)}") from None
+    raise ValueError(f"{_show(value)} has bits set beyond its prefix; did you mean {str(loose)!r}?")
 
 
 _HOST_PORT_HINT = "expected host:port such as 127.0.0.1:8080"
@@ -326,6 +372,7 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 _Int = Annotated[int, BeforeValidator(_check_int)]
 _PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
 _HostPort = Annotated[str, BeforeValidator(_check_host_port)]
+_Network = Annotated[str, BeforeValidator(parse_network)]
 _Name = Annotated[str, AfterValidator(_check_name)]
 
 
@@ -703,16 +750,19 @@ class Heartbeat(_Model):
     timeout: _PositiveDuration = 10.0
 
 
-def _check_number(value: object) -> object:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"expected a number, got {_show(value)}")
-    return value
+class NewConnections(_Model):
+    """A token bucket per client address: `burst` connections at once, `rate` a second after."""
+
+    rate: Annotated[float, BeforeValidator(parse_rate)]
+    burst: Annotated[_Int, _at_least(1)]
+    # Buckets kept at most; beyond, the address seen longest ago is forgotten.
+    max_addresses: Annotated[_Int, _at_least(1)] = 100_000
 
 
 class FrameRate(_Model):
     """A token bucket per connection: `rate` frames a second, up to `burst` at once."""
 
-    rate: Annotated[float, BeforeValidator(_check_number), AfterValidator(_positive)]
+    rate: Annotated[float, BeforeValidator(parse_rate)]
     # Defaults to one second's worth of frames.
     burst: Annotated[_Int, _at_least(1)] | None = None
 
@@ -725,7 +775,9 @@ class Limits(_Model):
     """Caps that protect the gateway from too many or too large inputs."""
 
     max_connections: Annotated[_Int, _at_least(1)] = 100_000
-    max_connections_per_ip: Annotated[_Int, _at_least(1)] = 1000
+    # Open connections per client address; null = no cap.
+    max_connections_per_ip: Annotated[_Int, _at_least(1)] | None = 1000
+    new_connections_per_ip: NewConnections | None = None
     max_message_size: Size = 16 * MiB
     max_header_bytes: Annotated[Size, _size_between(KiB, MiB)] = 16 * KiB
     # Frames a client may send per connection; beyond it, Close 1008. Off when absent.
@@ -794,6 +846,8 @@ class Config(_Model):
     workers: Annotated[_Int, BeforeValidator(_worker_count), _between(1, 256)] = 1
     admin: _Section[Admin] = Admin()
     routes: list[Route] = Field(min_length=1)
+    # Peers whose X-Forwarded-For and Forwarded headers are believed.
+    trusted_proxies: list[_Network] = []
     timeouts: _Section[Timeouts] = Timeouts()
     heartbeat: _Section[Heartbeat] = Heartbeat()
     limits: _Section[Limits] = Limits()

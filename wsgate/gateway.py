@@ -12,20 +12,24 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import math
 import random
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .balancer import Member, Pool
-from .config import Config, Listener, Log, format_host_port, keep_restart_settings, load_config
-from .errors import ConfigError, ListenError
+from .config import Config, Limits, Listener, Log, format_host_port, keep_restart_settings, load_config
+from .errors import ConfigError, HandshakeError, ListenError
+from .forwarding import TrustedProxies
 from .frames import CloseCode
 from .metrics import Metrics, close_code_label
+from .ratelimit import TokenBuckets
 from .relay import GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
 from .routing import match_route
 from .server import ClientHandshake
@@ -84,6 +88,29 @@ def _close_entry(written: tuple[int | None, str] | None) -> dict[str, object] | 
     return {"code": code, "by": sender}
 
 
+def _new_connection_buckets(limits: Limits) -> TokenBuckets | None:
+    setting = limits.new_connections_per_ip
+    if setting is None:
+        return None
+    return TokenBuckets(setting.rate, setting.burst, setting.max_addresses)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A connection the limits turn away: its answer, and its `handshake_rejections` reason."""
+
+    label: str
+    error: HandshakeError
+
+
+_AT_CAPACITY = Refusal(
+    "limit", HandshakeError(503, "the gateway is at its connection limit", [("Retry-After", "1")])
+)
+_IP_AT_CAPACITY = Refusal(
+    "ip_limit", HandshakeError(429, "too many connections from your address", [("Retry-After", "1")])
+)
+
+
 def iso_timestamp(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
@@ -119,7 +146,12 @@ class Gateway:
         self._connections: set[ClientHandshake] = set()
         self._relays = self._sweeper.relays
         self._all_closed = asyncio.Event()
+        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
+        # Admitted connections: all of them, and by client address (an entry per address
+        # with at least one, so the table is no larger than the connections).
+        self._open_count = 0
         self._per_ip: dict[str, int] = {}
+        self._new_connections = _new_connection_buckets(config.limits)
         self._ids = itertools.count(1)
 
     @property
@@ -133,7 +165,12 @@ class Gateway:
 
     @property
     def connection_count(self) -> int:
-        return sum(self._per_ip.values())
+        return self._open_count
+
+    @property
+    def tracked_addresses(self) -> int:
+        """How many addresses the new-connection rate limit keeps a bucket for."""
+        return 0 if self._new_connections is None else len(self._new_connections)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -344,6 +381,9 @@ class Gateway:
             self.apply_log(config.log)  # first, so that what the reload logs follows it
         self.config, self.tls, self.pools = config, tls, pools
         self.relay_settings = _relay_settings(config)
+        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
+        if config.limits.new_connections_per_ip != old_config.limits.new_connections_per_ip:
+            self._new_connections = _new_connection_buckets(config.limits)  # every bucket full
         self._sweeper.retime(*sweep_timing(self.relay_settings), asyncio.get_running_loop().time())
         self.loaded_at = time.time()
         self.config_version = config_digest(config)
@@ -542,17 +582,36 @@ class Gateway:
 
     # -- bookkeeping used by the protocols ------------------------------------
 
-    def _admit(self, ip: str) -> str | None:
-        """Count a new connection from `ip`, or say why it is refused."""
-        limits = self.config.limits
-        if self.connection_count >= limits.max_connections:
-            return "the gateway is at its connection limit"
-        if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
-            return "too many connections from your address"
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+    def _admit(self) -> Refusal | None:
+        """Count a new connection, or say why the gateway-wide cap refuses it."""
+        if self._open_count >= self.config.limits.max_connections:
+            return _AT_CAPACITY
+        self._open_count += 1
         return None
 
-    def _release(self, ip: str) -> None:
+    def _admit_address(self, ip: str) -> Refusal | None:
+        """Count an admitted connection under its client address, or say why that address
+        is refused: over its rate of new connections, or at its cap of open ones."""
+        limits = self.config.limits
+        if self._new_connections is not None:
+            wait = self._new_connections.take(ip, time.monotonic())
+            if wait:
+                retry_after = str(max(1, math.ceil(wait)))
+                error = HandshakeError(
+                    429, "too many new connections from your address", [("Retry-After", retry_after)]
+                )
+                return Refusal("rate_limit", error)
+        count = self._per_ip.get(ip, 0)
+        if limits.max_connections_per_ip is not None and count >= limits.max_connections_per_ip:
+            return _IP_AT_CAPACITY
+        self._per_ip[ip] = count + 1
+        return None
+
+    def _release(self, ip: str | None) -> None:
+        """Give back an admitted connection; `ip` is the address it was counted under, if any."""
+        self._open_count -= 1
+        if ip is None:
+            return
         left = self._per_ip[ip] - 1
         if left:
             self._per_ip[ip] = left

@@ -42,8 +42,16 @@ _HOP_BY_HOP = frozenset(
 # without them the backend gets no upgrade, and its 101 cannot be checked.
 _NEVER_STRIPPED = frozenset({b"host", b"sec-websocket-key", b"sec-websocket-version"})
 # Set by the gateway; a client's own values would let it forge its address or identity.
+# Forwarded is dropped, not set: the chain the gateway believed goes on in X-Forwarded-For.
 _FORWARDING_SET = frozenset(
-    {b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"x-client-cert-subject"}
+    {
+        b"x-forwarded-for",
+        b"forwarded",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-real-ip",
+        b"x-client-cert-subject",
+    }
 )
 
 
@@ -200,36 +208,38 @@ def build_upstream_request(
     handshake: ClientHandshake,
     *,
     client_ip: str,
+    forwarded_for: list[str] | None = None,
     scheme: str = "http",
     host: str | None = None,
     strip_extensions: bool = False,
     client_cert_subject: str | None = None,
 ) -> h11.Request:
-    """The request to send a backend: end-to-end headers kept, forwarding headers set."""
+    """The request to send a backend: end-to-end headers kept, forwarding headers set.
+
+    `forwarded_for` is the X-Forwarded-For chain, client first (see `forwarding`);
+    the client's own forwarding headers are never passed on. By default it is the
+    client alone.
+    """
     named_in_connection = set(_header_tokens(handshake.headers, b"connection"))
     drop = (_HOP_BY_HOP | named_in_connection | _FORWARDING_SET) - _NEVER_STRIPPED
     if strip_extensions:
         drop = drop | {b"sec-websocket-extensions"}
-    forwarded_for: list[bytes] = []
     original_host = b""
     headers: Headers = []
     for name, value in handshake.headers:
         lower = name.lower()
         if lower.startswith(b"proxy-") or lower in drop:
             continue
-        if lower == b"x-forwarded-for":
-            forwarded_for += _tokens(value)
-            continue
         if lower == b"host":
             original_host = value
             if host is not None:
                 value = host.encode("latin-1")
         headers.append((name, value))
-    forwarded_for.append(client_ip.encode("ascii"))
+    chain = [client_ip] if forwarded_for is None else forwarded_for
     headers += [
         (b"Connection", b"Upgrade"),
         (b"Upgrade", b"websocket"),
-        (b"X-Forwarded-For", b", ".join(forwarded_for)),
+        (b"X-Forwarded-For", ", ".join(chain).encode("ascii")),
         (b"X-Forwarded-Proto", scheme.encode("ascii")),
         (b"X-Forwarded-Host", original_host),
         (b"X-Real-IP", client_ip.encode("ascii")),

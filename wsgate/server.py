@@ -36,7 +36,7 @@ from .relay import Relay
 from .tls import ListenerTls, peer_subject
 
 if TYPE_CHECKING:
-    from .gateway import Gateway
+    from .gateway import Gateway, Refusal
 
 log = logging.getLogger("wsgate.server")
 
@@ -48,6 +48,7 @@ _REJECTION_REASONS = {
     405: "method",
     408: "timeout",
     426: "upgrade_required",
+    429: "rate_limit",  # the cap of open connections per address passes "ip_limit" itself
     431: "headers_too_large",
     503: "limit",
 }
@@ -74,6 +75,8 @@ class ClientHandshake(asyncio.Protocol):
         "task",
         "timer",
         "admitted",
+        "address_pending",
+        "address_counted",
         "lost",
         "handed_off",
         "pool",
@@ -103,6 +106,10 @@ class ClientHandshake(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.admitted = False
+        # The peer is a trusted proxy: the request head names the client, and the limits
+        # per client address wait for it.
+        self.address_pending = False
+        self.address_counted = False  # counted under client_ip by the limits per address
         self.lost = False
         self.handed_off = False
         self.pool: Pool | None = None
@@ -129,19 +136,24 @@ class ClientHandshake(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
         self.client_address = format_host_port(peer[0], peer[1]) if peer else "unknown"
-        tls = self.gateway.tls.get(self.listener.name)
-        refusal = self.gateway._admit(self.client_ip)
-        if refusal is not None:
-            log.warning("conn=%d refused %s: %s", self.conn_id, self.client_ip, refusal)
-            self.gateway.metrics.handshake_rejections.labels("limit").inc()
-            self._account(503, "rejected", refusal)
-            if tls is None:
-                self._reply(render_error(503, refusal, [("Retry-After", "1")]), linger=False)
+        self._address_known()
+
+    def _address_known(self) -> None:
+        """Admit the connection from `client_ip`, then start TLS or wait for the request."""
+        gateway = self.gateway
+        tls = gateway.tls.get(self.listener.name)
+        refusal = gateway._admit()
+        if refusal is None:
+            self.admitted = True
+            gateway._connections.add(self)
+            if gateway.trusted_proxies.includes(self.client_ip):
+                self.address_pending = True
             else:
-                transport.close()  # no HTTP can be spoken before TLS; spend no handshake on it
+                refusal = gateway._admit_address(self.client_ip)
+                self.address_counted = refusal is None
+        if refusal is not None:
+            self._refuse_at_accept(refusal, tls is not None)
             return
-        self.admitted = True
-        self.gateway._connections.add(self)
         if tls is None:
             self._start_request_timer()
             return
@@ -175,6 +187,18 @@ class ClientHandshake(asyncio.Protocol):
             self._finish()
             return
         self._start_request_timer()
+
+    def _refuse_at_accept(self, refusal: Refusal, tls: bool) -> None:
+        """Answer a connection the limits turn away, spending nothing more on it."""
+        error = refusal.error
+        level = logging.WARNING if refusal.label == "limit" else logging.INFO
+        log.log(level, "conn=%d refused %s: %s", self.conn_id, self.client_ip, error.reason)
+        self.gateway.metrics.handshake_rejections.labels(refusal.label).inc()
+        self._account(error.status, "rejected", error.reason)
+        if tls:
+            self.transport.close()  # no HTTP can be spoken before TLS; spend no handshake on it
+        else:
+            self._reply(render_rejection(error), linger=False)
 
     def _start_request_timer(self) -> None:
         self.timer = asyncio.get_running_loop().call_later(
@@ -219,7 +243,8 @@ class ClientHandshake(asyncio.Protocol):
         self.gateway._connections.discard(self)
         if self.admitted:
             self.admitted = False
-            self.gateway._release(self.client_ip)
+            self.gateway._release(self.client_ip if self.address_counted else None)
+            self.address_counted = False
 
     def _next_request_event(self) -> None:
         try:
@@ -267,9 +292,10 @@ class ClientHandshake(asyncio.Protocol):
             self.timer.cancel()
         self.timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
 
-    def _reject(self, error: HandshakeError) -> None:
+    def _reject(self, error: HandshakeError, label: str | None = None) -> None:
         log.info("conn=%d %s rejected: %d %s", self.conn_id, self.client_ip, error.status, error.reason)
-        self.gateway.metrics.handshake_rejections.labels(_REJECTION_REASONS.get(error.status, "other")).inc()
+        label = label or _REJECTION_REASONS.get(error.status, "other")
+        self.gateway.metrics.handshake_rejections.labels(label).inc()
         self._account(error.status, "rejected", error.reason)
         self._reply(render_rejection(error))
 
@@ -283,8 +309,25 @@ class ClientHandshake(asyncio.Protocol):
             self.client_address, route, backend, self.key, status, duration, reason, self.client_cert
         )
 
+    def _name_client(self, request: h11.Request) -> list[str]:
+        """Take the client's address from a trusted proxy's headers; the X-Forwarded-For to send on."""
+        client = self.gateway.trusted_proxies.resolve(self.client_ip, list(request.headers.raw_items()))
+        if client.ip != self.client_ip:
+            self.client_ip = self.client_address = client.ip
+        self.address_pending = False
+        return client.forwarded_for
+
     async def _proxy(self, request: h11.Request) -> None:
         try:
+            forwarded_for = [self.client_ip]
+            if self.address_pending:
+                # Before anything else, as a peer that is not a proxy is limited at accept.
+                forwarded_for = self._name_client(request)
+                refusal = self.gateway._admit_address(self.client_ip)
+                if refusal is not None:
+                    self._reject(refusal.error, refusal.label)
+                    return
+                self.address_counted = True
             handshake = check_client_request(request)
             pool = self.gateway._pool_for(handshake.host, handshake.path)
             if pool is None:
@@ -303,6 +346,7 @@ class ClientHandshake(asyncio.Protocol):
             upstream = build_upstream_request(
                 handshake,
                 client_ip=self.client_ip,
+                forwarded_for=forwarded_for,
                 scheme="https" if tls else "http",
                 host=route.upstream_host,
                 strip_extensions=route.compression == "strip",
