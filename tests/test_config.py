@@ -406,6 +406,13 @@ DUP_ROUTES = [
          "expected a host name such as chat.example.com or *.example.com, got 'a.*.com'"),
         (with_("routes.0.match.path_prefix", "ws"), "routes[0].match.path_prefix",
          "must start with '/', got 'ws'"),
+        (with_("routes.0.match", {"path_prefix": "/a", "path_prefix_raw": "/a"}), "routes[0].match",
+         "give path_prefix or path_prefix_raw, not both"),
+        (with_("routes.0.match.path_prefix_raw", "a"), "routes[0].match.path_prefix_raw",
+         "must start with '/', got 'a'"),
+        (with_("routes", [{**MINIMAL["routes"][0], "name": "a", "match": {"path_prefix_raw": "/a"}},
+                          {**MINIMAL["routes"][0], "name": "b", "match": {"path_prefix_raw": "/a"}}]),
+         "routes[1].match", "same host and path_prefix_raw as route 'a', so this route would never be used"),
         (with_("routes.0.match.path_prefix", "/ws?x=1"), "routes[0].match.path_prefix",
          "expected a path such as /ws"),
         (with_("routes.0.match", "/ws"), "routes[0].match",
@@ -544,7 +551,7 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
         (with_("routes.0.hash", "ip"), "routes[0].hash",
          "name, match, backends, compression, upstream_host, allowed_origins, hash_key, hash_fallback,"
          " balance_factor, retries, health_check, passive_ejection, rebalance"),
-        (with_("routes.0.match.path", "/"), "routes[0].match.path", "host, path_prefix"),
+        (with_("routes.0.match.path", "/"), "routes[0].match.path", "host, path_prefix, path_prefix_raw"),
         (with_("routes.0.backends.0.address", "x"), "routes[0].backends[0].address", "url, dns, weight, tls"),
         (with_("timeouts.read", "1s"), "timeouts.read", "handshake, connect, idle, close"),
         (with_("heartbeat.pong", "1s"), "heartbeat.pong", "interval, timeout"),
@@ -569,7 +576,7 @@ def test_non_string_key() -> None:
 def test_unknown_key_suggests_the_closest_name() -> None:
     error = config_error(with_("routes.0.match.pathprefix", "/"))
     assert error.message == (
-        "unknown key; expected one of: host, path_prefix (did you mean 'path_prefix'?)"
+        "unknown key; expected one of: host, path_prefix, path_prefix_raw (did you mean 'path_prefix'?)"
     )
 
 
@@ -777,7 +784,11 @@ def test_example_file_shows_the_defaults() -> None:
 
 
 # Keys that exclude each other: an entry shows one of them.
-_ALTERNATIVES = {("Backend", "url"): "dns", ("Backend", "dns"): "url"}
+_ALTERNATIVES = {
+    ("Backend", "url"): "dns",
+    ("Backend", "dns"): "url",
+    ("Match", "path_prefix_raw"): "path_prefix",
+}
 
 
 def _missing_keys(model: type[BaseModel], data: Any, path: str) -> list[str]:

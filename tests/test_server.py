@@ -132,11 +132,29 @@ async def test_routes_match_host_and_path_prefix(start_gateway, ws_backend, aioh
         extra_routes=[{"name": "fallback", "backends": [{"url": aiohttp_backend.url}]}],
     )
     url = await start_gateway(config)
-    for host, path in [("A.Example.com:443", "/chat/1"), ("example.com", "/chat"), ("b.example.com", "/other")]:
+    for host, path in [
+        ("A.Example.com:443", "/chat/1"),
+        ("example.com", "/chat"),
+        ("b.example.com", "/other"),
+        ("b.example.com", "/chatroom"),
+    ]:
         status, _, _ = await raw_exchange(url, upgrade_request(path=path, host=host))
         assert status == 101
     assert ws_backend.connections == 1
-    assert aiohttp_backend.connections == 2
+    assert aiohttp_backend.connections == 3
+
+
+async def test_path_prefix_raw_matches_a_plain_string_prefix(start_gateway, ws_backend, aiohttp_backend):
+    config = gateway_config(
+        [ws_backend.url],
+        route={"match": {"path_prefix_raw": "/chat"}},
+        extra_routes=[{"name": "fallback", "backends": [{"url": aiohttp_backend.url}]}],
+    )
+    url = await start_gateway(config)
+    for path in ["/chatroom", "/chat/1", "/other"]:
+        status, _, _ = await raw_exchange(url, upgrade_request(path=path))
+        assert status == 101
+    assert (ws_backend.connections, aiohttp_backend.connections) == (2, 1)
 
 
 # -- rejected handshakes ------------------------------------------------------------
