@@ -213,6 +213,8 @@ def test_defaults_applied() -> None:
         max_connections_per_ip=1000,
         max_message_size=16 * 1024**2,
         max_header_bytes=16 * 1024,
+        max_target_bytes=8 * 1024,
+        max_headers=100,
     )
     assert config.flow_control == FlowControl(high_water=256 * 1024, low_water=64 * 1024)
     assert config.shutdown == Shutdown(drain_period=30, grace_period=45)
@@ -252,7 +254,12 @@ def test_values_in_units_are_converted() -> None:
             **MINIMAL,
             "timeouts": {"handshake": "250ms", "connect": 2, "idle": 0, "close": "1.5s"},
             "heartbeat": {"interval": "1m", "timeout": "5s"},
-            "limits": {"max_message_size": "1MiB", "max_header_bytes": "8KiB"},
+            "limits": {
+                "max_message_size": "1MiB",
+                "max_header_bytes": "8KiB",
+                "max_target_bytes": "2KiB",
+                "max_headers": 20,
+            },
             "flow_control": {"high_water": "1MB", "low_water": 1000},
             "shutdown": {"drain_period": 0, "grace_period": "0s"},
             "log": {"level": "DEBUG", "format": "json"},
@@ -262,6 +269,7 @@ def test_values_in_units_are_converted() -> None:
     assert config.heartbeat == Heartbeat(interval=60, timeout=5)
     assert config.limits.max_message_size == 1024**2
     assert config.limits.max_header_bytes == 8 * 1024
+    assert (config.limits.max_target_bytes, config.limits.max_headers) == (2 * 1024, 20)
     assert config.flow_control == FlowControl(high_water=1_000_000, low_water=1000)
     assert config.shutdown == Shutdown(drain_period=0, grace_period=0)
     assert config.log == Log(level="debug", format="json")
@@ -509,6 +517,9 @@ DUP_ROUTES = [
          "must be between 1KiB and 1MiB, got 512 bytes"),
         (with_("limits.max_header_bytes", "2MiB"), "limits.max_header_bytes",
          "must be between 1KiB and 1MiB, got 2MiB"),
+        (with_("limits.max_target_bytes", 100), "limits.max_target_bytes",
+         "must be between 1KiB and 1MiB, got 100 bytes"),
+        (with_("limits.max_headers", 0), "limits.max_headers", "must be between 1 and 10000, got 0"),
         # flow control
         (with_("flow_control.high_water", 0), "flow_control.high_water", "must be greater than zero"),
         (with_("flow_control.low_water", "256KiB"), "flow_control.low_water",
@@ -556,7 +567,8 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
         (with_("timeouts.read", "1s"), "timeouts.read", "handshake, connect, idle, close"),
         (with_("heartbeat.pong", "1s"), "heartbeat.pong", "interval, timeout"),
         (with_("limits.max_frame_size", 1), "limits.max_frame_size",
-         "max_connections, max_connections_per_ip, max_message_size, max_header_bytes"),
+         "max_connections, max_connections_per_ip, max_message_size, max_header_bytes, max_target_bytes,"
+         " max_headers"),
         (with_("flow_control.mid_water", 1), "flow_control.mid_water", "high_water, low_water"),
         (with_("shutdown.drain", "1s"), "shutdown.drain", "drain_period, grace_period"),
         (with_("log.file", "x"), "log.file", "level, format"),

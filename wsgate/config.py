@@ -707,6 +707,8 @@ class Limits(_Model):
     max_connections_per_ip: Annotated[_Int, _at_least(1)] = 1000
     max_message_size: Size = 16 * MiB
     max_header_bytes: Annotated[Size, _size_between(KiB, MiB)] = 16 * KiB
+    max_target_bytes: Annotated[Size, _size_between(KiB, MiB)] = 8 * KiB
+    max_headers: Annotated[_Int, _between(1, 10_000)] = 100
 
 
 class FlowControl(_Model):
