@@ -496,7 +496,7 @@ async def test_request_hygiene_refusals_never_reach_a_backend(
         pytest.param(upgrade_request(extra="X-Big: " + "a" * 64 * 1024 + "\r\n"), 431, id="64KiB-head"),
         pytest.param(_with_header_lines(10_000), 431, id="10000-header-lines"),
         pytest.param(_with_header_lines(10_000).replace(b"\r\n", b"\n"), 400, id="10000-bare-lf-lines"),
-        pytest.param(b"GET /" + b"\x00\xff" * 32 * 1024 + b" HTTP/1.1\r\n\r\n", 414, id="64KiB-binary-target"),
+        pytest.param(b"GET /" + b"\xff" * 64 * 1024 + b" HTTP/1.1\r\n\r\n", 414, id="64KiB-binary-target"),
         pytest.param(b"GET /" + b"a" * 64 * 1024 + b"\r\n\r\n", 431, id="64KiB-http-0.9"),
         pytest.param(b"GET / HTTP/1.1\r\n" + b"\x00\r\n" * 20_000, 431, id="20000-binary-lines"),
         pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc" + bytes(64 * 1024), 400, id="tls-hello"),
@@ -515,14 +515,16 @@ async def test_huge_head_in_one_write_is_refused_without_a_backend(
 @pytest.mark.parametrize(
     ("request_bytes", "forwarded_target"),
     [
-        pytest.param(_with_target("/" + "t" * (8 * 1024 - 1)), b"/" + b"t" * (8 * 1024 - 1), id="target-at-8KiB"),
+        pytest.param(_with_target("/" + "t" * 8191), b"/" + b"t" * 8191, id="target-at-8KiB"),
         pytest.param(_with_header_lines(100), b"/", id="100-header-lines"),
         pytest.param(_with_target("/a..b/.c/d.?q=/../"), b"/a..b/.c/d.?q=/../", id="dots-not-segments"),
-        pytest.param(_with_target("http://gateway.test/chat?x=1"), b"/chat?x=1", id="absolute-form-same-host"),
+        pytest.param(_with_target("http://gateway.test/c?x=1"), b"/c?x=1", id="absolute-form-same-host"),
         pytest.param(_with_target("WS://Gateway.Test"), b"/", id="absolute-form-no-path"),
     ],
 )
-async def test_requests_at_the_hygiene_limits_pass(start_gateway, raw_backend, request_bytes, forwarded_target):
+async def test_requests_at_the_hygiene_limits_pass(
+    start_gateway, raw_backend, request_bytes, forwarded_target
+):
     heads: list[bytes] = []
 
     async def accept(reader, writer):
