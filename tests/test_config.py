@@ -283,6 +283,8 @@ def test_defaults_applied() -> None:
         new_connections_per_ip=None,
         max_message_size=16 * 1024**2,
         max_header_bytes=16 * 1024,
+        max_target_bytes=8 * 1024,
+        max_headers=100,
     )
     assert config.trusted_proxies == []
     assert config.flow_control == FlowControl(high_water=256 * 1024, low_water=64 * 1024)
@@ -342,7 +344,12 @@ def test_values_in_units_are_converted() -> None:
             **MINIMAL,
             "timeouts": {"handshake": "250ms", "connect": 2, "idle": 0, "close": "1.5s"},
             "heartbeat": {"interval": "1m", "timeout": "5s"},
-            "limits": {"max_message_size": "1MiB", "max_header_bytes": "8KiB"},
+            "limits": {
+                "max_message_size": "1MiB",
+                "max_header_bytes": "8KiB",
+                "max_target_bytes": "2KiB",
+                "max_headers": 20,
+            },
             "flow_control": {"high_water": "1MB", "low_water": 1000},
             "shutdown": {"drain_period": 0, "grace_period": "0s"},
             "log": {"level": "DEBUG", "format": "json"},
@@ -352,6 +359,7 @@ def test_values_in_units_are_converted() -> None:
     assert config.heartbeat == Heartbeat(interval=60, timeout=5)
     assert config.limits.max_message_size == 1024**2
     assert config.limits.max_header_bytes == 8 * 1024
+    assert (config.limits.max_target_bytes, config.limits.max_headers) == (2 * 1024, 20)
     assert config.flow_control == FlowControl(high_water=1_000_000, low_water=1000)
     assert config.shutdown == Shutdown(drain_period=0, grace_period=0)
     assert config.log == Log(level="debug", format="json")
@@ -534,6 +542,13 @@ DUP_ROUTES = [
          "expected a host name such as chat.example.com or *.example.com, got 'a.*.com'"),
         (with_("routes.0.match.path_prefix", "ws"), "routes[0].match.path_prefix",
          "must start with '/', got 'ws'"),
+        (with_("routes.0.match", {"path_prefix": "/a", "path_prefix_raw": "/a"}), "routes[0].match",
+         "give path_prefix or path_prefix_raw, not both"),
+        (with_("routes.0.match.path_prefix_raw", "a"), "routes[0].match.path_prefix_raw",
+         "must start with '/', got 'a'"),
+        (with_("routes", [{**MINIMAL["routes"][0], "name": "a", "match": {"path_prefix_raw": "/a"}},
+                          {**MINIMAL["routes"][0], "name": "b", "match": {"path_prefix_raw": "/a"}}]),
+         "routes[1].match", "same host and path_prefix_raw as route 'a', so this route would never be used"),
         (with_("routes.0.match.path_prefix", "/ws?x=1"), "routes[0].match.path_prefix",
          "expected a path such as /ws"),
         (with_("routes.0.match", "/ws"), "routes[0].match",
@@ -654,6 +669,9 @@ DUP_ROUTES = [
          "expected a rate such as 20/s or 600/m, or a number per second, got true"),
         (with_("limits.max_frames_per_second", {"rate": 10, "burst": 0}),
          "limits.max_frames_per_second.burst", "must be at least 1, got 0"),
+        (with_("limits.max_target_bytes", 100), "limits.max_target_bytes",
+         "must be between 1KiB and 1MiB, got 100 bytes"),
+        (with_("limits.max_headers", 0), "limits.max_headers", "must be between 1 and 10000, got 0"),
         # flow control
         (with_("flow_control.high_water", 0), "flow_control.high_water", "must be greater than zero"),
         (with_("flow_control.low_water", "256KiB"), "flow_control.low_water",
@@ -697,13 +715,13 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
         (with_("routes.0.hash", "ip"), "routes[0].hash",
          "name, match, backends, compression, upstream_host, allowed_origins, hash_key, hash_fallback,"
          " balance_factor, retries, health_check, passive_ejection, rebalance"),
-        (with_("routes.0.match.path", "/"), "routes[0].match.path", "host, path_prefix"),
+        (with_("routes.0.match.path", "/"), "routes[0].match.path", "host, path_prefix, path_prefix_raw"),
         (with_("routes.0.backends.0.address", "x"), "routes[0].backends[0].address", "url, dns, weight, tls"),
         (with_("timeouts.read", "1s"), "timeouts.read", "handshake, connect, idle, close"),
         (with_("heartbeat.pong", "1s"), "heartbeat.pong", "interval, timeout"),
         (with_("limits.max_frame_size", 1), "limits.max_frame_size",
          "max_connections, max_connections_per_ip, new_connections_per_ip, max_message_size,"
-         " max_header_bytes"),
+         " max_header_bytes, max_target_bytes, max_headers"),
         (with_("flow_control.mid_water", 1), "flow_control.mid_water", "high_water, low_water"),
         (with_("shutdown.drain", "1s"), "shutdown.drain", "drain_period, grace_period"),
         (with_("log.file", "x"), "log.file", "level, format"),
@@ -723,7 +741,7 @@ def test_non_string_key() -> None:
 def test_unknown_key_suggests_the_closest_name() -> None:
     error = config_error(with_("routes.0.match.pathprefix", "/"))
     assert error.message == (
-        "unknown key; expected one of: host, path_prefix (did you mean 'path_prefix'?)"
+        "unknown key; expected one of: host, path_prefix, path_prefix_raw (did you mean 'path_prefix'?)"
     )
 
 
@@ -934,7 +952,11 @@ def test_example_file_shows_the_defaults() -> None:
 
 
 # Keys that exclude each other: an entry shows one of them.
-_ALTERNATIVES = {("Backend", "url"): "dns", ("Backend", "dns"): "url"}
+_ALTERNATIVES = {
+    ("Backend", "url"): "dns",
+    ("Backend", "dns"): "url",
+    ("Match", "path_prefix_raw"): "path_prefix",
+}
 
 
 def _missing_keys(model: type[BaseModel], data: Any, path: str) -> list[str]:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from wsgate.errors import BackendUnavailable, HandshakeError
 from wsgate.handshake import (
     ClientHandshake,
+    HeadReader,
     Negotiated,
     accept_key,
     build_upstream_request,
@@ -264,7 +265,39 @@ BAD_REQUESTS = [
     pytest.param(request(target=b"*"), 400, {}, id="target-asterisk"),
     pytest.param(request(target=b"chat"), 400, {}, id="target-relative"),
     pytest.param(
-        request(target=b"http://chat.example.com/chat"), 400, {}, id="target-absolute-form"
+        request(target=b"http://other.example.com/chat"), 400, {}, id="target-absolute-other-host"
+    ),
+    pytest.param(
+        request(target=b"http://chat.example.com:80/chat"), 400, {}, id="target-absolute-other-port"
+    ),
+    pytest.param(
+        request(target=b"http://chat.example.com.evil.net/"), 400, {}, id="target-absolute-longer-host"
+    ),
+    pytest.param(
+        request(target=b"http://user@chat.example.com/"), 400, {}, id="target-absolute-userinfo"
+    ),
+    pytest.param(request(target=b"ftp://chat.example.com/"), 400, {}, id="target-absolute-ftp"),
+    pytest.param(request(target=b"chat.example.com:443"), 400, {}, id="target-authority-form"),
+    *(
+        pytest.param(request(target=target), 400, {}, id=f"dot-segment-{target.decode()}")
+        for target in [
+            b"/..",
+            b"/.",
+            b"/../../etc/passwd",
+            b"/chat/./x",
+            b"/chat/../admin",
+            b"/chat/..?x=1",
+            b"/chat/%2e%2e/admin",
+            b"/chat/%2E%2E",
+            b"/chat/.%2e/x",
+            b"/chat/%2e./x",
+            b"/chat/%2e",
+            b"/chat%2f..%2fadmin",
+            b"/chat%2F..",
+            b"/chat\\..\\admin",
+            b"/chat%5c..",
+            b"http://chat.example.com/../admin",
+        ]
     ),
 ]
 
@@ -315,6 +348,30 @@ def test_client_request_path(target: bytes, path: str) -> None:
     assert (result.target, result.path) == (target, path)
 
 
+@pytest.mark.parametrize(
+    "target",
+    [b"/a..b", b"/.well-known/x", b"/x/...", b"/x/..a", b"/v1.2/", b"/%2e%2e%2e", b"/x?p=/../y", b"/x%2e"],
+)
+def test_dots_that_are_not_segments_pass(target: bytes) -> None:
+    assert check_client_request(request(target=target)).target == target
+
+
+@pytest.mark.parametrize(
+    ("target", "origin_form"),
+    [
+        (b"http://chat.example.com/chat?x=1", b"/chat?x=1"),
+        (b"https://chat.example.com/", b"/"),
+        (b"WS://Chat.Example.COM/chat", b"/chat"),
+        (b"wss://chat.example.com", b"/"),
+        (b"http://chat.example.com?x=1", b"/?x=1"),
+    ],
+)
+def test_absolute_form_for_the_host_becomes_origin_form(target: bytes, origin_form: bytes) -> None:
+    result = check_client_request(request(target=target))
+    assert (result.target, result.path) == (origin_form, origin_form.partition(b"?")[0].decode())
+    assert build_upstream_request(result, client_ip=CLIENT_IP).target == origin_form
+
+
 def test_client_request_protocols_extensions_origin() -> None:
     result = handshake(
         (b"Sec-WebSocket-Protocol", b"chat.v2, chat.v1"),
@@ -333,6 +390,125 @@ def test_client_request_protocols_extensions_origin() -> None:
         b"permessage-deflate",
     ]
     assert result.origin == "https://chat.example.com"
+
+
+# ---------------------------------------------------------------- HeadReader
+
+HEAD = (
+    b"GET /chat?room=1 HTTP/1.1\r\nHost: chat.example.com\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+HEAD_LINES = 5
+
+
+def reader(
+    max_head_size: int = 16 * 1024, max_lines: int = 100, max_target: int | None = 8 * 1024
+) -> HeadReader:
+    return HeadReader(max_head_size, max_lines, max_target)
+
+
+def feed(head_reader: HeadReader, data: bytes, pieces: list[int]) -> bytes | None:
+    """Feed `data` cut at `pieces`, as the server does; None while the head is incomplete.
+
+    Once the head is complete, the pieces after it are the client's first frames.
+    """
+    result = None
+    cuts = [0, *sorted(set(pieces)), len(data)]
+    for start, stop in zip(cuts, cuts[1:]):
+        if result is None:
+            result = head_reader.receive_data(data[start:stop])
+        else:
+            result += data[start:stop]
+    return result
+
+
+def test_head_reader_returns_the_head_and_what_followed() -> None:
+    head_reader = reader()
+    assert head_reader.receive_data(HEAD[:-1]) is None
+    assert head_reader.receive_data(HEAD[-1:] + b"\x81\x00") == HEAD + b"\x81\x00"
+
+
+UPGRADE_LINE = b"Upgrade: websocket\r\n"
+HEAD_REFUSALS = [
+    pytest.param(HEAD.replace(b"/chat?room=1", b"/" + b"t" * 8 * 1024), {}, 414, id="target-over-limit"),
+    pytest.param(
+        HEAD.replace(b"/chat?room=1", b"/" + b"t" * 1024), {"max_target": 1024}, 414, id="target-1KiB"
+    ),
+    pytest.param(HEAD.replace(UPGRADE_LINE, b"X: %s\r\n" % (b"p" * 16 * 1024)), {}, 431, id="head-too-large"),
+    pytest.param(HEAD, {"max_lines": HEAD_LINES - 1}, 431, id="too-many-lines"),
+    pytest.param(HEAD.replace(UPGRADE_LINE, b"Upgrade: websocket\n"), {}, 400, id="bare-lf"),
+    pytest.param(HEAD.replace(b"\r\n\r\n", b"\n\n"), {}, 400, id="bare-lf-blank-line"),
+    pytest.param(HEAD.replace(UPGRADE_LINE, b"Upgrade:\r\n websocket\r\n"), {}, 400, id="obs-fold-sp"),
+    pytest.param(HEAD.replace(UPGRADE_LINE, b"Upgrade:\r\n\twebsocket\r\n"), {}, 400, id="obs-fold-tab"),
+    pytest.param(b"\r\n" + HEAD, {}, 400, id="leading-blank-line"),
+    pytest.param(b"\x16\x03\x01\x00\xa5\x01", {}, 400, id="tls-hello"),
+]
+
+
+@pytest.mark.parametrize(("data", "limits", "status"), HEAD_REFUSALS)
+@pytest.mark.parametrize("split", ["whole", "byte-by-byte"])
+def test_head_reader_refusals(data: bytes, limits: dict[str, int], status: int, split: str) -> None:
+    head_reader = reader(**limits)
+    with pytest.raises(HandshakeError) as caught:
+        feed(head_reader, data, [] if split == "whole" else list(range(1, len(data))))
+    assert caught.value.status == status
+
+
+def test_head_reader_limits_are_inclusive() -> None:
+    target = b"/" + b"t" * 1023
+    head = HEAD.replace(b"/chat?room=1", target)
+    assert reader(max_head_size=len(head), max_lines=HEAD_LINES, max_target=1024).receive_data(head) == head
+    at_limits = {"max_head_size": len(head), "max_lines": HEAD_LINES, "max_target": 1024}
+    for one_less in [{"max_head_size": len(head) - 1}, {"max_lines": HEAD_LINES - 1}, {"max_target": 1023}]:
+        with pytest.raises(HandshakeError):
+            reader(**{**at_limits, **one_less}).receive_data(head)
+
+
+def test_head_reader_refuses_a_long_target_before_its_line_ends() -> None:
+    head_reader = reader(max_target=1024)
+    # 1034 target bytes so far, of which " HTTP/1.1\r" might be the last 10.
+    assert head_reader.receive_data(b"GET /" + b"t" * 1033) is None
+    with pytest.raises(HandshakeError) as caught:
+        head_reader.receive_data(b"t")
+    assert caught.value.status == 414
+
+
+def test_head_reader_refuses_many_lines_before_the_head_ends() -> None:
+    head_reader = reader(max_lines=3)
+    assert head_reader.receive_data(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n") is None
+    with pytest.raises(HandshakeError) as caught:
+        head_reader.receive_data(b"D: 4\r\n")
+    assert caught.value.status == 431
+
+
+def test_head_reader_for_a_response_ignores_the_status_line() -> None:
+    head = b"HTTP/1.1 101 " + b"r" * 2000 + b"\r\nUpgrade: websocket\r\n\r\n"
+    assert HeadReader(16 * 1024, 100).receive_data(head) == head
+
+
+@given(
+    pieces=st.lists(st.integers(min_value=1, max_value=len(HEAD) + 1), max_size=20),
+    trailing=st.binary(max_size=8),
+)
+def test_property_head_reader_split_anywhere(pieces: list[int], trailing: bytes) -> None:
+    data = HEAD + trailing
+    assert feed(reader(), data, [p for p in pieces if p < len(HEAD)]) == data
+
+
+@given(
+    data=st.binary(max_size=300)
+    | st.lists(st.sampled_from([b"\r\n", b"\n", b" ", b"\t", b"GET", b"/..", b"x:"])).map(b"".join),
+    pieces=st.lists(st.integers(min_value=1, max_value=300), max_size=10),
+)
+def test_property_head_reader_split_does_not_change_the_verdict(data: bytes, pieces: list[int]) -> None:
+    # Which rule speaks first may depend on the split; whether the head is refused may not.
+    def verdict(cuts: list[int]) -> tuple[bool, bytes | None]:
+        try:
+            return False, feed(reader(max_head_size=1024, max_lines=8, max_target=64), data, cuts)
+        except HandshakeError:
+            return True, None
+
+    assert verdict([]) == verdict([p for p in pieces if p < len(data)])
 
 
 # ---------------------------------------------------------------- check_origin
@@ -659,6 +835,9 @@ def test_backend_token_case() -> None:
             [(b"Sec-WebSocket-Extensions", b"permessage-deflate; client_max_window_bits")],
             id="extension-one-of-two-not-offered",
         ),
+        pytest.param(switching((b"Content-Length", b"0")), [], id="content-length"),
+        pytest.param(switching((b"Content-Length", b"12")), [], id="content-length-nonzero"),
+        pytest.param(switching((b"Transfer-Encoding", b"chunked")), [], id="transfer-encoding"),
     ],
 )
 def test_backend_response_rejected(response: h11.InformationalResponse, offer: Headers) -> None:
@@ -748,7 +927,6 @@ def test_backend_relayed_headers() -> None:
             (b"Connection", b"Upgrade, X-Backend-Hop"),
             (b"Sec-WebSocket-Accept", ACCEPT),
             (b"Keep-Alive", b"timeout=5"),
-            (b"Content-Length", b"0"),
             (b"X-Backend-Hop", b"secret"),
             (b"Set-Cookie", b"a=1; Path=/"),
             (b"X-Backend-Id", b"b-2"),

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from wsgate.routing import host_matches, match_route
+from wsgate.routing import host_matches, match_route, path_matches
 
 
 @dataclass(frozen=True)
 class Match:
     host: str | None = None
     path_prefix: str = "/"
+    path_prefix_raw: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,37 @@ def test_host_matches(pattern: str | None, host: str, expected: bool) -> None:
     assert host_matches(pattern, host) is expected
 
 
+@pytest.mark.parametrize(
+    ("prefix", "path", "expected"),
+    [
+        pytest.param("/", "/", True, id="root-root"),
+        pytest.param("/", "/anything/below", True, id="root-any"),
+        pytest.param("/chat", "/chat", True, id="same"),
+        pytest.param("/chat", "/chat/", True, id="trailing-slash"),
+        pytest.param("/chat", "/chat/x/y", True, id="below"),
+        pytest.param("/chat", "/chatroom", False, id="longer-segment"),
+        pytest.param("/chat", "/chat.json", False, id="segment-with-suffix"),
+        pytest.param("/chat", "/cha", False, id="shorter"),
+        pytest.param("/chat", "/Chat", False, id="case-sensitive"),
+        pytest.param("/chat/", "/chat/", True, id="slash-prefix-same"),
+        pytest.param("/chat/", "/chat/x", True, id="slash-prefix-below"),
+        pytest.param("/chat/", "/chat", False, id="slash-prefix-not-parent"),
+        pytest.param("/chat/", "/chatroom", False, id="slash-prefix-longer-segment"),
+        pytest.param("/a/b", "/a/b/c", True, id="two-segments-below"),
+        pytest.param("/a/b", "/a/bc", False, id="two-segments-longer"),
+    ],
+)
+def test_path_matches_whole_segments(prefix: str, path: str, expected: bool) -> None:
+    assert path_matches(prefix, path) is expected
+
+
+def test_path_prefix_raw_is_a_plain_string_prefix() -> None:
+    raw = Route("raw", Match(None, path_prefix_raw="/chat"))
+    assert match_route([raw], "h", "/chatroom") is raw
+    assert match_route([raw], "h", "/chat/x") is raw
+    assert match_route([raw], "h", "/cha") is None
+
+
 ADMIN = Route("admin", Match("chat.example.com", "/admin"))
 CHAT_WS = Route("chat-ws", Match("chat.example.com", "/ws"))
 ANY_SUB_WS = Route("any-sub-ws", Match("*.example.com", "/ws"))
@@ -60,7 +92,7 @@ ROUTES = [ADMIN, CHAT_WS, ANY_SUB_WS, SPECIAL, CATCH_ALL]
     [
         pytest.param("chat.example.com", "/admin", ADMIN, id="exact-host-prefix"),
         pytest.param("chat.example.com", "/admin/users", ADMIN, id="path-below-prefix"),
-        pytest.param("chat.example.com", "/administrator", ADMIN, id="plain-string-prefix"),
+        pytest.param("chat.example.com", "/administrator", CATCH_ALL, id="whole-segments-only"),
         pytest.param("chat.example.com", "/ws", CHAT_WS, id="first-of-two-matching"),
         pytest.param("chat.example.com", "/ws/special", CHAT_WS, id="earlier-shorter-prefix-wins"),
         pytest.param("news.example.com", "/ws", ANY_SUB_WS, id="wildcard-route"),

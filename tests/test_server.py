@@ -16,6 +16,7 @@ import websockets
 from conftest import gateway_config
 from peers import (
     STEP_TIMEOUT,
+    accept_upgrade,
     client_frame,
     open_raw_client,
     raw_exchange,
@@ -145,11 +146,30 @@ async def test_routes_match_host_and_path_prefix(start_gateway, ws_backend, aioh
         extra_routes=[{"name": "fallback", "backends": [{"url": aiohttp_backend.url}]}],
     )
     url = await start_gateway(config)
-    for host, path in [("A.Example.com:443", "/chat/1"), ("example.com", "/chat"), ("b.example.com", "/other")]:
+    for host, path in [
+        ("A.Example.com:443", "/chat/1"),
+        ("example.com", "/chat"),
+        ("b.example.com", "/other"),
+        ("b.example.com", "/chatroom"),
+    ]:
         status, _, _ = await raw_exchange(url, upgrade_request(path=path, host=host))
         assert status == 101
     assert ws_backend.connections == 1
-    assert aiohttp_backend.connections == 2
+    assert aiohttp_backend.connections == 3
+
+
+async def test_path_prefix_raw_matches_a_plain_string_prefix(start_gateway, ws_backend, aiohttp_backend):
+    config = gateway_config(
+        [ws_backend.url],
+        route={"match": {"path_prefix_raw": "/chat"}},
+        extra_routes=[{"name": "fallback", "backends": [{"url": aiohttp_backend.url}]}],
+        timeouts={"close": "50ms"},
+    )
+    url = await start_gateway(config)
+    for path in ["/chatroom", "/chat/1", "/other"]:
+        status, _, _ = await raw_exchange(url, upgrade_request(path=path))
+        assert status == 101
+    assert (ws_backend.connections, aiohttp_backend.connections) == (2, 1)
 
 
 # -- rejected handshakes ------------------------------------------------------------
@@ -417,6 +437,164 @@ async def test_head_at_the_limit_is_accepted(start_gateway, ws_backend):
     over = request.replace(b"X-Pad: ", b"X-Pad: p")
     status, _, _ = await raw_exchange(url, over)
     assert status == 431
+
+
+# -- request hygiene: refused before any backend is contacted ------------------------------
+
+
+def _with_target(target: str) -> bytes:
+    return upgrade_request().replace(b"GET / ", b"GET " + target.encode("latin-1") + b" ", 1)
+
+
+def _with_header_lines(count: int) -> bytes:
+    """A valid request grown to `count` header lines."""
+    request = upgrade_request()
+    padding = "".join(f"X-Pad-{i}: p\r\n" for i in range(count - request.count(b"\r\n") + 2))
+    return upgrade_request(extra=padding)
+
+
+HYGIENE_REJECTIONS = [
+    pytest.param(_with_target("http://evil.test/"), 400, id="absolute-form-other-host"),
+    pytest.param(_with_target("ws://gateway.test.evil.test/"), 400, id="absolute-form-host-suffix"),
+    pytest.param(_with_target("evil.test:80"), 400, id="authority-form"),
+    pytest.param(_with_target("/" + "t" * 8 * 1024), 414, id="target-over-8KiB"),
+    pytest.param(_with_header_lines(101), 431, id="101-header-lines"),
+    pytest.param(_with_target("/../../etc/passwd"), 400, id="dot-dot"),
+    pytest.param(_with_target("/chat/./x"), 400, id="dot"),
+    pytest.param(_with_target("/chat/.."), 400, id="trailing-dot-dot"),
+    pytest.param(_with_target("/chat/%2e%2E/x"), 400, id="encoded-dot-dot"),
+    pytest.param(_with_target("/chat/.%2e?x=1"), 400, id="half-encoded-dot-dot"),
+    pytest.param(_with_target("/chat/%2E"), 400, id="encoded-dot"),
+    pytest.param(_with_target("/chat%2f..%2fx"), 400, id="encoded-slash-dot-dot"),
+    pytest.param(upgrade_request(extra="X-Nul: a\x00b\r\n"), 400, id="nul-in-value"),
+    pytest.param(upgrade_request(extra="X-Cr: a\rb\r\n"), 400, id="cr-in-value"),
+    pytest.param(upgrade_request(extra="X-Lf: a\nX-Injected: b\r\n"), 400, id="lf-in-value"),
+    pytest.param(upgrade_request(extra="X-Fold: a\r\n b\r\n"), 400, id="obs-fold-space"),
+    pytest.param(upgrade_request(extra="X-Fold: a\r\n\tb\r\n"), 400, id="obs-fold-tab"),
+]
+
+
+async def _accepting_backend(raw_backend):
+    """A raw backend that completes every upgrade, then hangs up; `connections` counts TCP accepts."""
+
+    async def accept(reader, writer):
+        await accept_upgrade(reader, writer)
+
+    return await raw_backend(accept)
+
+
+@pytest.mark.parametrize("pieces", [1, 64], ids=["one-write", "many-writes"])
+@pytest.mark.parametrize(("request_bytes", "status"), HYGIENE_REJECTIONS)
+async def test_request_hygiene_refusals_never_reach_a_backend(
+    start_gateway, raw_backend, request_bytes, status, pieces
+):
+    backend = await _accepting_backend(raw_backend)
+    url = await start_gateway(gateway_config([backend.url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        got, _, body = await _send_in_pieces(url, request_bytes, pieces)
+        assert (got, backend.connections) == (status, 0)
+        assert body, "every rejection carries a short reason"
+        got, _, _ = await raw_exchange(url, upgrade_request())
+    assert (got, backend.connections) == (101, 1), "the same gateway passes a clean request"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(upgrade_request(extra="X-Big: " + "a" * 64 * 1024 + "\r\n"), 431, id="64KiB-head"),
+        pytest.param(_with_header_lines(10_000), 431, id="10000-header-lines"),
+        pytest.param(_with_header_lines(10_000).replace(b"\r\n", b"\n"), 400, id="10000-bare-lf-lines"),
+        pytest.param(b"GET /" + b"\xff" * 64 * 1024 + b" HTTP/1.1\r\n\r\n", 414, id="64KiB-binary-target"),
+        pytest.param(b"GET /" + b"a" * 64 * 1024 + b"\r\n\r\n", 431, id="64KiB-http-0.9"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + b"\x00\r\n" * 20_000, 431, id="20000-binary-lines"),
+        pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc" + bytes(64 * 1024), 400, id="tls-hello"),
+    ],
+)
+async def test_huge_head_in_one_write_is_refused_without_a_backend(
+    start_gateway, raw_backend, request_bytes, status
+):
+    backend = await _accepting_backend(raw_backend)
+    url = await start_gateway(gateway_config([backend.url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        got, _, _ = await raw_exchange(url, request_bytes)
+    assert (got, backend.connections) == (status, 0)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "forwarded_target"),
+    [
+        pytest.param(_with_target("/" + "t" * 8191), b"/" + b"t" * 8191, id="target-at-8KiB"),
+        pytest.param(_with_header_lines(100), b"/", id="100-header-lines"),
+        pytest.param(_with_target("/a..b/.c/d.?q=/../"), b"/a..b/.c/d.?q=/../", id="dots-not-segments"),
+        pytest.param(_with_target("http://gateway.test/c?x=1"), b"/c?x=1", id="absolute-form-same-host"),
+        pytest.param(_with_target("WS://Gateway.Test"), b"/", id="absolute-form-no-path"),
+    ],
+)
+async def test_requests_at_the_hygiene_limits_pass(
+    start_gateway, raw_backend, request_bytes, forwarded_target
+):
+    heads: list[bytes] = []
+
+    async def accept(reader, writer):
+        heads.append(await accept_upgrade(reader, writer))
+
+    url = await start_gateway(gateway_config([(await raw_backend(accept)).url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        status, _, _ = await raw_exchange(url, request_bytes)
+    assert status == 101
+    (head,) = heads
+    assert head.startswith(b"GET " + forwarded_target + b" HTTP/1.1\r\n")
+
+
+async def test_target_and_header_count_limits_are_configurable(start_gateway, raw_backend):
+    backend = await _accepting_backend(raw_backend)
+    limits = {"max_target_bytes": "1KiB", "max_headers": 10}
+    url = await start_gateway(gateway_config([backend.url], limits=limits))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        assert (await raw_exchange(url, _with_target("/" + "t" * 1024)))[0] == 414
+        assert (await raw_exchange(url, _with_header_lines(11)))[0] == 431
+        assert (await raw_exchange(url, _with_target("/" + "t" * 1023)))[0] == 101
+        assert (await raw_exchange(url, _with_header_lines(10)))[0] == 101
+    assert backend.connections == 2
+
+
+# -- backend response hygiene ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(lambda key: _answer_101(accept_key(key), b"Content-Length: 0\r\n"), id="content-length"),
+        pytest.param(lambda key: _answer_101(accept_key(key), b"Transfer-Encoding: chunked\r\n"),
+                     id="transfer-encoding"),
+        pytest.param(lambda key: _answer_101(accept_key(key), b"X-Big: " + b"b" * 17 * 1024 + b"\r\n"),
+                     id="head-over-max-header-bytes"),
+        pytest.param(lambda key: b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64), id="garbage"),
+        pytest.param(lambda key: b"SSH-2.0-OpenSSH_9.6\r\n\r\n", id="not-http"),
+    ],
+)
+@pytest.mark.parametrize("pieces", [1, 16], ids=["one-write", "many-writes"])
+async def test_bad_backend_101_gives_502_and_closes_the_backend(start_gateway, raw_backend, answer, pieces):
+    after_answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def misbehave(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        data = answer(_request_key(head))
+        size = -(-len(data) // pieces)
+        try:
+            for start in range(0, len(data), size):
+                writer.write(data[start : start + size])
+                await writer.drain()
+            after_answer.set_result(await reader.read())
+        except ConnectionError:
+            # The gateway closed while the rest of the answer was on its way: a reset.
+            after_answer.set_result(b"")
+
+    url = await start_gateway(gateway_config([(await raw_backend(misbehave)).url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        status, _, _ = await raw_exchange(url, upgrade_request())
+        assert status == 502
+        assert await after_answer == b"", "the gateway closed the backend connection"
 
 
 async def test_426_sends_one_connection_header(start_gateway, ws_backend):

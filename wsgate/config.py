@@ -552,7 +552,16 @@ class Match(_Model):
     """Which handshakes a route takes: by Host header and path prefix."""
 
     host: Annotated[str, AfterValidator(_check_match_host)] | None = None
+    # Whole segments: /chat takes /chat and /chat/x, not /chatroom.
     path_prefix: Annotated[str, AfterValidator(_check_path_prefix)] = "/"
+    # A plain string prefix, for the rare route that wants /chatroom under /chat.
+    path_prefix_raw: Annotated[str, AfterValidator(_check_path_prefix)] | None = None
+
+    @model_validator(mode="after")
+    def _one_path_prefix(self) -> Match:
+        if self.path_prefix_raw is not None and "path_prefix" in self.model_fields_set:
+            raise ValueError("give path_prefix or path_prefix_raw, not both")
+        return self
 
 
 _URL_HINT = "expected a ws:// or wss:// URL such as ws://10.0.0.11:8000"
@@ -780,6 +789,8 @@ class Limits(_Model):
     new_connections_per_ip: NewConnections | None = None
     max_message_size: Size = 16 * MiB
     max_header_bytes: Annotated[Size, _size_between(KiB, MiB)] = 16 * KiB
+    max_target_bytes: Annotated[Size, _size_between(KiB, MiB)] = 8 * KiB
+    max_headers: Annotated[_Int, _between(1, 10_000)] = 100
     # Frames a client may send per connection; beyond it, Close 1008. Off when absent.
     max_frames_per_second: FrameRate | None = None
 
@@ -881,20 +892,21 @@ class Config(_Model):
     @classmethod
     def _unique_routes(cls, routes: list[Route]) -> list[Route]:
         names: dict[str, int] = {}
-        matches: dict[tuple[str | None, str], int] = {}
+        matches: dict[tuple[str | None, str, str | None], int] = {}
         for i, route in enumerate(routes):
             if names.setdefault(route.name, i) != i:
                 raise _error_at(
                     (i, "name"),
                     f"duplicate route name {route.name!r} (also routes[{names[route.name]}])",
                 )
-            key = (route.match.host, route.match.path_prefix)
+            match = route.match
+            key = (match.host, match.path_prefix, match.path_prefix_raw)
             if matches.setdefault(key, i) != i:
                 first = routes[matches[key]].name
                 raise _error_at(
                     (i, "match"),
-                    f"same host and path_prefix as route {first!r},"
-                    " so this route would never be used",
+                    f"same host and {'path_prefix_raw' if match.path_prefix_raw else 'path_prefix'}"
+                    f" as route {first!r}, so this route would never be used",
                 )
         return routes
 

@@ -1,7 +1,9 @@
 """Sans-I/O rules of the RFC 6455 opening handshake, on both legs.
 
-The client's request arrives as an `h11.Request`; `check_client_request` either
-returns a `ClientHandshake` or raises `HandshakeError` carrying the HTTP reply.
+`HeadReader` collects a request or response head and refuses, before h11 sees
+it, what is too large, too long or ambiguous. The client's request then arrives
+as an `h11.Request`; `check_client_request` either returns a `ClientHandshake`
+or raises `HandshakeError` carrying the HTTP reply.
 `build_upstream_request` turns it into the request sent to a backend, and
 `check_backend_response` decides whether the backend's 101 may be relayed.
 Replies are rendered here by hand so that a rejection can be sent whatever
@@ -13,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qs
@@ -53,6 +56,107 @@ _FORWARDING_SET = frozenset(
         b"x-client-cert-subject",
     }
 )
+
+
+# What may follow a request target on its line: " HTTP/1.1" and the CR.
+_REQUEST_LINE_TAIL_SIZE = len(b" HTTP/1.1\r")
+# Schemes of an absolute-form target (RFC 6455 4.1 names http and https).
+_ABSOLUTE_SCHEMES = frozenset({b"http", b"https", b"ws", b"wss"})
+# Where a backend might see a segment break: "/", and what some servers decode or treat as one.
+_SEGMENT_BREAK = re.compile(r"/|\\|%2f|%5c", re.IGNORECASE)
+
+
+class HeadReader:
+    """Buffers an HTTP head up to its blank line, refusing what must not reach h11.
+
+    h11 parses a head line by line in Python, so a head that is too large, has too
+    many lines or too long a target is refused here first, by C-level `find` and
+    `count` over the new bytes only: the work is bounded per byte received, however
+    the head is split. A bare LF and an obs-fold line are refused too: h11 would end
+    a line at the first and silently unfold the second, where another server might not.
+    `HandshakeError` carries the client's answer; the backend leg turns it into a 502.
+    """
+
+    __slots__ = (
+        "buffer",
+        "scanned",
+        "line_ends",
+        "target_start",
+        "request_line_done",
+        "max_head_size",
+        "max_header_lines",
+        "max_target_size",
+    )
+
+    def __init__(
+        self, max_head_size: int, max_header_lines: int, max_target_size: int | None = None
+    ) -> None:
+        self.buffer = bytearray()
+        self.scanned = 0  # bytes of the head already checked
+        self.line_ends = 0
+        self.target_start = -1  # just after the request line's first space, once seen
+        # Only a request's target is bounded; a response's status line is not looked at.
+        self.request_line_done = max_target_size is None
+        self.max_head_size = max_head_size
+        self.max_header_lines = max_header_lines
+        self.max_target_size = max_target_size
+
+    def receive_data(self, data: bytes) -> bytes | None:
+        """Take `data`; once the head is complete, return it with the bytes that followed.
+
+        Raises `HandshakeError` (400, 414 or 431) as soon as the bytes so far must be refused.
+        """
+        buffer = self.buffer
+        search_from = max(0, len(buffer) - 3)
+        if not buffer and data and data[0] < 0x21:
+            # A control byte or space cannot start a head (a TLS hello to a plain port, say).
+            raise HandshakeError(400, "malformed head: it starts with a control byte or space")
+        buffer += data
+        end = buffer.find(b"\r\n\r\n", search_from)
+        stop = len(buffer) if end < 0 else end + 4
+        start = self.scanned
+        # One byte back, so that a CRLF or a fold split across reads is seen whole.
+        back = max(0, start - 1)
+        self.scanned = stop
+        if not self.request_line_done:
+            self._check_target(start, stop)
+        line_ends = buffer.count(b"\n", start, stop)
+        if line_ends != buffer.count(b"\r\n", back, stop):
+            raise HandshakeError(400, "a line of the head ends in a bare LF")
+        self.line_ends += line_ends
+        # The request or status line and, once complete, the blank line are not header lines.
+        header_lines = self.line_ends - (1 if end < 0 else 2)
+        if header_lines > self.max_header_lines:
+            raise HandshakeError(431, f"more than {self.max_header_lines} header lines")
+        if buffer.find(b"\n ", back, stop) >= 0 or buffer.find(b"\n\t", back, stop) >= 0:
+            raise HandshakeError(400, "obsolete line folding in the head")
+        if stop > self.max_head_size:
+            raise HandshakeError(431, f"head larger than {self.max_head_size} bytes")
+        if end < 0:
+            return None
+        self.buffer = bytearray()
+        return bytes(buffer)
+
+    def _check_target(self, start: int, stop: int) -> None:
+        buffer = self.buffer
+        assert self.max_target_size is not None
+        line_end = buffer.find(b"\n", start, stop)
+        if self.target_start < 0:
+            space = buffer.find(b" ", start, stop if line_end < 0 else line_end)
+            if space >= 0:
+                self.target_start = space + 1
+        if self.target_start < 0:
+            if line_end >= 0:
+                self.request_line_done = True  # no target at all: h11 refuses the line
+            return
+        if line_end < 0:
+            # The line is not complete, but only " HTTP/1.1\r" may still follow the target.
+            target_size = stop - self.target_start - _REQUEST_LINE_TAIL_SIZE
+        else:
+            self.request_line_done = True
+            target_size = buffer.rfind(b" ", self.target_start, line_end) - self.target_start
+        if target_size > self.max_target_size:
+            raise HandshakeError(414, f"request target longer than {self.max_target_size} bytes")
 
 
 def accept_key(key: bytes) -> bytes:
@@ -140,10 +244,10 @@ def check_client_request(request: h11.Request) -> ClientHandshake:
     host_values = _header_values(headers, b"host")
     if len(host_values) != 1 or not host_values[0].strip():
         raise HandshakeError(400, "exactly one Host header is required")
-    target = request.target
+    target = _origin_form(request.target, host_values[0])
     path = target.split(b"?", 1)[0].decode("latin-1")
-    if not path.startswith("/"):
-        raise HandshakeError(400, "the request target must be an absolute path")
+    if _has_dot_segment(path):
+        raise HandshakeError(400, "the path has a '.' or '..' segment")
     origins = _header_values(headers, b"origin")
     return ClientHandshake(
         target=target,
@@ -154,6 +258,37 @@ def check_client_request(request: h11.Request) -> ClientHandshake:
         protocols=_header_tokens(headers, b"sec-websocket-protocol", case_sensitive=True),
         extensions=_extension_names(_header_tokens(headers, b"sec-websocket-extensions")),
         origin=origins[0].decode("latin-1") if origins else None,
+    )
+
+
+def _origin_form(target: bytes, host_header: bytes) -> bytes:
+    """`target` as /path?query; an absolute-form target must name the Host header's authority.
+
+    RFC 6455 4.1 lets a client send an absolute http(s) URI; the backend gets the
+    origin-form, as any server would. Any other form (authority, asterisk) is refused.
+    """
+    if target.startswith(b"/"):
+        return target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in _ABSOLUTE_SCHEMES:
+        raise HandshakeError(400, "the request target must be an absolute path")
+    authority_end = len(rest)
+    for mark in b"/?#":
+        found = rest.find(bytes((mark,)))
+        if 0 <= found < authority_end:
+            authority_end = found
+    if rest[:authority_end].lower() != host_header.strip().lower():
+        raise HandshakeError(400, "the request target names another host than Host")
+    origin = rest[authority_end:]
+    return origin if origin.startswith(b"/") else b"/" + origin
+
+
+def _has_dot_segment(path: str) -> bool:
+    """A `.` or `..` segment, its dots plain or as %2e, between any of / \\ %2f %5c."""
+    if "." not in path and "%2" not in path:
+        return False
+    return any(
+        segment.lower().replace("%2e", ".") in (".", "..") for segment in _SEGMENT_BREAK.split(path)
     )
 
 
@@ -272,6 +407,9 @@ def check_backend_response(
     sent_headers: Headers = list(sent.headers.raw_items())
     if response.status_code != 101:
         raise BackendUnavailable(502, f"backend answered {response.status_code} to an upgrade")
+    if _header_values(headers, b"content-length") or _header_values(headers, b"transfer-encoding"):
+        # A 101 has no body (RFC 9110 8.6, 6.1): a length is a confused or smuggling backend.
+        raise BackendUnavailable(502, "backend 101 carries Content-Length or Transfer-Encoding")
     if b"websocket" not in _header_tokens(headers, b"upgrade"):
         raise BackendUnavailable(502, "backend 101 lacks 'Upgrade: websocket'")
     if b"upgrade" not in _header_tokens(headers, b"connection"):
@@ -291,7 +429,7 @@ def check_backend_response(
             raise BackendUnavailable(
                 502, f"backend accepted extension {name.decode('latin-1')!r} the client did not offer"
             )
-    relayed = [(n, v) for n, v in end_to_end(headers) if n.lower() != b"content-length"]
+    relayed = end_to_end(headers)
     relayed += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
     return Negotiated(
         headers=relayed, subprotocol=chosen[0] if chosen else None, extensions=accepted

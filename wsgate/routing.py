@@ -9,6 +9,7 @@ from typing import Protocol, TypeVar
 class _Match(Protocol):
     host: str | None
     path_prefix: str
+    path_prefix_raw: str | None
 
 
 class _Route(Protocol):
@@ -28,9 +29,25 @@ def host_matches(pattern: str | None, host: str) -> bool:
     return host == pattern
 
 
+def path_matches(prefix: str, path: str) -> bool:
+    """Whole segments: `/chat` matches `/chat` and `/chat/x`, not `/chatroom`.
+
+    A prefix ending in `/` already ends a segment: `/chat/` matches `/chat/x`, not `/chat`.
+    """
+    if not path.startswith(prefix):
+        return False
+    return len(path) == len(prefix) or prefix.endswith("/") or path[len(prefix)] == "/"
+
+
 def match_route(routes: Sequence[R], host: str, path: str) -> R | None:
     """The first route whose host pattern and path prefix fit, or None."""
     for route in routes:
-        if host_matches(route.match.host, host) and path.startswith(route.match.path_prefix):
+        match = route.match
+        if not host_matches(match.host, host):
+            continue
+        if match.path_prefix_raw is not None:
+            if path.startswith(match.path_prefix_raw):
+                return route
+        elif path_matches(match.path_prefix, path):
             return route
     return None

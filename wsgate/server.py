@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, cast
 import h11
 
 from .balancer import Member, Pool, random_key
-from .config import Listener, format_host_port
+from .config import Limits, Listener, format_host_port
 from .errors import BackendUnavailable, HandshakeError
 from .frames import CloseCode
 from .handshake import (
+    HeadReader,
     affinity_key,
     build_upstream_request,
     check_backend_response,
@@ -47,6 +48,7 @@ _REJECTION_REASONS = {
     404: "no_route",
     405: "method",
     408: "timeout",
+    414: "target_too_long",
     426: "upgrade_required",
     429: "rate_limit",  # the cap of open connections per address passes "ip_limit" itself
     431: "headers_too_large",
@@ -55,7 +57,6 @@ _REJECTION_REASONS = {
 
 # A backend's refusal is relayed to the client; its body is cut at this size.
 BACKEND_REPLY_BODY_LIMIT = 64 * 1024
-_MAX_BACKEND_HEAD_SIZE = 64 * 1024
 # How long a refused client may go on sending before the gateway closes on it.
 LINGER_SECONDS = 2.0
 
@@ -89,7 +90,7 @@ class ClientHandshake(asyncio.Protocol):
         "request_at",
         "client_cert",
         "tls_early",
-        "head_bytes",
+        "head",
         "lingering",
     )
 
@@ -99,9 +100,8 @@ class ClientHandshake(asyncio.Protocol):
         self.transport: asyncio.Transport
         self.client_ip = ""
         self.conn_id = next(gateway._ids)
-        self.h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=gateway.config.limits.max_header_bytes
-        )
+        limits = gateway.config.limits
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.early = bytearray()
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -124,8 +124,8 @@ class ClientHandshake(asyncio.Protocol):
         self.client_cert: str | None = None  # the verified client certificate's subject
         # Raw bytes (the ClientHello) read before start_tls takes the transport over.
         self.tls_early: bytearray | None = None
-        # Bytes given to h11 so far: the whole request head counts against max_header_bytes.
-        self.head_bytes = 0
+        # h11 gets the head only once it is complete and within the limits.
+        self.head = HeadReader(limits.max_header_bytes, limits.max_headers, limits.max_target_bytes)
         self.lingering = False  # answered; what the client still sends is read and dropped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -219,9 +219,14 @@ class ClientHandshake(asyncio.Protocol):
             if len(self.early) > self.gateway.config.flow_control.high_water:
                 self.transport.pause_reading()
             return
-        self.head_bytes += len(data)
-        self.h11.receive_data(data)
-        self._next_request_event()
+        try:
+            head = self.head.receive_data(data)
+        except HandshakeError as exc:
+            self._reject(exc)
+            return
+        if head is not None:
+            self.h11.receive_data(head)
+            self._next_request_event()
 
     def eof_received(self) -> bool:
         if self.task is None:
@@ -252,23 +257,15 @@ class ClientHandshake(asyncio.Protocol):
         except h11.RemoteProtocolError as exc:
             self._reject(HandshakeError(exc.error_status_hint, _h11_reason(exc)))
             return
-        limit = self.gateway.config.limits.max_header_bytes
-        if event is h11.NEED_DATA:
-            # h11 bounds only an incomplete head; this bounds one that arrives whole too.
-            if self.head_bytes > limit:
-                self._reject(HandshakeError(431, "request header block too large"))
-            return
         if isinstance(event, h11.Request):
-            if self.head_bytes - len(self.h11.trailing_data[0]) > limit:
-                self._reject(HandshakeError(431, "request header block too large"))
-                return
             if self.timer is not None:
                 self.timer.cancel()
             self.early += self.h11.trailing_data[0]
             self.request_at = time.perf_counter()
             self.task = asyncio.get_running_loop().create_task(self._proxy(event))
             return
-        # ConnectionClosed before a full request: nothing to answer.
+        # h11 was given a whole head, so nothing else can come; if it does, drop the client.
+        log.error("conn=%d h11 gave %r for a complete request head", self.conn_id, event)
         self.transport.close()
 
     def _on_handshake_timeout(self) -> None:
@@ -377,7 +374,7 @@ class ClientHandshake(asyncio.Protocol):
                 try:
                     async with asyncio.timeout(self.gateway.config.timeouts.connect):
                         backend_transport, answer = await loop.create_connection(
-                            lambda: BackendHandshake(upstream),
+                            lambda: BackendHandshake(upstream, self.gateway.config.limits),
                             member.host,
                             member.port,
                             ssl=member.tls,
@@ -471,7 +468,7 @@ class ClientHandshake(asyncio.Protocol):
         relay.start(client_early=bytes(self.early), backend_early=bytes(answer.early))
         # This object lives as long as the relay (its on_closed callback) and gets no more
         # transport callbacks: let the parser, the buffer and the finished task go.
-        del self.h11, self.early
+        del self.h11, self.early, self.head
         self.task = self.timer = self.tls_task = None
         current = gateway.pools.get(pool.route.name)
         if current is not pool and (current is None or member not in current.members):
@@ -520,9 +517,11 @@ def _h11_reason(exc: h11.RemoteProtocolError) -> str:
 class BackendHandshake(asyncio.Protocol):
     """The backend leg until its answer to the upgrade is complete."""
 
-    def __init__(self, request: h11.Request) -> None:
+    def __init__(self, request: h11.Request, limits: Limits) -> None:
         self.request = request
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_BACKEND_HEAD_SIZE)
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=limits.max_header_bytes)
+        # The first head (the 101, or a refusal) is checked as a client's would be.
+        self.head: HeadReader | None = HeadReader(limits.max_header_bytes, limits.max_headers)
         self.outcome: asyncio.Future[h11.InformationalResponse | h11.Response] = (
             asyncio.get_running_loop().create_future()
         )
@@ -541,6 +540,16 @@ class BackendHandshake(asyncio.Protocol):
             # After the 101 and before the hand-off: the backend's first frames.
             self.early += data
             return
+        if self.head is not None:
+            try:
+                head = self.head.receive_data(data)
+            except HandshakeError as exc:
+                self._fail(f"backend sent a bad response head: {exc.reason}")
+                return
+            if head is None:
+                return
+            self.head = None
+            data = head
         self.h11.receive_data(data)
         self._next_events()
 
