@@ -56,7 +56,7 @@ def v2_raw(command: int, family: int, body: bytes) -> bytes:
         pytest.param(proxy_v2_header(("203.0.113.7", 51234)), 2, ("203.0.113.7", 51234), id="v2-inet"),
         pytest.param(proxy_v2_header(("2001:db8::7", 443)), 2, ("2001:db8::7", 443), id="v2-inet6"),
         pytest.param(
-            proxy_v2_header(("203.0.113.7", 9), tlvs=((0x05, b"\x01" * 16), (0xEA, b"vpce-0123"), (0x04, b""))),
+            proxy_v2_header(("203.0.113.7", 9), tlvs=((0x05, b"\x01" * 16), (0xEA, b"vpce-1"), (0x04, b""))),
             2, ("203.0.113.7", 9), id="v2-tlvs",
         ),
         pytest.param(proxy_v2_header(None), 2, None, id="v2-unspec"),
@@ -125,7 +125,9 @@ BAD_HEADERS = [
     pytest.param(v2_raw(0x21, 0x11, bytes(11)), "any", "malformed", id="v2-inet-short"),
     pytest.param(v2_raw(0x21, 0x21, bytes(35)), "any", "malformed", id="v2-inet6-short"),
     pytest.param(v2_raw(0x21, 0x11, bytes(12) + b"\x01\x00"), "any", "malformed", id="v2-tlv-head-cut"),
-    pytest.param(v2_raw(0x21, 0x11, bytes(12) + b"\x01\x00\x05abcd"), "any", "malformed", id="v2-tlv-overrun"),
+    pytest.param(
+        v2_raw(0x21, 0x11, bytes(12) + b"\x01\x00\x05abcd"), "any", "malformed", id="v2-tlv-overrun"
+    ),
     pytest.param(
         PROXY_V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x11, V2_SIZE_LIMIT - 15), "any", "too_large",
         id="v2-over-the-limit",

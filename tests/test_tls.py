@@ -29,7 +29,6 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from peers import STEP_TIMEOUT, client_frame, read_frame, read_response_head, upgrade_request
 
-from wsgate.config import parse_config
 from wsgate.gateway import Gateway
 
 REPO = Path(__file__).resolve().parent.parent
@@ -210,22 +209,6 @@ def backend_server_context(pem: Pem, client_ca: trustme.CA | None = None) -> ssl
         client_ca.configure_trust(context)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-@pytest.fixture
-async def start_gateway_object() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Gateway]]]:
-    """Like conftest's start_gateway, but returns the Gateway (for its counters and port)."""
-    gateways: list[Gateway] = []
-
-    async def start(config: dict[str, Any]) -> Gateway:
-        gateway = Gateway(parse_config(config))
-        await gateway.start()
-        gateways.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in gateways:
-        await gateway.close()
 
 
 def tls_config(backend_url: str, tls: dict[str, Any], **sections: Any) -> dict[str, Any]:

@@ -462,12 +462,45 @@ class _Bound(_Model):
         return parse_host_port(self.bind)[1]
 
 
+def _check_network(value: object) -> object:
+    hint = "expected an IP address or network such as 10.0.0.0/8"
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{hint}, got {_show(value)}")
+    try:
+        return ipaddress.ip_network(value)
+    except ValueError:
+        try:
+            network = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{hint}, got {_show(value)}") from None
+    # Host bits past the prefix are most likely a typo in the prefix or the address.
+    raise ValueError(f"{value} has host bits set past its prefix; did you mean {network}?")
+
+
+_Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_check_network)]
+
+
 class Listener(_Bound):
     """One address the gateway accepts clients on."""
 
     name: _Name
     bind: _HostPort
     tls: Tls | None = None
+    # A PROXY protocol header is required first, before TLS and HTTP, from L4 balancers.
+    proxy_protocol: Literal["v1", "v2", "any"] | None = None
+    # The peers allowed to send that header (the balancers); None: any peer.
+    proxy_protocol_from: list[_Network] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _proxy_protocol_from_needs_proxy_protocol(self) -> Listener:
+        if self.proxy_protocol_from is not None and self.proxy_protocol is None:
+            raise _error_at(
+                ("proxy_protocol_from",),
+                "applies only with proxy_protocol (v1, v2 or any), which this listener does not set",
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
