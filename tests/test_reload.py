@@ -27,6 +27,8 @@ from peers import (
     STEP_TIMEOUT,
     client_frame,
     close_payload,
+    proxy_v1_header,
+    raw_exchange,
     read_frame,
     read_response_head,
     read_until_close,
@@ -386,6 +388,25 @@ async def test_a_lowered_per_ip_limit_applies_to_new_connections(tmp_path, start
         await access_records.next()  # the first one has ended
         async with websockets.connect(admin.ws_url) as alone:
             assert await ask(alone, "alone") == "alone"
+
+
+async def test_proxy_protocol_set_by_a_reload_applies_to_new_connections(tmp_path, start_admin, ws_backend):
+    path = tmp_path / "wsgate.yaml"
+    config = gateway_config([ws_backend.url])
+    admin = await started_from_file(start_admin, path, config)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(admin.ws_url) as before:
+            config["listeners"][0]["proxy_protocol"] = "v1"
+            await reload_with(admin, path, config)
+            behind = proxy_v1_header(("203.0.113.7", 1)) + upgrade_request()
+            status, _, _ = await raw_exchange(admin.ws_url, behind)
+            assert status == 101
+            assert ws_backend.requests[-1]["x-real-ip"] == "203.0.113.7"
+            reader, writer = await asyncio.open_connection(*split(admin.ws_url))
+            writer.write(upgrade_request())
+            assert await reader.read() == b""  # no header now: closed unanswered
+            writer.close()
+            assert await ask(before, "still open") == "still open"
 
 
 async def test_post_reload_reports_the_new_version_and_status_shows_it(
