@@ -25,7 +25,7 @@ import ipaddress
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from .errors import ProxyHeaderError
 
@@ -69,7 +69,7 @@ class NeedMore(enum.Enum):
     NEED_MORE = "NEED_MORE"
 
 
-NEED_MORE = NeedMore.NEED_MORE
+NEED_MORE: Final = NeedMore.NEED_MORE
 
 
 @dataclass(frozen=True, slots=True)
