@@ -82,6 +82,22 @@ async def start_gateway() -> AsyncIterator[Callable[..., Awaitable[str]]]:
         await gateway.close()
 
 
+@pytest.fixture
+async def start_gateway_object() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Gateway]]]:
+    """Like start_gateway, but returns the Gateway (for its counters and port)."""
+    gateways: list[Gateway] = []
+
+    async def start(config: dict[str, Any]) -> Gateway:
+        gateway = Gateway(parse_config(config))
+        await gateway.start()
+        gateways.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in gateways:
+        await gateway.close()
+
+
 @dataclass
 class Backend:
     """A running test backend: its URL and what it saw."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import os
 import socket
 import struct
@@ -24,6 +25,41 @@ def upgrade_request(
         f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     ).encode()
+
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v1_header(source: tuple[str, int] | None, destination: tuple[str, int] | None = None) -> bytes:
+    """A PROXY protocol v1 line (test-only builder); no source gives an UNKNOWN line."""
+    if source is None:
+        return b"PROXY UNKNOWN\r\n"
+    family = "TCP6" if ":" in source[0] else "TCP4"
+    if destination is None:
+        destination = ("2001:db8::1", 443) if family == "TCP6" else ("192.0.2.1", 443)
+    return f"PROXY {family} {source[0]} {destination[0]} {source[1]} {destination[1]}\r\n".encode()
+
+
+def proxy_v2_header(
+    source: tuple[str, int] | None,
+    destination: tuple[str, int] | None = None,
+    tlvs: tuple[tuple[int, bytes], ...] = (),
+    local: bool = False,
+) -> bytes:
+    """A PROXY protocol v2 header (test-only builder): PROXY over TCP from `source`,
+    or with no source the unspecified family; `local` makes it a LOCAL header."""
+    if source is None:
+        family, addresses = 0x00, b""
+    else:
+        ip = ipaddress.ip_address(source[0])
+        if destination is None:
+            destination = ("192.0.2.1", 443) if ip.version == 4 else ("2001:db8::1", 443)
+        family = 0x11 if ip.version == 4 else 0x21
+        target = ipaddress.ip_address(destination[0])
+        addresses = ip.packed + target.packed + struct.pack("!HH", source[1], destination[1])
+    body = addresses + b"".join(struct.pack("!BH", kind, len(value)) + value for kind, value in tlvs)
+    command = 0x20 if local else 0x21
+    return PROXY_V2_SIGNATURE + struct.pack("!BBH", command, family, len(body)) + body
 
 
 def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes = b"\x01\x02\x03\x04") -> bytes:

@@ -461,6 +461,26 @@ def test_no_token_source_means_no_token() -> None:
     assert read_admin_token(parse_config(MINIMAL).admin) is None
 
 
+def _proxy_from(networks: Any) -> dict[str, Any]:
+    return {"bind": ":1", "proxy_protocol": "v2", "proxy_protocol_from": networks}
+
+
+def test_listener_with_proxy_protocol() -> None:
+    listener = parse_config(
+        with_("listeners.0", {
+            "bind": ":8080",
+            "proxy_protocol": "any",
+            "proxy_protocol_from": ["10.0.0.0/8", "192.0.2.7", "2001:DB8::/32"],
+        })
+    ).listeners[0]
+    assert listener.proxy_protocol == "any"
+    assert [str(network) for network in listener.proxy_protocol_from or []] == [
+        "10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"
+    ]
+    plain = parse_config(MINIMAL).listeners[0]
+    assert (plain.proxy_protocol, plain.proxy_protocol_from) == (None, None)
+
+
 def test_admin_may_share_a_port_when_disabled() -> None:
     data = with_("admin", {"enabled": False, "bind": "127.0.0.1:8080"})
     assert parse_config(data).admin.enabled is False
@@ -502,6 +522,20 @@ DUP_ROUTES = [
          "127.0.0.1:1 is already used by listeners[0]"),
         (with_("listeners", [{"name": "x", "bind": ":1"}, {"name": "x", "bind": ":2"}]),
          "listeners[1].name", "duplicate listener name 'x' (also listeners[0])"),
+        (with_("listeners.0.proxy_protocol", "v3"), "listeners[0].proxy_protocol",
+         "expected 'v1', 'v2' or 'any', got 'v3'"),
+        (with_("listeners.0.proxy_protocol", True), "listeners[0].proxy_protocol",
+         "expected 'v1', 'v2' or 'any', got true"),
+        (with_("listeners.0.proxy_protocol_from", ["10.0.0.0/8"]), "listeners[0].proxy_protocol_from",
+         "applies only with proxy_protocol (v1, v2 or any), which this listener does not set"),
+        (with_("listeners.0", _proxy_from(["10.0.0.0/8", "lb"])), "listeners[0].proxy_protocol_from[1]",
+         "expected an address or network such as 10.0.0.0/8 or 2001:db8::/32, got 'lb'"),
+        (with_("listeners.0", _proxy_from(["10.1.2.3/8"])), "listeners[0].proxy_protocol_from[0]",
+         "'10.1.2.3/8' has bits set beyond its prefix; did you mean '10.0.0.0/8'?"),
+        (with_("listeners.0", _proxy_from([])), "listeners[0].proxy_protocol_from",
+         "must have at least one entry"),
+        (with_("listeners.0", _proxy_from("10.0.0.0/8")), "listeners[0].proxy_protocol_from",
+         "expected a list, got '10.0.0.0/8'"),
         # admin
         (with_("admin.bind", "localhost"), "admin.bind", "expected host:port such as 127.0.0.1:8080"),
         (with_("admin.bind", "127.0.0.1:8080"), "admin.bind",

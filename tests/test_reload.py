@@ -27,6 +27,7 @@ from peers import (
     STEP_TIMEOUT,
     client_frame,
     close_payload,
+    proxy_v1_header,
     raw_exchange,
     read_frame,
     read_response_head,
@@ -403,6 +404,25 @@ async def test_trusted_proxies_and_the_rate_limit_apply_to_new_connections(tmp_p
     assert status == 429 and int(headers["retry-after"]) >= 1
     assert [r["x-forwarded-for"] for r in ws_backend.requests] == ["127.0.0.1", "203.0.113.7, 127.0.0.1"]
     assert [r["x-real-ip"] for r in ws_backend.requests] == ["127.0.0.1", "203.0.113.7"]
+
+
+async def test_proxy_protocol_set_by_a_reload_applies_to_new_connections(tmp_path, start_admin, ws_backend):
+    path = tmp_path / "wsgate.yaml"
+    config = gateway_config([ws_backend.url])
+    admin = await started_from_file(start_admin, path, config)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(admin.ws_url) as before:
+            config["listeners"][0]["proxy_protocol"] = "v1"
+            await reload_with(admin, path, config)
+            behind = proxy_v1_header(("203.0.113.7", 1)) + upgrade_request()
+            status, _, _ = await raw_exchange(admin.ws_url, behind)
+            assert status == 101
+            assert ws_backend.requests[-1]["x-real-ip"] == "203.0.113.7"
+            reader, writer = await asyncio.open_connection(*split(admin.ws_url))
+            writer.write(upgrade_request())
+            assert await reader.read() == b""  # no header now: closed unanswered
+            writer.close()
+            assert await ask(before, "still open") == "still open"
 
 
 async def test_post_reload_reports_the_new_version_and_status_shows_it(

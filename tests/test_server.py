@@ -7,7 +7,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -15,16 +15,18 @@ import pytest
 import websockets
 from conftest import gateway_config
 from peers import (
+    PROXY_V2_SIGNATURE,
     STEP_TIMEOUT,
     accept_upgrade,
     client_frame,
     open_raw_client,
+    proxy_v1_header,
+    proxy_v2_header,
     raw_exchange,
     read_response_head,
     upgrade_request,
 )
 
-from wsgate.config import parse_config
 from wsgate.gateway import Gateway, key_hash
 from wsgate.handshake import accept_key
 
@@ -615,22 +617,6 @@ async def test_426_sends_one_connection_header(start_gateway, ws_backend):
 # -- the client's address and the limits per address ----------------------------------
 
 
-@pytest.fixture
-async def start_gateway_object() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Gateway]]]:
-    """Like conftest's start_gateway, but returns the Gateway, for its books."""
-    gateways: list[Gateway] = []
-
-    async def start(config: dict[str, Any]) -> Gateway:
-        gateway = Gateway(parse_config(config))
-        await gateway.start()
-        gateways.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in gateways:
-        await gateway.close()
-
-
 def ws_url(gateway: Gateway) -> str:
     host, port = gateway.addresses[0]
     return f"ws://{host}:{port}"
@@ -824,3 +810,157 @@ async def test_refused_and_relayed_connections_leave_no_count_behind(start_gatew
     full = b"the gateway is at its connection limit\n"
     assert answers == [(429, cap), (429, rate), (429, cap), (429, rate), (503, full)]
     assert gateway._per_ip == {}
+
+
+# -- PROXY protocol listeners ---------------------------------------------------------
+
+
+def proxy_config(backends: list[str], proxy_protocol: str = "any", **sections: Any) -> dict[str, Any]:
+    config = gateway_config(backends, **sections)
+    config["listeners"][0]["proxy_protocol"] = proxy_protocol
+    return config
+
+
+def ws_url(gateway: Gateway) -> str:
+    host, port = gateway.addresses[0]
+    return f"ws://{host}:{port}"
+
+
+def proxy_errors(gateway: Gateway, reason: str) -> float:
+    labels = {"listener": "test", "reason": reason}
+    return gateway.registry.get_sample_value("wsgate_proxy_protocol_errors_total", labels) or 0.0
+
+
+async def _unanswered(gateway: Gateway, data: bytes, eof: bool = False) -> bytes:
+    """Send `data` (then EOF if asked) and return all the gateway sends until it closes."""
+    host, port = gateway.addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        if eof:
+            writer.write_eof()
+        try:
+            return await asyncio.wait_for(reader.read(), STEP_TIMEOUT)
+        except ConnectionResetError:
+            return b""
+    finally:
+        writer.close()
+
+
+PROXY_HEADERS = [
+    pytest.param("v1", proxy_v1_header(("203.0.113.7", 51234)), "203.0.113.7", id="v1-tcp4"),
+    pytest.param("v1", proxy_v1_header(("2001:db8::7", 51234)), "2001:db8::7", id="v1-tcp6"),
+    pytest.param("v1", proxy_v1_header(None), "127.0.0.1", id="v1-unknown"),
+    pytest.param("v2", proxy_v2_header(("203.0.113.7", 51234), tlvs=((0xEA, b"vpce-1"),)), "203.0.113.7", id="v2"),
+    pytest.param("any", proxy_v2_header(("2001:db8::7", 443)), "2001:db8::7", id="v2-inet6-on-any"),
+    pytest.param("any", proxy_v1_header(("203.0.113.7", 1)), "203.0.113.7", id="v1-on-any"),
+    pytest.param("v2", proxy_v2_header(("203.0.113.7", 9), local=True), "127.0.0.1", id="v2-local"),
+]
+
+
+@pytest.mark.parametrize("pieces", [1, 1000], ids=["one-write", "byte-by-byte"])
+@pytest.mark.parametrize(("version", "header", "client_ip"), PROXY_HEADERS)
+async def test_proxy_header_gives_the_backend_the_client_address(
+    start_gateway_object, ws_backend, version, header, client_ip, pieces
+):
+    gateway = await start_gateway_object(proxy_config([ws_backend.url], version))
+    data = header + upgrade_request()
+    async with asyncio.timeout(STEP_TIMEOUT):
+        status, _, _ = await _send_in_pieces(ws_url(gateway), data, min(pieces, len(data)))
+    assert status == 101
+    (seen,) = ws_backend.requests
+    assert seen["x-real-ip"] == client_ip
+    assert seen["x-forwarded-for"] == client_ip
+
+
+async def test_proxy_source_address_is_the_ip_hash_key(start_gateway_object, ws_backend, aiohttp_backend):
+    backends = [ws_backend.url, aiohttp_backend.url]
+    gateway = await start_gateway_object(proxy_config(backends, "v2", route={"hash_key": "ip"}))
+    pool = gateway.pools["test"]
+    now = asyncio.get_running_loop().time()
+
+    def owner(ip: str) -> str:
+        return next(pool.candidates(ip.encode(), now)).identity
+
+    # A source that the ring gives to the backend the socket's own address does not get.
+    source = next(f"198.51.100.{n}" for n in range(1, 255) if owner(f"198.51.100.{n}") != owner("127.0.0.1"))
+    chosen, other = (ws_backend, aiohttp_backend)[:: 1 if owner(source) == ws_backend.url else -1]
+    for port in (1000, 2000, 3000):
+        status, _, _ = await raw_exchange(ws_url(gateway), proxy_v2_header((source, port)) + upgrade_request())
+        assert status == 101
+    assert (chosen.connections, other.connections) == (3, 0)
+    assert {request["x-real-ip"] for request in chosen.requests} == {source}
+
+
+async def test_proxy_source_address_counts_against_the_per_ip_limit(start_gateway_object, ws_backend):
+    config = proxy_config([ws_backend.url], "v1", limits={"max_connections_per_ip": 1})
+    gateway = await start_gateway_object(config)
+    host, port = gateway.addresses[0]
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(proxy_v1_header(("203.0.113.7", 1)) + upgrade_request())
+            status, _, _ = await read_response_head(reader)
+            assert status == 101
+            again = proxy_v1_header(("203.0.113.7", 2)) + upgrade_request()
+            status, _, _ = await raw_exchange(ws_url(gateway), again)
+            assert status == 429
+            other = proxy_v1_header(("203.0.113.8", 1)) + upgrade_request()
+            status, _, _ = await raw_exchange(ws_url(gateway), other)
+            assert status == 101
+        finally:
+            writer.close()
+
+
+BAD_PROXY_STARTS = [
+    pytest.param("any", upgrade_request(), False, "malformed", id="no-header"),
+    pytest.param("v2", proxy_v1_header(("203.0.113.7", 1)) + upgrade_request(), False, "malformed", id="v1-on-v2"),
+    pytest.param("v1", proxy_v2_header(("203.0.113.7", 1)) + upgrade_request(), False, "malformed", id="v2-on-v1"),
+    pytest.param("any", b"PROXY TCP4 203.0.113.300 192.0.2.1 1 443\r\n", False, "malformed", id="v1-bad-address"),
+    pytest.param("any", proxy_v1_header(("203.0.113.7", 1))[:20], True, "truncated", id="v1-truncated"),
+    pytest.param("any", proxy_v2_header(("203.0.113.7", 1))[:20], True, "truncated", id="v2-truncated"),
+    pytest.param("any", b"PROXY UNKNOWN " + b"x" * 200 + b"\r\n", False, "too_large", id="v1-oversized"),
+    pytest.param(
+        "any", PROXY_V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x11, 60000) + bytes(60000), False, "too_large",
+        id="v2-oversized",
+    ),
+]
+
+
+@pytest.mark.parametrize(("version", "data", "eof", "reason"), BAD_PROXY_STARTS)
+async def test_bad_proxy_header_closes_without_an_answer(
+    start_gateway_object, ws_backend, version, data, eof, reason
+):
+    gateway = await start_gateway_object(proxy_config([ws_backend.url], version))
+    assert await _unanswered(gateway, data, eof=eof) == b""
+    assert proxy_errors(gateway, reason) == 1
+    assert ws_backend.connections == 0
+    assert gateway.connection_count == 0
+    # The listener goes on serving.
+    build = proxy_v2_header if version == "v2" else proxy_v1_header
+    status, _, _ = await raw_exchange(ws_url(gateway), build(("203.0.113.7", 1)) + upgrade_request())
+    assert status == 101
+
+
+async def test_incomplete_proxy_header_is_dropped_at_the_handshake_timeout(start_gateway_object, ws_backend):
+    config = proxy_config([ws_backend.url], timeouts={"handshake": "50ms"})
+    gateway = await start_gateway_object(config)
+    assert await _unanswered(gateway, proxy_v2_header(("203.0.113.7", 1))[:15]) == b""
+    assert proxy_errors(gateway, "timeout") == 1
+    assert ws_backend.connections == 0
+
+
+async def test_proxy_header_only_from_proxy_protocol_from(start_gateway_object, ws_backend):
+    data = proxy_v1_header(("203.0.113.7", 1)) + upgrade_request()
+    config = proxy_config([ws_backend.url])
+    config["listeners"][0]["proxy_protocol_from"] = ["10.0.0.0/8", "2001:db8::/32"]
+    gateway = await start_gateway_object(config)
+    assert await _unanswered(gateway, data) == b""
+    assert proxy_errors(gateway, "untrusted") == 1
+    assert ws_backend.connections == 0
+
+    config["listeners"][0]["proxy_protocol_from"] = ["10.0.0.0/8", "127.0.0.0/8"]
+    trusting = await start_gateway_object(config)
+    status, _, _ = await raw_exchange(ws_url(trusting), data)
+    assert status == 101
+    assert ws_backend.requests[0]["x-real-ip"] == "203.0.113.7"

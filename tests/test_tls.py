@@ -27,9 +27,16 @@ import websockets
 from conftest import gateway_config
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from peers import STEP_TIMEOUT, client_frame, read_frame, read_response_head, upgrade_request
+from peers import (
+    STEP_TIMEOUT,
+    client_frame,
+    proxy_v1_header,
+    proxy_v2_header,
+    read_frame,
+    read_response_head,
+    upgrade_request,
+)
 
-from wsgate.config import parse_config
 from wsgate.gateway import Gateway
 
 REPO = Path(__file__).resolve().parent.parent
@@ -210,22 +217,6 @@ def backend_server_context(pem: Pem, client_ca: trustme.CA | None = None) -> ssl
         client_ca.configure_trust(context)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-@pytest.fixture
-async def start_gateway_object() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Gateway]]]:
-    """Like conftest's start_gateway, but returns the Gateway (for its counters and port)."""
-    gateways: list[Gateway] = []
-
-    async def start(config: dict[str, Any]) -> Gateway:
-        gateway = Gateway(parse_config(config))
-        await gateway.start()
-        gateways.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in gateways:
-        await gateway.close()
 
 
 def tls_config(backend_url: str, tls: dict[str, Any], **sections: Any) -> dict[str, Any]:
@@ -458,6 +449,71 @@ async def test_silent_client_is_dropped_after_the_handshake_timeout(pki, echo_ba
     assert 0.15 <= elapsed < 2.0, elapsed
     await wait_until(lambda: gateway.tls_handshake_failures > before, "the timeout to be counted")
     await wait_until(lambda: gateway.connection_count == 0, "the connection to be released")
+
+
+# -- behind a PROXY protocol header -----------------------------------------------------
+
+
+async def upgrade_over_tls_after(port: int, context: ssl.SSLContext, header: bytes, pieces: int) -> bytes:
+    """Send `header` and the ClientHello together in `pieces` writes, complete TLS by hand
+    (memory BIOs), send an upgrade request and return the response head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="default.test")
+
+    async def receive() -> None:
+        chunk = await asyncio.wait_for(reader.read(65536), STEP_TIMEOUT)
+        assert chunk, "the gateway closed the connection"
+        incoming.write(chunk)
+
+    try:
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        first = header + outgoing.read()
+        size = -(-len(first) // pieces)
+        for start in range(0, len(first), size):
+            writer.write(first[start : start + size])
+            await writer.drain()
+        for _ in range(10):  # the handshake takes one or two round trips
+            await receive()
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                writer.write(outgoing.read())
+        else:
+            raise AssertionError("no TLS handshake after 10 reads")
+        tls.write(upgrade_request())
+        writer.write(outgoing.read())
+        answer = b""
+        for _ in range(20):
+            await receive()
+            try:
+                answer += tls.read(65536)
+            except ssl.SSLWantReadError:
+                continue
+            if b"\r\n\r\n" in answer:
+                return answer
+        raise AssertionError(f"no response head after 20 reads: {answer!r}")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 100_000], ids=["one-write", "two-writes", "byte-by-byte"])
+@pytest.mark.parametrize(
+    "header", [proxy_v1_header(("203.0.113.7", 1)), proxy_v2_header(("2001:db8::7", 2))], ids=["v1", "v2"]
+)
+async def test_tls_listener_reads_the_proxy_header_first(pki, echo_backend, start_gateway_object, header, pieces):
+    backend = await echo_backend()
+    config = tls_config(backend.url, {"cert": pki.default.cert, "key": pki.default.key})
+    config["listeners"][0]["proxy_protocol"] = "any"
+    gateway = await start_gateway_object(config)
+    head = await upgrade_over_tls_after(port_of(gateway), pki.client_context(), header, pieces)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    client_ip = "203.0.113.7" if header.startswith(b"PROXY") else "2001:db8::7"
+    assert backend.headers("X-Real-IP") == [client_ip]
+    assert backend.headers("X-Forwarded-Proto") == ["https"]
+    assert gateway.tls_handshake_failures == 0
 
 
 # -- versions and ALPN -----------------------------------------------------------------

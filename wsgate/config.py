@@ -517,6 +517,19 @@ class Listener(_Bound):
     name: _Name
     bind: _HostPort
     tls: Tls | None = None
+    # A PROXY protocol header is required first, before TLS and HTTP, from L4 balancers.
+    proxy_protocol: Literal["v1", "v2", "any"] | None = None
+    # The peers allowed to send that header (the balancers); None: any peer.
+    proxy_protocol_from: list[_Network] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _proxy_protocol_from_needs_proxy_protocol(self) -> Listener:
+        if self.proxy_protocol_from is not None and self.proxy_protocol is None:
+            raise _error_at(
+                ("proxy_protocol_from",),
+                "applies only with proxy_protocol (v1, v2 or any), which this listener does not set",
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

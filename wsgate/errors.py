@@ -35,6 +35,16 @@ class HandshakeError(WsgateError):
         super().__init__(f"{status} {reason}")
 
 
+class ProxyHeaderError(WsgateError):
+    """A PROXY protocol header that cannot be accepted; `reason` is a short label for metrics
+    (``malformed`` or ``too_large``), `detail` says what was wrong, for the log."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
 class ProtocolError(WsgateError):
     """A peer broke RFC 6455; `close_code` is what it gets told."""
 

@@ -147,6 +147,7 @@ class Gateway:
         self._relays = self._sweeper.relays
         self._all_closed = asyncio.Event()
         self.trusted_proxies = TrustedProxies(config.trusted_proxies)
+        self.proxy_senders = _proxy_senders(config)
         # Admitted connections: all of them, and by client address (an entry per address
         # with at least one, so the table is no larger than the connections).
         self._open_count = 0
@@ -382,6 +383,7 @@ class Gateway:
         self.config, self.tls, self.pools = config, tls, pools
         self.relay_settings = _relay_settings(config)
         self.trusted_proxies = TrustedProxies(config.trusted_proxies)
+        self.proxy_senders = _proxy_senders(config)
         if config.limits.new_connections_per_ip != old_config.limits.new_connections_per_ip:
             self._new_connections = _new_connection_buckets(config.limits)  # every bucket full
         self._sweeper.retime(*sweep_timing(self.relay_settings), asyncio.get_running_loop().time())
@@ -621,3 +623,12 @@ class Gateway:
     def _pool_for(self, host: str, path: str) -> Pool | None:
         route = match_route(self.config.routes, host, path)
         return None if route is None else self.pools[route.name]
+
+
+def _proxy_senders(config: Config) -> dict[str, TrustedProxies]:
+    """The peers each listener takes a PROXY header from, by listener name, where it names them."""
+    return {
+        listener.name: TrustedProxies(listener.proxy_protocol_from)
+        for listener in config.listeners
+        if listener.proxy_protocol_from is not None
+    }

@@ -178,6 +178,11 @@ class Metrics:
         self.tls_handshake_failures = Counter(
             "wsgate_tls_handshake_failures", "Client TLS handshakes that failed.", ["listener"], registry=r
         )
+        self.proxy_protocol_errors = Counter(
+            "wsgate_proxy_protocol_errors",
+            "Connections closed, unanswered, over their PROXY protocol header, by reason.",
+            ["listener", "reason"], registry=r,
+        )
         self.config_reloads = Counter(
             "wsgate_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )

@@ -19,7 +19,7 @@ import h11
 
 from .balancer import Member, Pool, random_key
 from .config import Limits, Listener, format_host_port
-from .errors import BackendUnavailable, HandshakeError
+from .errors import BackendUnavailable, HandshakeError, ProxyHeaderError
 from .frames import CloseCode
 from .handshake import (
     HeadReader,
@@ -33,6 +33,7 @@ from .handshake import (
     render_rejection,
     render_switching_protocols,
 )
+from .proxy_protocol import NEED_MORE, parse_proxy_header
 from .relay import Relay
 from .tls import ListenerTls, peer_subject
 
@@ -92,6 +93,7 @@ class ClientHandshake(asyncio.Protocol):
         "tls_early",
         "head",
         "lingering",
+        "proxy_buffer",
     )
 
     def __init__(self, gateway: Gateway, listener: Listener) -> None:
@@ -127,6 +129,8 @@ class ClientHandshake(asyncio.Protocol):
         # h11 gets the head only once it is complete and within the limits.
         self.head = HeadReader(limits.max_header_bytes, limits.max_headers, limits.max_target_bytes)
         self.lingering = False  # answered; what the client still sends is read and dropped
+        # The PROXY protocol header received so far, while one is awaited.
+        self.proxy_buffer: bytearray | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -136,6 +140,9 @@ class ClientHandshake(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
         self.client_address = format_host_port(peer[0], peer[1]) if peer else "unknown"
+        if self.listener.proxy_protocol is not None:
+            self._expect_proxy_header()
+            return
         self._address_known()
 
     def _address_known(self) -> None:
@@ -163,6 +170,57 @@ class ClientHandshake(asyncio.Protocol):
         self.tls_early = bytearray()
         self.transport.pause_reading()
         self.tls_task = asyncio.get_running_loop().create_task(self._start_tls(tls))
+
+    def _expect_proxy_header(self) -> None:
+        allowed = self.gateway.proxy_senders.get(self.listener.name)
+        if allowed is not None and not allowed.includes(self.client_ip):
+            self._drop_proxy("untrusted", "the peer is not in proxy_protocol_from")
+            return
+        self.proxy_buffer = bytearray()
+        self.gateway._connections.add(self)  # so that close and drain end it too
+        self.timer = asyncio.get_running_loop().call_later(
+            self.gateway.config.timeouts.handshake, self._on_proxy_timeout
+        )
+
+    def _on_proxy_data(self, data: bytes) -> None:
+        buffer, versions = self.proxy_buffer, self.listener.proxy_protocol
+        assert buffer is not None and versions is not None
+        buffer += data
+        try:
+            header = parse_proxy_header(buffer, versions)
+        except ProxyHeaderError as exc:
+            self._drop_proxy(exc.reason, exc.detail)
+            return
+        if header is NEED_MORE:
+            return
+        self.proxy_buffer = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if header.source is not None:
+            self.client_ip, port = header.source
+            self.client_address = format_host_port(self.client_ip, port)
+        self._address_known()
+        if self.admitted and len(buffer) > header.size:
+            # The connection's own first bytes (a ClientHello, a request) came with the header.
+            self.data_received(bytes(buffer[header.size :]))
+
+    def _on_proxy_timeout(self) -> None:
+        self.timer = None
+        timeout = self.gateway.config.timeouts.handshake
+        self._drop_proxy("timeout", f"no complete PROXY protocol header within {timeout:g}s")
+
+    def _drop_proxy(self, reason: str, detail: str) -> None:
+        """Close over the PROXY protocol header, unanswered: the peer is a balancer, not a client."""
+        log.info(
+            "conn=%d %s PROXY protocol header refused (%s): %s",
+            self.conn_id, self.client_address, reason, detail,
+        )
+        metrics = self.gateway.metrics
+        metrics.series(metrics.proxy_protocol_errors, self.listener.name, reason).inc()
+        self.proxy_buffer = None
+        self.lingering = True  # drop whatever still arrives before the close takes effect
+        self.transport.close()
 
     async def _start_tls(self, tls: ListenerTls) -> None:
         loop = asyncio.get_running_loop()
@@ -208,6 +266,9 @@ class ClientHandshake(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lingering:
             return
+        if self.proxy_buffer is not None:
+            self._on_proxy_data(data)
+            return
         if self.tls_early is not None:
             # TLS bytes that beat start_tls (uvloop); keep them for the TLS layer.
             self.tls_early += data
@@ -229,6 +290,10 @@ class ClientHandshake(asyncio.Protocol):
             self._next_request_event()
 
     def eof_received(self) -> bool:
+        if self.proxy_buffer:
+            received = len(self.proxy_buffer)
+            self._drop_proxy("truncated", f"the connection ended {received} bytes into the header")
+            return False
         if self.task is None:
             self.transport.close()
         elif not self.handed_off:
