@@ -1,7 +1,8 @@
 """Property tests of the handshake path as a whole, through real sockets to a running gateway.
 
-Arbitrary bytes and mutated upgrade requests, split arbitrarily across writes, go to a
-gateway whose one route takes every host and path. Whatever arrives, the answer is a
+Arbitrary bytes and mutated upgrade requests, after a PROXY header (whole, cut, mutated
+or none) and split arbitrarily across writes, go to a gateway whose one route takes every
+host and path, on a plain listener and on one that requires the PROXY protocol. Whatever arrives, the answer is a
 101 or one of the documented rejections (or a close without an answer), never a 500 or
 a logged exception, and the backend sees a connection only when the client got a 101.
 HYPOTHESIS_PROFILE picks the depth: "dev" (default, quick) or "ci" (deep).
@@ -20,12 +21,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peers import STEP_TIMEOUT, accept_upgrade, upgrade_request
+from peers import STEP_TIMEOUT, accept_upgrade, proxy_v1_header, proxy_v2_header, upgrade_request
 
 from conftest import Backend, gateway_config
 
+_DEPTH = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 PROFILE = settings(
-    settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev")),
+    _DEPTH,
+    # Each example is a connection, some of them a handshake timeout long: the deep
+    # profile runs three times the quick one's examples, not ten.
+    max_examples=min(_DEPTH.max_examples, 300),
     # One gateway serves every example; what each example checks is relative to its start.
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -86,6 +91,31 @@ handshake_bytes = st.one_of(
 )
 
 
+_PROXY_HEADERS = [
+    proxy_v1_header(("203.0.113.7", 51234)),
+    proxy_v1_header(("2001:db8::7", 51234)),
+    proxy_v1_header(None),
+    proxy_v2_header(("203.0.113.7", 51234)),
+    proxy_v2_header(("2001:db8::7", 51234), tlvs=((0x01, b"h2"), (0x04, b"\x00" * 40))),
+    proxy_v2_header(None, local=True),
+]
+
+
+@st.composite
+def proxy_header(draw: st.DrawFn) -> bytes:
+    """A PROXY v1 or v2 header, whole, cut short, with a few bytes changed, or none at all."""
+    data = bytearray(draw(st.sampled_from(_PROXY_HEADERS)))
+    kind = draw(st.sampled_from(["whole", "whole", "cut", "flip", "none"]))
+    if kind == "cut":
+        del data[draw(st.integers(0, len(data) - 1)) :]
+    elif kind == "flip":
+        for _ in range(draw(st.integers(1, 3))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    elif kind == "none":
+        data.clear()
+    return bytes(data)
+
+
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({0, len(data), *(cut % (len(data) + 1) for cut in cuts)})
     return [data[a:b] for a, b in zip(points, points[1:]) if a < b]
@@ -121,31 +151,34 @@ async def exchange(url: str, chunks: list[bytes]) -> Answer:
         writer.close()
 
 
-@pytest.fixture
+@pytest.fixture(params=[None, "any"], ids=["plain", "proxy_protocol"])
 async def fuzz_target(
-    start_gateway, raw_backend, caplog: pytest.LogCaptureFixture
-) -> AsyncIterator[tuple[str, Backend]]:
+    request: pytest.FixtureRequest, start_gateway, raw_backend, caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[tuple[str, Backend, bool]]:
+    """A gateway on a plain listener, or on one that requires a PROXY header first."""
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await accept_upgrade(reader, writer)
         await reader.read()  # until the gateway closes the relay
 
     backend = await raw_backend(accept)
     config = gateway_config([backend.url], timeouts={"handshake": HANDSHAKE_TIMEOUT})
+    config["listeners"][0]["proxy_protocol"] = request.param
     url = await start_gateway(config)
     with caplog.at_level(logging.ERROR, logger="wsgate"):
-        yield url, backend
+        yield url, backend, request.param is not None
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("wsgate")]
     assert not errors, [r.getMessage() for r in errors]
 
 
 @PROFILE
-@given(data=handshake_bytes, cuts=st.lists(st.integers(0, 1 << 16), max_size=8))
+@given(header=proxy_header(), data=handshake_bytes, cuts=st.lists(st.integers(0, 1 << 16), max_size=8))
 async def test_any_bytes_get_a_101_or_a_documented_rejection_and_only_a_101_reaches_a_backend(
-    fuzz_target: tuple[str, Backend], data: bytes, cuts: list[int]
+    fuzz_target: tuple[str, Backend, bool], header: bytes, data: bytes, cuts: list[int]
 ) -> None:
-    url, backend = fuzz_target
+    # On the plain listener a PROXY header is just more bytes before the request.
+    url, backend, _ = fuzz_target
     seen_before = backend.connections
-    answer = await exchange(url, split(data, cuts))
+    answer = await exchange(url, split(header + data, cuts))
     if answer.status == 101:
         assert backend.connections == seen_before + 1
     else:
@@ -154,10 +187,11 @@ async def test_any_bytes_get_a_101_or_a_documented_rejection_and_only_a_101_reac
 
 
 async def test_the_valid_request_the_mutations_start_from_is_upgraded(
-    fuzz_target: tuple[str, Backend],
+    fuzz_target: tuple[str, Backend, bool],
 ) -> None:
     # Guards the property above against passing because nothing is ever upgraded.
-    url, backend = fuzz_target
-    answer = await exchange(url, split(_VALID, [7, 30]))
+    url, backend, proxied = fuzz_target
+    header = _PROXY_HEADERS[3] if proxied else b""
+    answer = await exchange(url, split(header + _VALID, [7, 30, 60]))
     assert answer.status == 101
     assert backend.connections == 1
