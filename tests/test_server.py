@@ -821,11 +821,6 @@ def proxy_config(backends: list[str], proxy_protocol: str = "any", **sections: A
     return config
 
 
-def ws_url(gateway: Gateway) -> str:
-    host, port = gateway.addresses[0]
-    return f"ws://{host}:{port}"
-
-
 def proxy_errors(gateway: Gateway, reason: str) -> float:
     labels = {"listener": "test", "reason": reason}
     return gateway.registry.get_sample_value("wsgate_proxy_protocol_errors_total", labels) or 0.0
@@ -964,3 +959,20 @@ async def test_proxy_header_only_from_proxy_protocol_from(start_gateway_object, 
     status, _, _ = await raw_exchange(ws_url(trusting), data)
     assert status == 101
     assert ws_backend.requests[0]["x-real-ip"] == "203.0.113.7"
+
+
+async def test_a_connection_awaiting_its_proxy_header_counts_against_max_connections(
+    start_gateway_object, ws_backend
+):
+    gateway = await start_gateway_object(proxy_config([ws_backend.url], "v1", limits={"max_connections": 1}))
+    host, port = gateway.addresses[0]
+    async with asyncio.timeout(STEP_TIMEOUT):
+        _, silent = await asyncio.open_connection(host, port)
+        await until(lambda: gateway.connection_count == 1, "the silent connection to be admitted")
+        status, headers, _ = await raw_exchange(ws_url(gateway), proxy_v1_header(("203.0.113.7", 1)))
+        assert (status, headers["retry-after"]) == (503, "1")
+        silent.close()
+        await until(lambda: gateway.connection_count == 0, "the silent connection to be released")
+        behind = proxy_v1_header(("203.0.113.7", 2)) + upgrade_request()
+        status, _, _ = await raw_exchange(ws_url(gateway), behind)
+    assert status == 101

@@ -140,36 +140,46 @@ class ClientHandshake(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
         self.client_address = format_host_port(peer[0], peer[1]) if peer else "unknown"
+        if not self._admit():
+            return
         if self.listener.proxy_protocol is not None:
             self._expect_proxy_header()
             return
         self._address_known()
 
-    def _address_known(self) -> None:
+    def _admit(self) -> bool:
+        """Count the connection against the gateway-wide cap from its accept, or refuse it."""
+        gateway = self.gateway
+        refusal = gateway._admit()
+        if refusal is not None:
+            self._refuse_at_accept(refusal, self.listener.name in gateway.tls)
+            return False
+        self.admitted = True
+        gateway._connections.add(self)
+        return True
+
+    def _address_known(self) -> bool:
         """Admit the connection from `client_ip`, then start TLS or wait for the request."""
         gateway = self.gateway
         tls = gateway.tls.get(self.listener.name)
-        refusal = gateway._admit()
-        if refusal is None:
-            self.admitted = True
-            gateway._connections.add(self)
-            if gateway.trusted_proxies.includes(self.client_ip):
-                self.address_pending = True
-            else:
-                refusal = gateway._admit_address(self.client_ip)
-                self.address_counted = refusal is None
-        if refusal is not None:
-            self._refuse_at_accept(refusal, tls is not None)
-            return
+        if gateway.trusted_proxies.includes(self.client_ip):
+            self.address_pending = True
+        else:
+            refusal = gateway._admit_address(self.client_ip)
+            if refusal is not None:
+                self._refuse_at_accept(refusal, tls is not None)
+                return False
+            self.address_counted = True
         if tls is None:
             self._start_request_timer()
-            return
+            return True
         # The ClientHello should wait in the kernel until start_tls takes over reading, but
         # uvloop starts reading right after connection_made whatever it did, so bytes that
         # still arrive first are kept in tls_early and handed to the TLS layer.
         self.tls_early = bytearray()
         self.transport.pause_reading()
         self.tls_task = asyncio.get_running_loop().create_task(self._start_tls(tls))
+        return True
 
     def _expect_proxy_header(self) -> None:
         allowed = self.gateway.proxy_senders.get(self.listener.name)
@@ -177,7 +187,6 @@ class ClientHandshake(asyncio.Protocol):
             self._drop_proxy("untrusted", "the peer is not in proxy_protocol_from")
             return
         self.proxy_buffer = bytearray()
-        self.gateway._connections.add(self)  # so that close and drain end it too
         self.timer = asyncio.get_running_loop().call_later(
             self.gateway.config.timeouts.handshake, self._on_proxy_timeout
         )
@@ -200,8 +209,7 @@ class ClientHandshake(asyncio.Protocol):
         if header.source is not None:
             self.client_ip, port = header.source
             self.client_address = format_host_port(self.client_ip, port)
-        self._address_known()
-        if self.admitted and len(buffer) > header.size:
+        if self._address_known() and len(buffer) > header.size:
             # The connection's own first bytes (a ClientHello, a request) came with the header.
             self.data_received(bytes(buffer[header.size :]))
 
