@@ -142,7 +142,7 @@ def read_promql(expression: str) -> Query:
                 index += 1
                 while at(index) != "}":
                     label, operator, value = (t for _, t in tokens[index:index + 3])
-                    assert tokens[index + 2][0] == "string", f"a matcher's value must be a string: {expression!r}"
+                    assert tokens[index + 2][0] == "string", f"a matcher's value is a string: {expression!r}"
                     matchers.append((label, operator, json.loads(value)))
                     index += 3
                     if at(index) == ",":
@@ -177,8 +177,8 @@ class Exported:
         for selector in query.selectors:
             metric = selector.metric
             if metric in PROMETHEUS_SERIES:
-                own = TARGET_LABELS
-                found += [f"{metric}: no label {label}" for label, _, _ in selector.matchers if label not in own]
+                unknown = [label for label, _, _ in selector.matchers if label not in TARGET_LABELS]
+                found += [f"{metric}: no label {label}" for label in unknown]
                 continue
             if metric not in self.labels:
                 found.append(f"{metric}: not exported")
@@ -195,11 +195,12 @@ class Exported:
                     found += [f"{metric}: {label}={one!r} never seen" for one in wanted if one not in seen]
         for grouping in query.groupings:
             for label in grouping.labels:
-                for selector in grouping.selectors:
-                    if selector.metric not in PROMETHEUS_SERIES and label not in self.label_names(selector.metric):
-                        found.append(f"{selector.metric}: no label {label} to aggregate by")
+                for metric in {s.metric for s in grouping.selectors} - PROMETHEUS_SERIES:
+                    if label not in self.label_names(metric):
+                        found.append(f"{metric}: no label {label} to aggregate by")
         names = set().union(*(self.label_names(s.metric) for s in query.selectors))
-        found += [f"{expression!r} shows label {label}, which it has not" for label in shown_labels if label not in names]
+        missing = [label for label in shown_labels if label not in names]
+        found += [f"{expression!r} shows label {label}, which it has not" for label in missing]
         return found
 
 
@@ -228,7 +229,8 @@ def dashboard_queries() -> list[tuple[str, str, list[str]]]:
     [
         ('up{job="wsgate"} == 0', [("up", [("job", "=", "wsgate")])], []),
         (
-            'sum by (route) (rate(a_total{x=~"p|q", y!="z"}[5m])) / sum(rate(b_total[$__rate_interval])) by (le)',
+            'sum by (route) (rate(a_total{x=~"p|q", y!="z"}[5m]))'
+            " / sum(rate(b_total[$__rate_interval])) by (le)",
             [("a_total", [("x", "=~", "p|q"), ("y", "!=", "z")]), ("b_total", [])],
             [(["route"], ["a_total"]), (["le"], ["b_total"])],
         ),
