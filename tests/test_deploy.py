@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import kubernetes_validate
 import pytest
 import yaml
 from conftest import gateway_config
 from peers import STEP_TIMEOUT, read_response_head, upgrade_request
 from test_operations import GatewayProcess, Samples, connect, echo_messages, poll
+
+from wsgate.config import Config, Limits, Shutdown, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -356,3 +361,227 @@ async def test_every_dashboard_query_uses_metrics_and_labels_the_gateway_exports
     for where, expression, shown in dashboard_queries():
         problems += [f"{where}: {p}" for p in scraped.problems(expression, shown)]
     assert problems == []
+
+
+# -- every file parses ---------------------------------------------------------------------
+
+
+def deploy_files(*suffixes: str) -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.suffix in suffixes)
+
+
+def test_every_yaml_and_json_file_under_deploy_parses() -> None:
+    files = deploy_files(".yml", ".yaml", ".json")
+    assert {p.parent.name for p in files} >= {"prometheus", "grafana", "kubernetes"}
+    for path in files:
+        text = path.read_text()
+        documents = [json.loads(text)] if path.suffix == ".json" else list(yaml.safe_load_all(text))
+        assert documents and all(isinstance(d, dict) for d in documents), path
+
+
+# -- Kubernetes ---------------------------------------------------------------------------
+
+KUBERNETES = DEPLOY / "kubernetes"
+# The oldest Kubernetes the manifests are for (a preStop `sleep` needs 1.30), and the newest schema known.
+KUBERNETES_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+
+
+def kubernetes_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every object kustomization.yaml lists, by (kind, name)."""
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    objects = {}
+    for resource in kustomization["resources"]:
+        for document in yaml.safe_load_all((KUBERNETES / resource).read_text()):
+            key = (document["kind"], document["metadata"]["name"])
+            assert key not in objects, key
+            objects[key] = document
+    return objects
+
+
+def test_the_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    manifests = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(kustomization["resources"]) == sorted(manifests)
+    kinds = {kind for kind, _ in kubernetes_objects()}
+    assert kinds == {
+        "Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
+        "ServiceMonitor",
+    }
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_kubernetes_objects_validate(version: str) -> None:
+    problems = []
+    for (kind, name), document in kubernetes_objects().items():
+        if kind == "ServiceMonitor":
+            continue  # a custom resource: no schema offline; checked field by field below
+        try:
+            kubernetes_validate.validate(document, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            problems.append(f"{kind} {name}: {exc.message} at {'.'.join(map(str, exc.path))}")
+    assert problems == []
+
+
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl not found: the kustomization is not rendered"
+)
+def test_kubectl_renders_the_kustomization() -> None:
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(KUBERNETES)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = [d for d in yaml.safe_load_all(result.stdout)]
+    assert {(d["kind"], d["metadata"]["name"]) for d in rendered} == set(kubernetes_objects())
+    for document in rendered:
+        if document["kind"] != "Namespace":
+            assert document["metadata"]["namespace"] == "wsgate", document["metadata"]
+
+
+def gateway_container() -> dict[str, Any]:
+    pod = kubernetes_objects()["Deployment", "wsgate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return container
+
+
+def container_port(container: dict[str, Any], name: str) -> int:
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
+
+
+def configmap_text() -> str:
+    return kubernetes_objects()["ConfigMap", "wsgate-config"]["data"]["wsgate.yaml"]
+
+
+def deployment_environment() -> dict[str, str]:
+    """Stand-ins for what the Deployment's env gives the gateway in a pod."""
+    stand_ins = {"metadata.namespace": "wsgate", "limits.cpu": "2"}
+    environment = {}
+    for variable in gateway_container()["env"]:
+        source = variable.get("valueFrom", {})
+        if "value" in variable:
+            environment[variable["name"]] = variable["value"]
+        elif "fieldRef" in source:
+            environment[variable["name"]] = stand_ins[source["fieldRef"]["fieldPath"]]
+        else:
+            environment[variable["name"]] = stand_ins[source["resourceFieldRef"]["resource"]]
+    return environment
+
+
+@pytest.fixture
+def configmap_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """The ConfigMap's config, as the gateway loads it in a pod."""
+    for name, value in deployment_environment().items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "configmap.yaml"
+    path.write_text(configmap_text())
+    return load_config(path)
+
+
+def test_the_configmap_passes_wsgate_check_with_the_deployments_environment(tmp_path: Path) -> None:
+    path = tmp_path / "wsgate.yaml"
+    path.write_text(configmap_text())
+    needed = set(re.findall(r"\$\{(\w+)\}", configmap_text()))
+    assert needed and needed <= set(deployment_environment()), needed
+    result = subprocess.run(
+        [sys.executable, "-m", "wsgate", "check", "-c", str(path)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **deployment_environment()},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_probes_ports_and_selectors_agree_with_the_config(configmap_config: Config) -> None:
+    config = configmap_config
+    objects = kubernetes_objects()
+    deployment = objects["Deployment", "wsgate"]
+    pod = deployment["spec"]["template"]
+    container = gateway_container()
+    # The mounted file is the one the container runs, and the one the image's default command names.
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    assert container["args"] == ["run", "-c", f"{mount['mountPath']}/wsgate.yaml"]
+    assert f'"{mount["mountPath"]}/wsgate.yaml"' in (REPO / "Dockerfile").read_text()
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
+    assert volume["configMap"]["name"] == "wsgate-config"
+    # Probes on the admin port, at the paths the admin server answers.
+    assert container_port(container, "admin") == config.admin.port
+    assert container_port(container, "ws") == config.listeners[0].port
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    # Time to drain before the kubelet kills: the preStop pause plus the config's grace period.
+    pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] > pause + config.shutdown.grace_period
+    assert config.workers == int(deployment_environment()["WSGATE_WORKERS"])
+    # With several workers the supervisor writes its snapshot to /tmp, on a read-only root.
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "limits" in container["resources"] and "requests" in container["resources"]
+    # Selectors find the gateway's pods; target ports are ports the container names.
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    service = objects["Service", "wsgate"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"ws", "admin"}
+    budget = objects["PodDisruptionBudget", "wsgate"]["spec"]
+    assert budget["selector"]["matchLabels"].items() <= labels.items() and budget["maxUnavailable"] == 1
+    hpa = objects["HorizontalPodAutoscaler", "wsgate"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "wsgate"}
+    assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
+    monitor = objects["ServiceMonitor", "wsgate"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [{"port": "admin", "path": "/metrics", "interval": "15s"}]
+    # The job Prometheus gives the ServiceMonitor's targets (the Service's name) is the one the alerts name.
+    assert service["metadata"]["name"] == "wsgate" and 'job="wsgate"' in ALERTS.read_text()
+
+
+def test_the_example_backend_is_the_headless_service_the_config_resolves(configmap_config: Config) -> None:
+    objects = kubernetes_objects()
+    (backend,) = configmap_config.routes[0].backends
+    name, port = backend.dns.rsplit(":", 1)
+    assert name == "echo-backend.wsgate.svc.cluster.local"
+    service = objects["Service", "echo-backend"]["spec"]
+    assert service["clusterIP"] == "None"
+    assert [p["port"] for p in service["ports"]] == [int(port)]
+    pods = objects["Deployment", "echo-backend"]["spec"]["template"]
+    assert service["selector"].items() <= pods["metadata"]["labels"].items()
+    (container,) = pods["spec"]["containers"]
+    assert container_port(container, service["ports"][0]["targetPort"]) == int(port)
+
+
+# -- systemd ------------------------------------------------------------------------------
+
+UNIT = DEPLOY / "systemd" / "wsgate.service"
+
+
+def unit_settings() -> dict[str, str]:
+    settings = {}
+    for line in UNIT.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings[key] = value
+    return settings
+
+
+def test_the_systemd_unit_runs_checks_reloads_and_waits_for_the_drain() -> None:
+    unit = unit_settings()
+    config = "/etc/wsgate/wsgate.yaml"
+    assert unit["ExecStartPre"] == f"/usr/local/bin/wsgate check -c {config}"
+    assert unit["ExecStart"] == f"/usr/local/bin/wsgate run -c {config}"
+    assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert unit["KillMode"] == "mixed"  # SIGTERM to the supervisor alone, which forwards it
+    assert int(unit["TimeoutStopSec"]) > Shutdown().grace_period
+    assert unit["RestartPreventExitStatus"] == "2"  # the exit status of an invalid config
+    assert int(unit["LimitNOFILE"]) >= 2 * Limits().max_connections
+    assert unit["PrivateTmp"] == "yes" and unit["NoNewPrivileges"] == "yes"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not found")
+def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
+    # verify wants the commands to exist: point them at an executable that does.
+    unit = tmp_path / "wsgate.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/wsgate", sys.executable))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stderr) == (0, "")
