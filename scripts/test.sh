@@ -8,6 +8,9 @@ if ! command -v npm >/dev/null; then
 fi
 npm ci --prefix tests/node --no-audit --no-fund --silent
 [ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsmasq-base >/dev/null; }
+# promtool checks deploy/prometheus/alerts.yml; Debian ships it in the prometheus package.
+command -v promtool >/dev/null || { apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 if [ -n "${CI:-}" ]; then
     export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"

@@ -105,6 +105,26 @@ def test_config_errors_exit_2_with_file_key_and_reason(tmp_path, command, conten
     assert "Traceback" not in result.stderr
 
 
+def test_check_substitutes_environment_variables_and_names_the_key_of_an_unset_one(tmp_path):
+    path = tmp_path / "wsgate.yaml"
+    path.write_text(VALID.replace("ws://127.0.0.1:9", "ws://${WSGATE_T_BACKEND_HOST}:9"))
+    environment = {k: v for k, v in os.environ.items() if k != "WSGATE_T_BACKEND_HOST"}
+    unset = subprocess.run(
+        [sys.executable, "-m", "wsgate", "check", "-c", str(path)],
+        capture_output=True, text=True, timeout=60, env=environment,
+    )
+    assert unset.returncode == 2, unset.stderr
+    key = "routes[0].backends[0].url"
+    assert f"{path}: {key}: environment variable WSGATE_T_BACKEND_HOST is not set" in unset.stderr
+    assert "Traceback" not in unset.stderr
+    resolved = subprocess.run(
+        [sys.executable, "-m", "wsgate", "check", "-c", str(path)],
+        capture_output=True, text=True, timeout=60, env={**environment, "WSGATE_T_BACKEND_HOST": "127.0.0.1"},
+    )
+    assert resolved.returncode == 0, resolved.stderr
+    assert "OK" in resolved.stdout
+
+
 def test_run_serves_until_sigterm(tmp_path):
     path = tmp_path / "wsgate.yaml"
     path.write_text(VALID)

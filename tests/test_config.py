@@ -23,8 +23,10 @@ from wsgate.config import (
     NewConnections,
     Shutdown,
     Timeouts,
+    dump_config_data,
     keep_restart_settings,
     load_config,
+    load_config_data,
     parse_config,
     parse_duration,
     parse_host_port,
@@ -32,6 +34,7 @@ from wsgate.config import (
     parse_rate,
     parse_size,
     read_admin_token,
+    substitute_environment,
 )
 from wsgate.errors import ConfigError
 
@@ -893,6 +896,110 @@ def test_validation_error_names_the_file(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"{path}: timeouts.connect: expected a duration such as 250ms, 30s, 5m or 1h, got 'soon'"
     )
+
+
+# --------------------------------------------------------------------------
+# Environment variables
+# --------------------------------------------------------------------------
+
+ENVIRONMENT = {"WSGATE_T_HOST": "10.0.0.7", "WSGATE_T_PORT": "8000", "WSGATE_T_EMPTY": "",
+               "WSGATE_T_FLAG": "on", "WSGATE_T_DOLLAR": "a$b", "WSGATE_T_LIST": "[a, {b: c}]"}
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WSGATE_T_UNSET", raising=False)
+
+
+@pytest.mark.parametrize(
+    ("written", "value"),
+    [
+        ("${WSGATE_T_HOST}", "10.0.0.7"),
+        ("ws://${WSGATE_T_HOST}:${WSGATE_T_PORT}/ws", "ws://10.0.0.7:8000/ws"),
+        ("${WSGATE_T_UNSET:-fallback}", "fallback"),
+        ("${WSGATE_T_EMPTY:-fallback}", "fallback"),
+        ("${WSGATE_T_HOST:-unused}", "10.0.0.7"),
+        ("x${WSGATE_T_EMPTY}y", "xy"),
+        ("'${WSGATE_T_UNSET:-}'", ""),
+        # A whole unquoted reference is typed as YAML types a plain value; a quoted one is not.
+        ("${WSGATE_T_PORT}", 8000),
+        ("${WSGATE_T_UNSET:-9001}", 9001),
+        ("${WSGATE_T_FLAG}", True),
+        ("${WSGATE_T_UNSET:-}", None),
+        ("'${WSGATE_T_PORT}'", "8000"),
+        ('"${WSGATE_T_PORT}"', "8000"),
+        ("${WSGATE_T_PORT}s", "8000s"),
+        # A variable's value is text, never YAML structure, and is not substituted again.
+        ("${WSGATE_T_LIST}", "[a, {b: c}]"),
+        ("${WSGATE_T_DOLLAR}", "a$b"),
+        # $$ is one $; any other $ stays as written.
+        ("$${WSGATE_T_HOST}", "${WSGATE_T_HOST}"),
+        ("$$$${WSGATE_T_HOST}", "$${WSGATE_T_HOST}"),
+        ("$$${WSGATE_T_HOST}", "$10.0.0.7"),
+        ("${WSGATE_T_UNSET:-a$$b}", "a$b"),
+        ("pa$word", "pa$word"),
+        ("100$", "100$"),
+        ("$", "$"),
+    ],
+)
+def test_environment_substitution(tmp_path: Path, environment: None, written: str, value: Any) -> None:
+    assert load_config_data(write(tmp_path, f"key: {written}\n")) == {"key": value}
+
+
+def test_substitution_reaches_values_in_lists_and_mappings_but_not_keys() -> None:
+    data = {"${A}": [{"x": "${A}"}, "${A}", 5, None], "y": {"z": "${A:-d}"}}
+    assert substitute_environment(data, {"A": "1"}) == {"${A}": [{"x": "1"}, "1", 5, None], "y": {"z": "1"}}
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "message"),
+    [
+        ("routes: [{backends: [{url: 'ws://${WSGATE_T_UNSET}:9001'}]}]\n", "routes[0].backends[0].url",
+         "environment variable WSGATE_T_UNSET is not set, and ${WSGATE_T_UNSET} has no default"),
+        ("log:\n  level: ${WSGATE_T_UNSET}\n", "log.level",
+         "environment variable WSGATE_T_UNSET is not set, and ${WSGATE_T_UNSET} has no default"),
+        ("a: {b: [x, '${1X}']}\n", "a.b[1]", "expected ${NAME} or ${NAME:-default} after '${'"),
+        ("a: '${WSGATE_T_HOST'\n", "a", "expected ${NAME} or ${NAME:-default} after '${'"),
+        ("a: '${WSGATE_T_UNSET:-a$b}'\n", "a", "expected ${NAME} or ${NAME:-default} after '${'"),
+    ],
+)
+def test_a_reference_that_cannot_be_substituted_names_its_key_path(
+    tmp_path: Path, environment: None, text: str, path: str, message: str
+) -> None:
+    file = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(file)
+    assert (info.value.file, info.value.path) == (str(file), path)
+    assert info.value.message.startswith(message), info.value.message
+
+
+def test_a_config_with_variables_validates_with_their_values(tmp_path: Path, environment: None) -> None:
+    text = """
+listeners: [{bind: "127.0.0.1:${WSGATE_T_PORT}"}]
+workers: ${WSGATE_T_UNSET:-2}
+routes:
+  - name: echo
+    backends: [{url: "ws://${WSGATE_T_HOST}:9001"}]
+limits:
+  # Unquoted in a block: a flow mapping's braces would end the plain scalar.
+  max_connections: ${WSGATE_T_PORT}
+  max_message_size: ${WSGATE_T_UNSET:-1MiB}
+"""
+    config = load_config(write(tmp_path, text))
+    assert (config.listeners[0].port, config.workers) == (8000, 2)
+    assert config.routes[0].backends[0].host == "10.0.0.7"
+    assert (config.limits.max_connections, config.limits.max_message_size) == (8000, 1024 * 1024)
+
+
+def test_dumped_data_loads_back_unchanged(tmp_path: Path, environment: None) -> None:
+    # What the supervisor hands its workers: substituted once, and not again.
+    text = "a: '$${WSGATE_T_HOST}'\nb: ${WSGATE_T_DOLLAR}\nc:\n- $$\n- '$$$$'\n"
+    text += "- ${WSGATE_T_PORT}\n- '${WSGATE_T_PORT}'\n"
+    data = load_config_data(write(tmp_path, text))
+    assert data == {"a": "${WSGATE_T_HOST}", "b": "a$b", "c": ["$", "$$", 8000, "8000"]}
+    assert load_config_data(write(tmp_path, dump_config_data(data))) == data
 
 
 # --------------------------------------------------------------------------

@@ -622,6 +622,21 @@ async def test_a_reload_under_workers_names_the_settings_that_take_a_restart(sup
         assert all(await asyncio.gather(*(echoes(ws) for ws in connections)))
 
 
+async def test_workers_serve_the_config_substituted_once_at_start_and_after_a_reload(
+    supervised, ws_backend, monkeypatch
+):
+    # The workers read the supervisor's snapshot with the same environment: a "$$" in the
+    # file must not turn into a reference there.
+    monkeypatch.setenv("WSGATE_T_REGION", "eu")
+    route = {"name": "chat-$${WSGATE_T_REGION}-${WSGATE_T_REGION}"}
+    gateway = await supervised(gateway_config([ws_backend.url], route=route))
+    expected = ["chat-${WSGATE_T_REGION}-eu"] * WORKERS
+    assert [w["status"]["routes"][0]["name"] for w in await gateway.workers()] == expected
+    code, text = await gateway.post(gateway.admin_url + "/reload")
+    assert code == 200, text
+    assert [w["status"]["routes"][0]["name"] for w in await gateway.workers()] == expected
+
+
 async def test_workers_compare_the_admin_settings_with_the_file_not_with_their_private_admin(
     supervised, ws_backend
 ):

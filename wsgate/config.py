@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping
 from fractions import Fraction
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
@@ -58,8 +59,10 @@ __all__ = [
     "SniCertificate",
     "Timeouts",
     "Tls",
+    "dump_config_data",
     "keep_restart_settings",
     "load_config",
+    "load_config_data",
     "parse_config",
     "parse_duration",
     "parse_host_port",
@@ -67,6 +70,7 @@ __all__ = [
     "parse_rate",
     "parse_size",
     "read_admin_token",
+    "substitute_environment",
 ]
 
 KiB = 1024
@@ -1009,6 +1013,97 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _WholeReference(str):
+    """An unquoted scalar that is one ``${...}`` and nothing else; its value is typed once substituted."""
+
+
+_WHOLE_REFERENCE_TAG = "tag:wsgate,2026:whole-reference"
+# Implicit resolvers see plain scalars only: a quoted "${PORT}" stays a string.
+_Loader.add_implicit_resolver(_WHOLE_REFERENCE_TAG, re.compile(r"\$\{[^}]*\}\Z"), ["$"])
+_Loader.add_constructor(
+    _WHOLE_REFERENCE_TAG, lambda loader, node: _WholeReference(loader.construct_scalar(node))
+)
+
+# $$, ${NAME} or ${NAME:-default}, where a default's own "$" is written "$$" too;
+# the last alternative is a "${" that starts no reference.
+_REFERENCE = re.compile(
+    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>(?:[^$}]|\$\$)*))?\}|\$\{"
+)
+# What substitution may turn a whole unquoted reference into: YAML's plain scalar types.
+_TYPED_TAGS = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool", "null")}
+
+
+def _typed(text: str) -> Any:
+    """`text` as YAML reads it unquoted, when that is a number, a boolean or null; else the string."""
+    loader = _Loader("")
+    try:
+        tag = loader.resolve(yaml.ScalarNode, text, (True, False))
+        if tag not in _TYPED_TAGS:
+            return text
+        return loader.construct_object(yaml.ScalarNode(tag, text))
+    finally:
+        loader.dispose()
+
+
+def _substitute_string(value: str, path: str, environ: Mapping[str, str]) -> Any:
+    def replace(reference: re.Match[str]) -> str:
+        if reference.group() == "$$":
+            return "$"
+        name, default = reference.group("name"), reference.group("default")
+        if name is None:
+            raise ConfigError(path, "expected ${NAME} or ${NAME:-default} after '${'; write $$ for a '$'")
+        if environ.get(name):
+            return environ[name]
+        if default is not None:
+            return default.replace("$$", "$")
+        if name in environ:
+            return ""
+        raise ConfigError(path, f"environment variable {name} is not set, and ${{{name}}} has no default")
+
+    text = _REFERENCE.sub(replace, value)
+    return _typed(text) if isinstance(value, _WholeReference) else text
+
+
+def substitute_environment(data: Any, environ: Mapping[str, str]) -> Any:
+    """`data` with ``${NAME}`` and ``${NAME:-default}`` in every string value replaced from `environ`.
+
+    ``$$`` is one ``$``; a ``$`` before anything else stays as it is. The default
+    applies when the variable is unset or empty; an unset variable without one is a
+    ``ConfigError`` at the value's key path. Keys are left alone, and a value never
+    becomes a list or a mapping, but a whole unquoted reference is typed as YAML
+    types a plain value (``workers: ${WORKERS:-2}`` is a number).
+    """
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            return {
+                str(key) if isinstance(key, str) else key: walk(item, f"{path}.{key}" if path else str(key))
+                for key, item in value.items()
+            }
+        if isinstance(value, list):
+            return [walk(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        if isinstance(value, str):
+            return _substitute_string(value, path, environ)
+        return value
+
+    return walk(data, "")
+
+
+def dump_config_data(data: Any) -> str:
+    """YAML text that ``load_config_data`` reads back as `data`: each ``$`` is written as ``$$``."""
+
+    def escape(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: escape(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [escape(item) for item in value]
+        if isinstance(value, str):
+            return value.replace("$", "$$")
+        return value
+
+    return yaml.safe_dump(escape(data))
+
+
 def _yaml_message(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
@@ -1026,7 +1121,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def load_config_data(path: str | os.PathLike[str]) -> Any:
-    """A config file's YAML as plain data, not yet validated; a failure is a ``ConfigError``."""
+    """A config file's YAML as plain data, environment substituted, not yet validated.
+
+    A failure is a ``ConfigError``.
+    """
     file = os.fspath(path)
     try:
         with open(file, encoding="utf-8") as f:
@@ -1042,7 +1140,12 @@ def load_config_data(path: str | os.PathLike[str]) -> Any:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError("", _yaml_message(exc), file) from None
-    return data
+    # After parsing, not before: a variable's value can then never add YAML structure.
+    try:
+        return substitute_environment(data, os.environ)
+    except ConfigError as exc:
+        exc.file = file
+        raise
 
 
 def read_admin_token(admin: Admin) -> str | None:

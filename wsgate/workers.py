@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
-import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
@@ -41,8 +40,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from . import __version__
 from .admin import admin_app, exposition, start_admin
 from .config import (
-    Config, Log, format_host_port, keep_restart_settings, load_config, load_config_data, parse_config,
-    read_admin_token,
+    Config, Log, dump_config_data, format_host_port, keep_restart_settings, load_config, load_config_data,
+    parse_config, read_admin_token,
 )
 from .errors import ConfigError, ListenError, WorkerError
 from .gateway import METRICS_FLUSH_INTERVAL, config_digest, iso_timestamp
@@ -204,7 +203,8 @@ class Supervisor:
         """The config the workers serve, replaced whole so a starting worker never reads half."""
         partial = self.snapshot_path + ".new"
         with open(partial, "w", encoding="utf-8") as file:
-            yaml.safe_dump(data, file)
+            # Escaped, so a worker's own substitution gives back exactly this data.
+            file.write(dump_config_data(data))
         os.replace(partial, self.snapshot_path)
         self._snapshots += 1
 
