@@ -406,6 +406,31 @@ async def test_head_at_the_limit_is_accepted(start_gateway, ws_backend):
     assert status == 431
 
 
+async def test_nothing_past_the_head_limit_is_parsed(start_gateway, ws_backend):
+    # A whole oversized head in one write is judged by its size alone: were it parsed,
+    # the malformed line past the limit would make the answer a 400.
+    url = await start_gateway(gateway_config([ws_backend.url], limits={"max_header_bytes": "1KiB"}))
+    request = upgrade_request(extra="X-Pad: " + "p" * 2000 + "\r\nno colon here\r\n")
+    status, _, _ = await raw_exchange(url, request)
+    assert status == 431
+    assert ws_backend.connections == 0
+
+
+async def test_frames_in_the_same_write_as_the_head_may_exceed_the_head_limit(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url], limits={"max_header_bytes": "1KiB"}))
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    message = b"m" * 3000
+    try:
+        writer.write(upgrade_request() + client_frame(0x2, message) + client_frame(0x1, b"second"))
+        status, _, _ = await read_response_head(reader)
+        assert status == 101
+        echoed = await asyncio.wait_for(reader.readexactly(4 + len(message) + 2 + 6), STEP_TIMEOUT)
+    finally:
+        writer.close()
+    assert echoed == b"\x82\x7e" + struct.pack("!H", len(message)) + message + b"\x81\x06second"
+
+
 async def test_426_sends_one_connection_header(start_gateway, ws_backend):
     url = await start_gateway(gateway_config([ws_backend.url]))
     host, port = url.removeprefix("ws://").rsplit(":", 1)

@@ -117,7 +117,8 @@ class ClientHandshake(asyncio.Protocol):
         self.client_cert: str | None = None  # the verified client certificate's subject
         # Raw bytes (the ClientHello) read before start_tls takes the transport over.
         self.tls_early: bytearray | None = None
-        # Bytes given to h11 so far: the whole request head counts against max_header_bytes.
+        # Bytes received before the request was complete: the whole head counts against
+        # max_header_bytes, and h11 is given no more than that.
         self.head_bytes = 0
         self.lingering = False  # answered; what the client still sends is read and dropped
 
@@ -195,8 +196,15 @@ class ClientHandshake(asyncio.Protocol):
             if len(self.early) > self.gateway.config.flow_control.high_water:
                 self.transport.pause_reading()
             return
+        # h11 parses a complete head line by line before its size can be judged, so it is
+        # given no more than a head may hold; the rest waits in `early` for the verdict.
+        room = self.gateway.config.limits.max_header_bytes - self.head_bytes
         self.head_bytes += len(data)
-        self.h11.receive_data(data)
+        if len(data) > room:
+            self.early += data[room:]
+            data = data[:room]
+        if data:
+            self.h11.receive_data(data)
         self._next_request_event()
 
     def eof_received(self) -> bool:
@@ -227,19 +235,15 @@ class ClientHandshake(asyncio.Protocol):
         except h11.RemoteProtocolError as exc:
             self._reject(HandshakeError(exc.error_status_hint, _h11_reason(exc)))
             return
-        limit = self.gateway.config.limits.max_header_bytes
         if event is h11.NEED_DATA:
-            # h11 bounds only an incomplete head; this bounds one that arrives whole too.
-            if self.head_bytes > limit:
+            # No head ended within the limit, and all h11 was given is the limit.
+            if self.head_bytes > self.gateway.config.limits.max_header_bytes:
                 self._reject(HandshakeError(431, "request header block too large"))
             return
         if isinstance(event, h11.Request):
-            if self.head_bytes - len(self.h11.trailing_data[0]) > limit:
-                self._reject(HandshakeError(431, "request header block too large"))
-                return
             if self.timer is not None:
                 self.timer.cancel()
-            self.early += self.h11.trailing_data[0]
+            self.early[:0] = self.h11.trailing_data[0]
             self.request_at = time.perf_counter()
             self.task = asyncio.get_running_loop().create_task(self._proxy(event))
             return
