@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import struct
 
 import aiohttp
@@ -12,7 +13,10 @@ import websockets
 from conftest import gateway_config
 from peers import STEP_TIMEOUT, client_frame, raw_exchange, read_response_head, upgrade_request
 
+from wsgate.config import parse_config
+from wsgate.gateway import Gateway
 from wsgate.handshake import accept_key
+from wsgate.workers import bind_listener
 
 SIZES = [0, 125, 126, 65535, 65536, 4 * 1024 * 1024]
 
@@ -444,3 +448,39 @@ async def test_426_sends_one_connection_header(start_gateway, ws_backend):
     assert head.startswith(b"HTTP/1.1 426 ")
     connection_lines = [line for line in head.split(b"\r\n") if line.lower().startswith(b"connection:")]
     assert connection_lines == [b"Connection: Upgrade, close"]
+
+
+# -- the accept queue ------------------------------------------------------------------------
+
+
+def _accept_queue_limit(sock: socket.socket) -> int:
+    # For a listening socket, Linux reports the accept queue's limit in tcp_info's tcpi_sacked.
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("=8B6I", info)[13]
+
+
+def _somaxconn() -> int:
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except OSError:
+        pytest.skip("no /proc/sys/net/core/somaxconn (not Linux)")
+
+
+async def test_listeners_get_the_largest_accept_queue_the_kernel_allows(ws_backend):
+    # A burst beyond the accept queue loses its SYNs, which come back a second or more later.
+    cap = _somaxconn()
+    if cap <= 1024:
+        pytest.skip("net.core.somaxconn is too small here to tell a raised queue from the old one")
+    gateway = Gateway(parse_config(gateway_config([ws_backend.url])))
+    await gateway.start()
+    try:
+        (server,) = gateway._servers.values()
+        assert _accept_queue_limit(server.sockets[0]) == min(cap, 65535)
+    finally:
+        await gateway.close()
+    shared = bind_listener("127.0.0.1", 0)  # the supervisor's, for its workers
+    try:
+        assert _accept_queue_limit(shared) == min(cap, 65535)
+    finally:
+        shared.close()

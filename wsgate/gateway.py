@@ -42,6 +42,11 @@ access_log = logging.getLogger("wsgate.access")
 # Metrics lag the connections' own counters by at most this long.
 METRICS_FLUSH_INTERVAL = 5.0
 
+# The accept queue asked of the kernel, which caps it at net.core.somaxconn: a burst of
+# connections waits there until accepted, where a full queue drops SYNs that are then
+# retried only a second or more later.
+LISTEN_BACKLOG = 65535
+
 
 def _pools(config: Config) -> dict[str, Pool]:
     """A fresh pool per route (a bad backend CA file raises `ConfigError`)."""
@@ -175,14 +180,14 @@ class Gateway:
         inherited = self.inherited.get(name)
         if inherited is not None:
             return await loop.create_server(
-                protocol, sock=inherited, backlog=1024, start_serving=start_serving
+                protocol, sock=inherited, backlog=LISTEN_BACKLOG, start_serving=start_serving
             )
         return await loop.create_server(
             protocol,
             listener.host,
             listener.port,
             reuse_address=True,
-            backlog=1024,
+            backlog=LISTEN_BACKLOG,
             start_serving=start_serving,
         )
 
