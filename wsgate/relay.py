@@ -51,6 +51,11 @@ GATEWAY = "gateway"
 # Payload of the gateway's own pings; a pong echoing it is the gateway's to swallow.
 _PING_PREFIX = b"wsgate-"
 
+# A read this large means the peer has more waiting. uvloop goes on reading a socket while
+# its reads fill the buffer (up to 32 of 256 kB in one turn), so a leg that got one yields
+# its turn: it pauses reading until the loop has served every other ready connection once.
+TURN_READ_SIZE = 64 * 1024
+
 # os.urandom drawn in blocks: a mask key or ping payload per frame needs no system call.
 _ENTROPY_BLOCK = 4096
 _entropy = b""
@@ -113,6 +118,7 @@ class Leg(asyncio.Protocol):
         "sealed",
         "lost",
         "reading_paused",
+        "yielding",
         "ping_payload",
         "ping_sent_at",
         "pong_wait_from",
@@ -154,6 +160,7 @@ class Leg(asyncio.Protocol):
         self.sealed = False
         self.lost = False
         self.reading_paused = False
+        self.yielding = False  # reading stopped until the loop's next turn (see TURN_READ_SIZE)
         # None until the gateway pings this leg, so no peer pong can match it by accident.
         self.ping_payload: bytes | None = None
         self.ping_sent_at = 0.0
@@ -184,7 +191,10 @@ class Leg(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         # The hot path: one scan, two integer additions, one write.
-        self.bytes_received += len(data)
+        size = len(data)
+        self.bytes_received += size
+        if size >= TURN_READ_SIZE and not self.yielding:
+            self._yield_turn()
         try:
             out = self.scanner.receive_data(data)
         except ProtocolError as exc:
@@ -203,6 +213,16 @@ class Leg(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.relay.on_leg_lost(self)
+
+    def _yield_turn(self) -> None:
+        self.yielding = True
+        self.transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        self.yielding = False
+        if not self.reading_paused and not self.lost:
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         self.peer.reading_paused = True
