@@ -484,3 +484,60 @@ async def test_listeners_get_the_largest_accept_queue_the_kernel_allows(ws_backe
         assert _accept_queue_limit(shared) == min(cap, 65535)
     finally:
         shared.close()
+
+
+# -- bursts of handshakes --------------------------------------------------------------------
+
+BURST = 200
+
+
+async def test_a_burst_of_handshakes_is_spread_over_turns_of_the_loop(ws_backend):
+    # Every connection is accepted, then every head is in the kernel before the gateway
+    # reads any: handled all in one turn, they would hold up every relay for as long as
+    # the whole burst takes.
+    from wsgate.server import HANDSHAKE_STEPS_PER_TURN
+
+    limits = {"max_connections_per_ip": 2 * BURST}
+    gateway = Gateway(parse_config(gateway_config([ws_backend.url], limits=limits)))
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    clients: list[socket.socket] = []
+    parsed_per_turn: list[int] = []
+    connects_per_turn: list[int] = []
+    try:
+        for _ in range(BURST):
+            clients.append(socket.create_connection(gateway.addresses[0], timeout=STEP_TIMEOUT))
+        for _ in range(100_000):
+            if len(gateway._connections) == BURST:
+                break
+            await asyncio.sleep(0)  # a turn of the loop, in which the gateway accepts
+        assert len(gateway._connections) == BURST
+        for client in clients:
+            client.sendall(upgrade_request())
+        watched = asyncio.Event()
+
+        def each_turn(parsed_before: int, connects_before: int) -> None:
+            relays = len(gateway._relays)
+            parsed = sum(1 for c in gateway._connections if c.task is not None) + relays
+            connects = sum(1 for c in gateway._connections if c.backend_tried) + relays
+            parsed_per_turn.append(parsed - parsed_before)
+            connects_per_turn.append(connects - connects_before)
+            if connects < BURST and len(parsed_per_turn) < 100_000:
+                loop.call_soon(each_turn, parsed, connects)
+            else:
+                watched.set()
+
+        each_turn(0, 0)
+        async with asyncio.timeout(STEP_TIMEOUT):
+            await watched.wait()
+            for client in clients:
+                client.setblocking(False)
+                head = await loop.sock_recv(client, 12)
+                assert head == b"HTTP/1.1 101"
+    finally:
+        for client in clients:
+            client.close()
+        await gateway.close()
+    assert sum(parsed_per_turn) == sum(connects_per_turn) == BURST
+    assert max(parsed_per_turn) <= HANDSHAKE_STEPS_PER_TURN
+    assert max(connects_per_turn) <= HANDSHAKE_STEPS_PER_TURN

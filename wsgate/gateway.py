@@ -28,7 +28,7 @@ from .frames import CloseCode
 from .metrics import Metrics, close_code_label
 from .relay import GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
 from .routing import match_route
-from .server import ClientHandshake
+from .server import HANDSHAKE_STEPS_PER_TURN, ClientHandshake, HandshakeTurns
 from .tls import ListenerTls, listener_contexts
 
 log = logging.getLogger("wsgate.gateway")
@@ -117,6 +117,7 @@ class Gateway:
         self.inherited: dict[str, socket.socket] = {}
         self.relay_settings = _relay_settings(config)
         self._sweeper = Sweeper(*sweep_timing(self.relay_settings))
+        self.handshake_turns = HandshakeTurns(HANDSHAKE_STEPS_PER_TURN)
         self._servers: dict[str, asyncio.Server] = {}
         self._connections: set[ClientHandshake] = set()
         self._relays = self._sweeper.relays
