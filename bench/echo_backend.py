@@ -174,8 +174,9 @@ class _Discard(_Upgraded):
 
     def data_received(self, data: bytes) -> None:
         _stats["discarded"] += len(data)
-        # A peer's Close comes in a write of its own, so it starts a read: answer it.
-        if data[0] & 0x0F == OP_CLOSE:
+        # A peer's Close comes in a write of its own, so it starts a read: answer it. A read
+        # that starts mid-frame could look the same only if the data held these two bytes.
+        if data[0] == 0x80 | OP_CLOSE and len(data) > 1 and data[1] & 0x80:
             self.transport.write(server_frame(b"\x03\xe8", OP_CLOSE))
             self.transport.close()
 
