@@ -26,7 +26,7 @@ from .config import Config, Listener, Log, format_host_port, keep_restart_settin
 from .errors import ConfigError, ListenError
 from .frames import CloseCode
 from .metrics import Metrics, close_code_label
-from .relay import GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
+from .relay import GATEWAY, BulkTurns, Relay, RelaySettings, Sweeper, sweep_timing
 from .routing import match_route
 from .server import HANDSHAKE_STEPS_PER_TURN, ClientHandshake, HandshakeTurns
 from .tls import ListenerTls, listener_contexts
@@ -118,6 +118,7 @@ class Gateway:
         self.relay_settings = _relay_settings(config)
         self._sweeper = Sweeper(*sweep_timing(self.relay_settings))
         self.handshake_turns = HandshakeTurns(HANDSHAKE_STEPS_PER_TURN)
+        self.bulk_turns = BulkTurns()
         self._servers: dict[str, asyncio.Server] = {}
         self._connections: set[ClientHandshake] = set()
         self._relays = self._sweeper.relays

@@ -25,6 +25,7 @@ behind a large message that it is still reading.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import os
@@ -53,8 +54,11 @@ _PING_PREFIX = b"wsgate-"
 
 # A read this large means the peer has more waiting. uvloop goes on reading a socket while
 # its reads fill the buffer (up to 32 of 256 kB in one turn), so a leg that got one yields
-# its turn: it pauses reading until the loop has served every other ready connection once.
+# its turn: it pauses reading until a later turn of the loop (see BulkTurns).
 TURN_READ_SIZE = 64 * 1024
+# Legs that yielded which may read again in one turn: with hundreds of busy connections, a
+# quiet one's message waits behind this many large reads, not one on every busy connection.
+BULK_LEGS_PER_TURN = 16
 
 # os.urandom drawn in blocks: a mask key or ping payload per frame needs no system call.
 _ENTROPY_BLOCK = 4096
@@ -217,9 +221,10 @@ class Leg(asyncio.Protocol):
     def _yield_turn(self) -> None:
         self.yielding = True
         self.transport.pause_reading()
-        asyncio.get_running_loop().call_soon(self._end_turn)
+        self.relay.turns.wait(self)
 
-    def _end_turn(self) -> None:
+    def end_turn(self) -> None:
+        """Its turn has come: read again, unless flow control says otherwise."""
         self.yielding = False
         if not self.reading_paused and not self.lost:
             self.transport.resume_reading()
@@ -232,7 +237,8 @@ class Leg(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.peer.reading_paused = False
         self.peer.quiet_since = asyncio.get_running_loop().time()
-        self.peer.transport.resume_reading()
+        if not self.peer.yielding:
+            self.peer.transport.resume_reading()
 
     # -- writing the gateway's own frames -------------------------------------------
 
@@ -284,6 +290,30 @@ class Leg(asyncio.Protocol):
         return written - self.transport.get_write_buffer_size() - unacknowledged_size(self.socket_fd)
 
 
+class BulkTurns:
+    """Lets legs that yielded read again, `per_turn` of them per turn of the loop, in order."""
+
+    def __init__(self, per_turn: int = BULK_LEGS_PER_TURN) -> None:
+        self.per_turn = per_turn
+        self.waiting: collections.deque[Leg] = collections.deque()
+        self.armed = False
+
+    def wait(self, leg: Leg) -> None:
+        self.waiting.append(leg)
+        if not self.armed:
+            self.armed = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.armed = False
+        waiting = self.waiting
+        for _ in range(min(self.per_turn, len(waiting))):
+            waiting.popleft().end_turn()
+        if waiting:
+            self.armed = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+
 class Relay:
     """Pairs a client transport with a backend transport until both are closed."""
 
@@ -305,6 +335,7 @@ class Relay:
         "started_at",
         "close_reason",
         "dead_side",
+        "turns",
         "__weakref__",
     )
 
@@ -317,6 +348,7 @@ class Relay:
         deflate: bool = False,
         conn_id: int = 0,
         on_closed: Callable[[Relay], None] | None = None,
+        turns: BulkTurns | None = None,
     ) -> None:
         limit = settings.max_message_size
         self.client = Leg(
@@ -349,6 +381,8 @@ class Relay:
         self.close_reason = ""
         # The side dropped for not answering a heartbeat ping, if that is how it ended.
         self.dead_side = ""
+        # Shared by all the gateway's relays, so busy legs take turns across connections.
+        self.turns = BulkTurns() if turns is None else turns
 
     def start(self, client_early: bytes = b"", backend_early: bytes = b"") -> None:
         """Take over both transports; bytes read during the handshake are relayed first."""
@@ -370,7 +404,7 @@ class Relay:
         if client_early:
             self.client.data_received(client_early)
         for leg in (self.client, self.backend):
-            if not leg.reading_paused:
+            if not leg.reading_paused and not leg.yielding:
                 leg.transport.resume_reading()
 
     # -- the slow path: anything but plain data frames ------------------------------

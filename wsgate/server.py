@@ -492,6 +492,7 @@ class ClientHandshake(asyncio.Protocol):
             deflate=deflate,
             conn_id=self.conn_id,
             on_closed=self._on_relay_closed,
+            turns=gateway.bulk_turns,
         )
         relay.key = key
         relay.member = member
