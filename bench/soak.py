@@ -18,7 +18,7 @@ and when), its RSS at the start of the phase, at its peak and after it, the
 backend connections the attackers caused, and the good clients' p50/p99 echo
 latency against the unloaded figure, with any message lost. Good clients and
 attackers have backends of their own. `--scale` shrinks every count and the
-phases' waits for a quick check; a full run takes about 80 seconds.
+phases' waits for a quick check; a full run takes about 70 seconds.
 """
 
 from __future__ import annotations
