@@ -14,8 +14,12 @@ The request path picks the mode:
   Close is answered with Close, ping with pong.
 - `/push?size=N`: after the 101, prebuilt N-byte binary frames are written for
   as long as the transport accepts them (pause_writing/resume_writing).
-- `GET /stats` (plain HTTP): `{"open": N}`, the open WebSocket connections, so
-  the benchmark can wait until a run is torn down before the next one.
+- `/discard`: after the 101, everything read is counted and dropped, unparsed,
+  but for a Close at the start of a read, which is answered.
+- `GET /stats` (plain HTTP): `{"open": N, "accepted": N, "discarded": N}`, the
+  open WebSocket connections (so the benchmark can wait until a run is torn
+  down before the next one), the TCP connections accepted so far and the bytes
+  dropped by `/discard` connections.
 
 It prints `listening on HOST:PORT` once bound.
 """
@@ -56,8 +60,8 @@ _MAX_HEAD = 64 * 1024
 # reader can never make the pump monopolise the loop.
 _PUSH_BURST = 4 * 1024 * 1024
 
-# Open WebSocket connections, for /stats.
-_stats = {"open": 0}
+# Open WebSocket connections, TCP connections accepted and bytes discarded, for /stats.
+_stats = {"open": 0, "accepted": 0, "discarded": 0}
 
 
 class _Handshake(asyncio.Protocol):
@@ -70,6 +74,7 @@ class _Handshake(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         set_nodelay(transport.get_extra_info("socket"))
+        _stats["accepted"] += 1
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -83,6 +88,7 @@ class _Handshake(asyncio.Protocol):
         target = head.split(b"\r\n", 1)[0].split(b" ")
         path, _, query = (target[1] if len(target) > 2 else b"").partition(b"?")
         if path == b"/stats":
+            _stats["accepted"] -= 1  # asking is not one of the connections counted
             self._reply(200, json.dumps(_stats).encode())
             return
         key = header_value(head, b"sec-websocket-key")
@@ -94,6 +100,8 @@ class _Handshake(asyncio.Protocol):
             mode = _Echo32(self.transport)
         elif path == b"/echo":
             mode = _Stream(self.transport, echo=True)
+        elif path == b"/discard":
+            mode = _Discard(self.transport)
         elif path == b"/push":
             params = dict(p.partition(b"=")[::2] for p in query.split(b"&") if p)
             try:
@@ -156,6 +164,21 @@ class _Echo32(_Upgraded):
             count -= _BATCH
         if count:
             write(_REPLIES[: count * len(_REPLY)])
+
+
+class _Discard(_Upgraded):
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        _stats["discarded"] += len(data)
+        # A peer's Close comes in a write of its own, so it starts a read: answer it. A read
+        # that starts mid-frame could look the same only if the data held these two bytes.
+        if data[0] == 0x80 | OP_CLOSE and len(data) > 1 and data[1] & 0x80:
+            self.transport.write(server_frame(b"\x03\xe8", OP_CLOSE))
+            self.transport.close()
 
 
 class _Stream(_Upgraded):

@@ -291,6 +291,121 @@ async def test_gateway_shutdown_closes_both_sides_with_1001(ws_backend):
     assert await asyncio.wait_for(ws_backend.closes.get(), STEP_TIMEOUT) == (1001, "going away")
 
 
+# -- fairness between busy and quiet connections --------------------------------------------
+
+BURST_SIZE = 8 * 1024 * 1024
+
+
+async def test_a_busy_leg_reads_at_most_one_buffer_per_turn_of_the_loop(raw_backend):
+    # uvloop goes on reading a socket while its reads fill the buffer; without a yield,
+    # a backend pushing megabytes would hold the loop while quiet connections wait.
+    from wsgate.config import parse_config
+    from wsgate.gateway import Gateway
+
+    burst = server_frame(BINARY, b"b" * BURST_SIZE)
+    start_pushing = asyncio.Event()
+
+    async def push(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accept_upgrade(reader, writer)
+        await start_pushing.wait()
+        writer.write(burst)
+        await writer.drain()
+        await reader.read(2)  # the gateway's Close, once the client has gone
+
+    backend = await raw_backend(push)
+    gateway = Gateway(parse_config(gateway_config([backend.url])))
+    await gateway.start()
+    host, port = gateway.addresses[0]
+    loop = asyncio.get_running_loop()
+    read_per_turn: list[int] = []
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            reader, writer = await open_raw_client(f"ws://{host}:{port}")
+            (relay,) = gateway._relays
+            watched = asyncio.Event()
+
+            def each_turn(before: int) -> None:
+                now = relay.backend.bytes_received
+                read_per_turn.append(now - before)
+                if now < len(burst) and len(read_per_turn) < 100_000:
+                    loop.call_soon(each_turn, now)
+                else:
+                    watched.set()
+
+            loop.call_soon(each_turn, 0)
+            start_pushing.set()
+            await reader.readexactly(len(burst))
+            await watched.wait()
+            writer.close()
+    finally:
+        await gateway.close()
+    assert sum(read_per_turn) == len(burst)
+    assert max(read_per_turn) <= 256 * 1024
+
+
+BUSY_CONNECTIONS = 40
+BUSY_PUSH_SIZE = 2 * 1024 * 1024
+
+
+async def test_busy_legs_take_turns_to_read(raw_backend):
+    # With many backends pushing at once, each reading one buffer per turn would still
+    # make every turn as long as all their reads together.
+    from wsgate.config import parse_config
+    from wsgate.gateway import Gateway
+    from wsgate.relay import BULK_LEGS_PER_TURN, TURN_READ_SIZE
+
+    burst = server_frame(BINARY, b"b" * BUSY_PUSH_SIZE)
+    start_pushing = asyncio.Event()
+
+    async def push(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accept_upgrade(reader, writer)
+        await start_pushing.wait()
+        writer.write(burst)
+        await writer.drain()
+        await reader.read(2)  # the gateway's Close, once the client has gone
+
+    backend = await raw_backend(push)
+    limits = {"max_connections_per_ip": 2 * BUSY_CONNECTIONS}
+    gateway = Gateway(parse_config(gateway_config([backend.url], limits=limits)))
+    await gateway.start()
+    host, port = gateway.addresses[0]
+    loop = asyncio.get_running_loop()
+    # Per turn: the legs that made a large read, not counting each leg's first.
+    again_per_turn: list[int] = []
+    clients = []
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            for _ in range(BUSY_CONNECTIONS):
+                clients.append(await open_raw_client(f"ws://{host}:{port}"))
+            legs = [relay.backend for relay in gateway._relays]
+            seen = [0] * len(legs)
+            large_reads = [0] * len(legs)
+            watched = asyncio.Event()
+
+            def each_turn() -> None:
+                again = 0
+                for index, leg in enumerate(legs):
+                    if leg.bytes_received - seen[index] >= TURN_READ_SIZE:
+                        large_reads[index] += 1
+                        again += large_reads[index] > 1
+                    seen[index] = leg.bytes_received
+                again_per_turn.append(again)
+                if sum(seen) < len(legs) * len(burst) and len(again_per_turn) < 100_000:
+                    loop.call_soon(each_turn)
+                else:
+                    watched.set()
+
+            loop.call_soon(each_turn)
+            start_pushing.set()
+            await asyncio.gather(*(reader.readexactly(len(burst)) for reader, _ in clients))
+            await watched.wait()
+    finally:
+        for _, writer in clients:
+            writer.close()
+        await gateway.close()
+    assert max(again_per_turn) <= BULK_LEGS_PER_TURN
+
+
 # -- heartbeats and idle timeout ---------------------------------------------------------
 
 HEARTBEAT = {"interval": "100ms", "timeout": "100ms"}

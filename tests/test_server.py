@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -27,8 +28,10 @@ from peers import (
     upgrade_request,
 )
 
+from wsgate.config import parse_config
 from wsgate.gateway import Gateway, key_hash
 from wsgate.handshake import accept_key
+from wsgate.workers import bind_listener
 
 SIZES = [0, 125, 126, 65535, 65536, 4 * 1024 * 1024]
 
@@ -439,6 +442,31 @@ async def test_head_at_the_limit_is_accepted(start_gateway, ws_backend):
     over = request.replace(b"X-Pad: ", b"X-Pad: p")
     status, _, _ = await raw_exchange(url, over)
     assert status == 431
+
+
+async def test_nothing_past_the_head_limit_is_parsed(start_gateway, ws_backend):
+    # A whole oversized head in one write is judged by its size alone: were it parsed,
+    # the malformed line past the limit would make the answer a 400.
+    url = await start_gateway(gateway_config([ws_backend.url], limits={"max_header_bytes": "1KiB"}))
+    request = upgrade_request(extra="X-Pad: " + "p" * 2000 + "\r\nno colon here\r\n")
+    status, _, _ = await raw_exchange(url, request)
+    assert status == 431
+    assert ws_backend.connections == 0
+
+
+async def test_frames_in_the_same_write_as_the_head_may_exceed_the_head_limit(start_gateway, ws_backend):
+    url = await start_gateway(gateway_config([ws_backend.url], limits={"max_header_bytes": "1KiB"}))
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    message = b"m" * 3000
+    try:
+        writer.write(upgrade_request() + client_frame(0x2, message) + client_frame(0x1, b"second"))
+        status, _, _ = await read_response_head(reader)
+        assert status == 101
+        echoed = await asyncio.wait_for(reader.readexactly(4 + len(message) + 2 + 6), STEP_TIMEOUT)
+    finally:
+        writer.close()
+    assert echoed == b"\x82\x7e" + struct.pack("!H", len(message)) + message + b"\x81\x06second"
 
 
 # -- request hygiene: refused before any backend is contacted ------------------------------
@@ -976,3 +1004,96 @@ async def test_a_connection_awaiting_its_proxy_header_counts_against_max_connect
         behind = proxy_v1_header(("203.0.113.7", 2)) + upgrade_request()
         status, _, _ = await raw_exchange(ws_url(gateway), behind)
     assert status == 101
+
+
+# -- the accept queue ------------------------------------------------------------------------
+
+
+def _accept_queue_limit(sock: socket.socket) -> int:
+    # For a listening socket, Linux reports the accept queue's limit in tcp_info's tcpi_sacked.
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("=8B6I", info)[13]
+
+
+def _somaxconn() -> int:
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except OSError:
+        pytest.skip("no /proc/sys/net/core/somaxconn (not Linux)")
+
+
+async def test_listeners_get_the_largest_accept_queue_the_kernel_allows(ws_backend):
+    # A burst beyond the accept queue loses its SYNs, which come back a second or more later.
+    cap = _somaxconn()
+    if cap <= 1024:
+        pytest.skip("net.core.somaxconn is too small here to tell a raised queue from the old one")
+    gateway = Gateway(parse_config(gateway_config([ws_backend.url])))
+    await gateway.start()
+    try:
+        (server,) = gateway._servers.values()
+        assert _accept_queue_limit(server.sockets[0]) == min(cap, 65535)
+    finally:
+        await gateway.close()
+    shared = bind_listener("127.0.0.1", 0)  # the supervisor's, for its workers
+    try:
+        assert _accept_queue_limit(shared) == min(cap, 65535)
+    finally:
+        shared.close()
+
+
+# -- bursts of handshakes --------------------------------------------------------------------
+
+BURST = 200
+
+
+async def test_a_burst_of_handshakes_is_spread_over_turns_of_the_loop(ws_backend):
+    # Every connection is accepted, then every head is in the kernel before the gateway
+    # reads any: handled all in one turn, they would hold up every relay for as long as
+    # the whole burst takes.
+    from wsgate.server import HANDSHAKE_STEPS_PER_TURN
+
+    limits = {"max_connections_per_ip": 2 * BURST}
+    gateway = Gateway(parse_config(gateway_config([ws_backend.url], limits=limits)))
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    clients: list[socket.socket] = []
+    parsed_per_turn: list[int] = []
+    connects_per_turn: list[int] = []
+    try:
+        for _ in range(BURST):
+            clients.append(socket.create_connection(gateway.addresses[0], timeout=STEP_TIMEOUT))
+        for _ in range(100_000):
+            if len(gateway._connections) == BURST:
+                break
+            await asyncio.sleep(0)  # a turn of the loop, in which the gateway accepts
+        assert len(gateway._connections) == BURST
+        for client in clients:
+            client.sendall(upgrade_request())
+        watched = asyncio.Event()
+
+        def each_turn(parsed_before: int, connects_before: int) -> None:
+            relays = len(gateway._relays)
+            parsed = sum(1 for c in gateway._connections if c.task is not None) + relays
+            connects = sum(1 for c in gateway._connections if c.backend_tried) + relays
+            parsed_per_turn.append(parsed - parsed_before)
+            connects_per_turn.append(connects - connects_before)
+            if connects < BURST and len(parsed_per_turn) < 100_000:
+                loop.call_soon(each_turn, parsed, connects)
+            else:
+                watched.set()
+
+        each_turn(0, 0)
+        async with asyncio.timeout(STEP_TIMEOUT):
+            await watched.wait()
+            for client in clients:
+                client.setblocking(False)
+                head = await loop.sock_recv(client, 12)
+                assert head == b"HTTP/1.1 101"
+    finally:
+        for client in clients:
+            client.close()
+        await gateway.close()
+    assert sum(parsed_per_turn) == sum(connects_per_turn) == BURST
+    assert max(parsed_per_turn) <= HANDSHAKE_STEPS_PER_TURN
+    assert max(connects_per_turn) <= HANDSHAKE_STEPS_PER_TURN

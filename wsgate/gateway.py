@@ -30,9 +30,9 @@ from .forwarding import TrustedProxies
 from .frames import CloseCode
 from .metrics import Metrics, close_code_label
 from .ratelimit import TokenBuckets
-from .relay import GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
+from .relay import GATEWAY, BulkTurns, Relay, RelaySettings, Sweeper, sweep_timing
 from .routing import match_route
-from .server import ClientHandshake
+from .server import HANDSHAKE_STEPS_PER_TURN, ClientHandshake, HandshakeTurns
 from .tls import ListenerTls, listener_contexts
 
 log = logging.getLogger("wsgate.gateway")
@@ -45,6 +45,11 @@ access_log = logging.getLogger("wsgate.access")
 
 # Metrics lag the connections' own counters by at most this long.
 METRICS_FLUSH_INTERVAL = 5.0
+
+# The accept queue asked of the kernel, which caps it at net.core.somaxconn: a burst of
+# connections waits there until accepted, where a full queue drops SYNs that are then
+# retried only a second or more later.
+LISTEN_BACKLOG = 65535
 
 
 def _pools(config: Config) -> dict[str, Pool]:
@@ -142,6 +147,8 @@ class Gateway:
         self.inherited: dict[str, socket.socket] = {}
         self.relay_settings = _relay_settings(config)
         self._sweeper = Sweeper(*sweep_timing(self.relay_settings))
+        self.handshake_turns = HandshakeTurns(HANDSHAKE_STEPS_PER_TURN)
+        self.bulk_turns = BulkTurns()
         self._servers: dict[str, asyncio.Server] = {}
         self._connections: set[ClientHandshake] = set()
         self._relays = self._sweeper.relays
@@ -216,14 +223,14 @@ class Gateway:
         inherited = self.inherited.get(name)
         if inherited is not None:
             return await loop.create_server(
-                protocol, sock=inherited, backlog=1024, start_serving=start_serving
+                protocol, sock=inherited, backlog=LISTEN_BACKLOG, start_serving=start_serving
             )
         return await loop.create_server(
             protocol,
             listener.host,
             listener.port,
             reuse_address=True,
-            backlog=1024,
+            backlog=LISTEN_BACKLOG,
             start_serving=start_serving,
         )
 

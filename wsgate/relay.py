@@ -25,6 +25,7 @@ behind a large message that it is still reading.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import os
@@ -50,6 +51,14 @@ GATEWAY = "gateway"
 
 # Payload of the gateway's own pings; a pong echoing it is the gateway's to swallow.
 _PING_PREFIX = b"wsgate-"
+
+# A read this large means the peer has more waiting. uvloop goes on reading a socket while
+# its reads fill the buffer (up to 32 of 256 kB in one turn), so a leg that got one yields
+# its turn: it pauses reading until a later turn of the loop (see BulkTurns).
+TURN_READ_SIZE = 64 * 1024
+# Legs that yielded which may read again in one turn: with hundreds of busy connections, a
+# quiet one's message waits behind this many large reads, not one on every busy connection.
+BULK_LEGS_PER_TURN = 16
 
 # os.urandom drawn in blocks: a mask key or ping payload per frame needs no system call.
 _ENTROPY_BLOCK = 4096
@@ -116,6 +125,7 @@ class Leg(asyncio.Protocol):
         "sealed",
         "lost",
         "reading_paused",
+        "yielding",
         "ping_payload",
         "ping_sent_at",
         "pong_wait_from",
@@ -157,6 +167,7 @@ class Leg(asyncio.Protocol):
         self.sealed = False
         self.lost = False
         self.reading_paused = False
+        self.yielding = False  # reading stopped until the loop's next turn (see TURN_READ_SIZE)
         # None until the gateway pings this leg, so no peer pong can match it by accident.
         self.ping_payload: bytes | None = None
         self.ping_sent_at = 0.0
@@ -187,7 +198,10 @@ class Leg(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         # The hot path: one scan, two integer additions, one write.
-        self.bytes_received += len(data)
+        size = len(data)
+        self.bytes_received += size
+        if size >= TURN_READ_SIZE and not self.yielding:
+            self._yield_turn()
         try:
             out = self.scanner.receive_data(data)
         except ProtocolError as exc:
@@ -207,6 +221,17 @@ class Leg(asyncio.Protocol):
         self.lost = True
         self.relay.on_leg_lost(self)
 
+    def _yield_turn(self) -> None:
+        self.yielding = True
+        self.transport.pause_reading()
+        self.relay.turns.wait(self)
+
+    def end_turn(self) -> None:
+        """Its turn has come: read again, unless flow control says otherwise."""
+        self.yielding = False
+        if not self.reading_paused and not self.lost:
+            self.transport.resume_reading()
+
     def pause_writing(self) -> None:
         self.peer.reading_paused = True
         self.peer.pauses += 1
@@ -215,7 +240,8 @@ class Leg(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.peer.reading_paused = False
         self.peer.quiet_since = asyncio.get_running_loop().time()
-        self.peer.transport.resume_reading()
+        if not self.peer.yielding:
+            self.peer.transport.resume_reading()
 
     # -- writing the gateway's own frames -------------------------------------------
 
@@ -303,6 +329,30 @@ class RateLimitedLeg(Leg):
             self.relay.on_over_limit(self, FRAME_RATE, "frame rate limit exceeded")
 
 
+class BulkTurns:
+    """Lets legs that yielded read again, `per_turn` of them per turn of the loop, in order."""
+
+    def __init__(self, per_turn: int = BULK_LEGS_PER_TURN) -> None:
+        self.per_turn = per_turn
+        self.waiting: collections.deque[Leg] = collections.deque()
+        self.armed = False
+
+    def wait(self, leg: Leg) -> None:
+        self.waiting.append(leg)
+        if not self.armed:
+            self.armed = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.armed = False
+        waiting = self.waiting
+        for _ in range(min(self.per_turn, len(waiting))):
+            waiting.popleft().end_turn()
+        if waiting:
+            self.armed = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+
 class Relay:
     """Pairs a client transport with a backend transport until both are closed."""
 
@@ -325,6 +375,7 @@ class Relay:
         "close_reason",
         "dead_side",
         "limit_exceeded",
+        "turns",
         "__weakref__",
     )
 
@@ -337,6 +388,7 @@ class Relay:
         deflate: bool = False,
         conn_id: int = 0,
         on_closed: Callable[[Relay], None] | None = None,
+        turns: BulkTurns | None = None,
     ) -> None:
         limit = settings.max_message_size
         self.settings = settings
@@ -372,6 +424,8 @@ class Relay:
         self.dead_side = ""
         # The per-connection limit the client went over (FRAME_RATE), if that is how it ended.
         self.limit_exceeded = ""
+        # Shared by all the gateway's relays, so busy legs take turns across connections.
+        self.turns = BulkTurns() if turns is None else turns
 
     def start(self, client_early: bytes = b"", backend_early: bytes = b"") -> None:
         """Take over both transports; bytes read during the handshake are relayed first."""
@@ -393,7 +447,7 @@ class Relay:
         if client_early:
             self.client.data_received(client_early)
         for leg in (self.client, self.backend):
-            if not leg.reading_paused:
+            if not leg.reading_paused and not leg.yielding:
                 leg.transport.resume_reading()
 
     # -- the slow path: anything but plain data frames ------------------------------

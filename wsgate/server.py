@@ -11,8 +11,10 @@ the books these protocols keep.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import h11
@@ -62,6 +64,57 @@ BACKEND_REPLY_BODY_LIMIT = 64 * 1024
 LINGER_SECONDS = 2.0
 
 
+# Handshake steps (reading a request head, starting a backend connect) taken in one turn
+# of the event loop at most. A burst of thousands of upgrades is then spread over many
+# turns with the relays served between them, instead of holding the loop for seconds.
+HANDSHAKE_STEPS_PER_TURN = 32
+
+
+class HandshakeTurns:
+    """Hands out `per_turn` handshake steps per turn of the event loop; the rest wait in order."""
+
+    def __init__(self, per_turn: int) -> None:
+        self.per_turn = per_turn
+        self.left = per_turn
+        self.waiting: collections.deque[Callable[[], object]] = collections.deque()
+        self.armed = False
+
+    def take(self) -> bool:
+        """Take a step in this turn if it has room and nothing waits; else False."""
+        if self.left and not self.waiting:
+            self.left -= 1
+            self._arm()
+            return True
+        return False
+
+    def later(self, step: Callable[[], object]) -> None:
+        """Call `step` in the first turn with room, after those already waiting."""
+        self.waiting.append(step)
+        self._arm()
+
+    async def step(self) -> None:
+        """Return once a turn has room for one more step."""
+        if self.take():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.later(lambda: waiter.done() or waiter.set_result(None))
+        await waiter
+
+    def _arm(self) -> None:
+        if not self.armed:
+            self.armed = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.armed = False
+        self.left = self.per_turn
+        while self.left and self.waiting:
+            self.left -= 1
+            self.waiting.popleft()()
+        if self.waiting or self.left < self.per_turn:
+            self._arm()
+
+
 class ClientHandshake(asyncio.Protocol):
     """A client connection until its upgrade is relayed or refused."""
 
@@ -94,6 +147,8 @@ class ClientHandshake(asyncio.Protocol):
         "head",
         "lingering",
         "proxy_buffer",
+        "turn_data",
+        "overdue",
     )
 
     def __init__(self, gateway: Gateway, listener: Listener) -> None:
@@ -131,6 +186,10 @@ class ClientHandshake(asyncio.Protocol):
         self.lingering = False  # answered; what the client still sends is read and dropped
         # The PROXY protocol header received so far, while one is awaited.
         self.proxy_buffer: bytearray | None = None
+        # Bytes of the head read while the handshakes had no step left (see HandshakeTurns):
+        # reading waits until their turn, and the handshake timeout waits for it too.
+        self.turn_data: bytes | None = None
+        self.overdue = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -288,6 +347,26 @@ class ClientHandshake(asyncio.Protocol):
             if len(self.early) > self.gateway.config.flow_control.high_water:
                 self.transport.pause_reading()
             return
+        if self.turn_data is not None:
+            self.turn_data += data  # decrypted in the same read as the bytes waiting
+            return
+        if not self.gateway.handshake_turns.take():
+            self.turn_data = data
+            self.transport.pause_reading()
+            self.gateway.handshake_turns.later(self._on_turn)
+            return
+        self._receive_head(data)
+
+    def _on_turn(self) -> None:
+        data, self.turn_data = self.turn_data, None
+        if self.lost or data is None:
+            return
+        self.transport.resume_reading()
+        self._receive_head(data)
+        if self.overdue and self.task is None and not self.lingering:
+            self._on_handshake_timeout()
+
+    def _receive_head(self, data: bytes) -> None:
         try:
             head = self.head.receive_data(data)
         except HandshakeError as exc:
@@ -333,7 +412,7 @@ class ClientHandshake(asyncio.Protocol):
         if isinstance(event, h11.Request):
             if self.timer is not None:
                 self.timer.cancel()
-            self.early += self.h11.trailing_data[0]
+            self.early[:0] = self.h11.trailing_data[0]
             self.request_at = time.perf_counter()
             self.task = asyncio.get_running_loop().create_task(self._proxy(event))
             return
@@ -342,6 +421,9 @@ class ClientHandshake(asyncio.Protocol):
         self.transport.close()
 
     def _on_handshake_timeout(self) -> None:
+        if self.turn_data is not None:
+            self.overdue = True  # the client sent in time; the gateway has yet to read it
+            return
         if self.task is None:
             log.info("conn=%d %s sent no complete request in time", self.conn_id, self.client_ip)
             self.gateway.metrics.handshake_rejections.labels("timeout").inc()
@@ -422,6 +504,7 @@ class ClientHandshake(asyncio.Protocol):
                 strip_extensions=route.compression == "strip",
                 client_cert_subject=subject,
             )
+            await self.gateway.handshake_turns.step()
             await self._connect_backend(pool, key, upstream)
         except HandshakeError as exc:
             self._reject(exc)
@@ -519,6 +602,7 @@ class ClientHandshake(asyncio.Protocol):
             deflate=deflate,
             conn_id=self.conn_id,
             on_closed=self._on_relay_closed,
+            turns=gateway.bulk_turns,
         )
         relay.key = key
         relay.member = member

@@ -44,7 +44,7 @@ from .config import (
     parse_config, read_admin_token,
 )
 from .errors import ConfigError, ListenError, WorkerError
-from .gateway import METRICS_FLUSH_INTERVAL, config_digest, iso_timestamp
+from .gateway import LISTEN_BACKLOG, METRICS_FLUSH_INTERVAL, config_digest, iso_timestamp
 from .tls import check_files
 
 log = logging.getLogger("wsgate.workers")
@@ -77,7 +77,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         raise
