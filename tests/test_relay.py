@@ -296,13 +296,8 @@ async def test_gateway_shutdown_closes_both_sides_with_1001(ws_backend):
 BURST_SIZE = 8 * 1024 * 1024
 
 
-async def test_a_busy_leg_reads_at_most_one_buffer_per_turn_of_the_loop(raw_backend):
-    # uvloop goes on reading a socket while its reads fill the buffer; without a yield,
-    # a backend pushing megabytes would hold the loop while quiet connections wait.
-    from wsgate.config import parse_config
-    from wsgate.gateway import Gateway
-
-    burst = server_frame(BINARY, b"b" * BURST_SIZE)
+async def pushing_backend(raw_backend, burst: bytes) -> tuple[Backend, asyncio.Event]:
+    """A backend that accepts each upgrade, then writes `burst` once the event is set."""
     start_pushing = asyncio.Event()
 
     async def push(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -312,7 +307,17 @@ async def test_a_busy_leg_reads_at_most_one_buffer_per_turn_of_the_loop(raw_back
         await writer.drain()
         await reader.read(2)  # the gateway's Close, once the client has gone
 
-    backend = await raw_backend(push)
+    return await raw_backend(push), start_pushing
+
+
+async def test_a_busy_leg_reads_at_most_one_buffer_per_turn_of_the_loop(raw_backend):
+    # uvloop goes on reading a socket while its reads fill the buffer; without a yield,
+    # a backend pushing megabytes would hold the loop while quiet connections wait.
+    from wsgate.config import parse_config
+    from wsgate.gateway import Gateway
+
+    burst = server_frame(BINARY, b"b" * BURST_SIZE)
+    backend, start_pushing = await pushing_backend(raw_backend, burst)
     gateway = Gateway(parse_config(gateway_config([backend.url])))
     await gateway.start()
     host, port = gateway.addresses[0]
@@ -355,16 +360,7 @@ async def test_busy_legs_take_turns_to_read(raw_backend):
     from wsgate.relay import BULK_LEGS_PER_TURN, TURN_READ_SIZE
 
     burst = server_frame(BINARY, b"b" * BUSY_PUSH_SIZE)
-    start_pushing = asyncio.Event()
-
-    async def push(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await accept_upgrade(reader, writer)
-        await start_pushing.wait()
-        writer.write(burst)
-        await writer.drain()
-        await reader.read(2)  # the gateway's Close, once the client has gone
-
-    backend = await raw_backend(push)
+    backend, start_pushing = await pushing_backend(raw_backend, burst)
     limits = {"max_connections_per_ip": 2 * BUSY_CONNECTIONS}
     gateway = Gateway(parse_config(gateway_config([backend.url], limits=limits)))
     await gateway.start()
