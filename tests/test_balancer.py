@@ -30,6 +30,7 @@ import pytest
 import websockets
 from aiohttp import WSMsgType, web
 from conftest import gateway_config
+from prometheus_client import generate_latest
 from peers import (
     STEP_TIMEOUT,
     accept_upgrade,
@@ -984,6 +985,23 @@ async def test_dns_membership_follows_the_name(dnsmasq, echoes, gateway, logs, c
             )
     finally:
         await asyncio.gather(*(ws.close() for ws in kept))
+
+
+async def test_a_backend_dropped_by_dns_leaves_no_series(dnsmasq, echoes, gateway, logs, changes):
+    second, third = await two_addresses_one_port(echoes)
+    await dnsmasq.start(["127.0.0.2", "127.0.0.3"])
+    gw, url = await gateway(dns_route_config(second.port, dnsmasq.port))
+    await changes.until(resolves_to(logs, "127.0.0.2", "127.0.0.3"), "the gateway to see both")
+    async with asyncio.timeout(4 * STEP_TIMEOUT):
+        [key] = key_first_on([second.url, third.url], second.url)
+        assert await served_by(url, key=key) == second.url
+        await changes.until(lambda: second.open == 0, "the connection to close")
+        await dnsmasq.set(["127.0.0.3"])
+        await changes.until(resolves_to(logs, "127.0.0.3"), "the gateway to drop .2")
+    gw.flush_metrics()  # what a scrape does first
+    exposition = generate_latest(gw.registry).decode()
+    assert f'backend="{third.url}"' in exposition
+    assert f'backend="{second.url}"' not in exposition
 
 
 async def test_close_survives_a_cancel_lost_while_resolving(monkeypatch):

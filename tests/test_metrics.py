@@ -59,3 +59,17 @@ def test_pool_gauges_drop_backends_that_left_once_their_connections_ended():
     assert sample("wsgate_active_connections", {"route": "chat", "backend": b.identity}) is None
     assert sample("wsgate_backend_up", {"route": "chat", "backend": b.identity}) is None
     assert sample("wsgate_backend_up", {"route": "chat", "backend": a.identity}) == 1
+
+
+def test_a_backend_that_left_before_any_flush_loses_every_series():
+    metrics = Metrics(CollectorRegistry())
+    sample = metrics.registry.get_sample_value
+    a, gone = _Member("ws://10.0.0.1:80"), "ws://10.0.0.2:80"
+    metrics.connection_opened("chat", gone)
+    metrics.series(metrics.backend_ejections, "chat", gone).inc()
+    metrics.connection_closed("chat", gone)
+    metrics.set_pool("chat", [a], 0.0)
+    labels = {"route": "chat", "backend": gone}
+    assert sample("wsgate_active_connections", labels) is None
+    assert sample("wsgate_backend_ejections_total", labels) is None
+    assert sample("wsgate_backend_up", {"route": "chat", "backend": a.identity}) == 1

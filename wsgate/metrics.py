@@ -100,7 +100,7 @@ class Metrics:
         )
         self.connections = Counter(
             "wsgate_connections", "Client connections by how their handshake ended.",
-            ["route", "backend", "outcome"], registry=r,
+            ["route", "outcome"], registry=r,
         )
         self.handshake_rejections = Counter(
             "wsgate_handshake_rejections", "Handshakes answered with an HTTP error, by reason.",
@@ -114,7 +114,7 @@ class Metrics:
         self.backend_connect_duration = Histogram(
             "wsgate_backend_connect_duration_seconds",
             "From starting to connect to a backend to its answer to the upgrade.",
-            ["route", "backend"], buckets=_DURATION_BUCKETS, registry=r,
+            ["route"], buckets=_DURATION_BUCKETS, registry=r,
         )
         self.connection_duration = Histogram(
             "wsgate_connection_duration_seconds", "Lifetime of proxied connections, from the 101.",
@@ -183,6 +183,8 @@ class Metrics:
             "Connections closed, unanswered, over their PROXY protocol header, by reason.",
             ["listener", "reason"], registry=r,
         )
+        # The only metrics with a backend label; a backend that leaves takes its series along.
+        self._per_backend = (self.active_connections, self.backend_up, self.backend_ejections)
         self.config_reloads = Counter(
             "wsgate_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )
@@ -193,6 +195,9 @@ class Metrics:
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
+            if metric in self._per_backend:
+                # Remembered from its first series, so that set_pool can remove it when it leaves.
+                self._pool_series.setdefault(labels[0], set()).add(labels[1])
         return child
 
     def _remove(self, metric: Any, *labels: str) -> None:
@@ -260,14 +265,15 @@ class Metrics:
     def set_pool(self, route: str, members: Iterable[Any], now: float) -> None:
         """Per-backend gauges of one route: open connections, availability, imbalance.
 
-        Backends that left the pool (DNS) lose their series once their connections are gone.
+        Backends that left the pool (DNS, reload) lose every series once their connections are gone;
+        only these metrics have a backend label, so series grow with routes, not with pod addresses.
         """
         members = list(members)
         current = {member.identity for member in members}
         for identity in self._pool_series.get(route, set()) - current:
             if self._open.get((route, identity), 0) == 0:
-                for gauge in (self.active_connections, self.backend_up):
-                    self._remove(gauge, route, identity)
+                for metric in self._per_backend:
+                    self._remove(metric, route, identity)
             else:
                 current.add(identity)
         self._pool_series[route] = current

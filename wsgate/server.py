@@ -455,7 +455,7 @@ class ClientHandshake(asyncio.Protocol):
         """Count a handshake that ended without a relay, and log its access line."""
         route = self.route_name
         metrics = self.gateway.metrics
-        metrics.series(metrics.connections, route, backend, outcome).inc()
+        metrics.series(metrics.connections, route, outcome).inc()
         duration = time.perf_counter() - self.accepted_at
         self.gateway.log_access(
             self.client_address, route, backend, self.key, status, duration, reason, self.client_cert
@@ -552,7 +552,7 @@ class ClientHandshake(asyncio.Protocol):
                     "conn=%d backend %s: %s%s", self.conn_id, member.identity, exc.reason, cause
                 )
                 if pool.on_failed(member, loop.time(), exc.reason):
-                    metrics.backend_ejections.labels(pool.route.name, member.identity).inc()
+                    metrics.series(metrics.backend_ejections, pool.route.name, member.identity).inc()
                 failure = exc
                 continue
             except BaseException:
@@ -562,7 +562,7 @@ class ClientHandshake(asyncio.Protocol):
                 raise
             member.pending -= 1
             pool.on_connected(member)
-            metrics.series(metrics.backend_connect_duration, pool.route.name, member.identity).observe(
+            metrics.series(metrics.backend_connect_duration, pool.route.name).observe(
                 time.perf_counter() - attempt_started
             )
             if isinstance(outcome, h11.Response):
@@ -578,7 +578,7 @@ class ClientHandshake(asyncio.Protocol):
             self.transport.write(render_switching_protocols(negotiated))
             handshake_seconds = time.perf_counter() - self.request_at
             metrics.series(metrics.handshake_duration, pool.route.name).observe(handshake_seconds)
-            metrics.series(metrics.connections, pool.route.name, member.identity, "upgraded").inc()
+            metrics.series(metrics.connections, pool.route.name, "upgraded").inc()
             self._hand_off(backend_transport, answer, negotiated.deflate, pool, member, key)
             return
         raise failure
