@@ -538,9 +538,9 @@ async def test_access_log_of_handshakes_that_time_out(start_admin, raw_backend, 
         # The time the client waited for its answer, not a constant.
         assert least <= entry["duration"] < STEP_TIMEOUT
     metrics = await admin.scrape()
-    assert metrics.value("wsgate_connections_total", route="", backend="", outcome="rejected") == 1
+    assert metrics.value("wsgate_connections_total", route="", outcome="rejected") == 1
     assert metrics.value("wsgate_handshake_rejections_total", reason="timeout") == 1
-    assert metrics.value("wsgate_connections_total", route="test", backend=silent.url, outcome="backend_failed") == 1
+    assert metrics.value("wsgate_connections_total", route="test", outcome="backend_failed") == 1
 
 
 class GatewayProcess:
