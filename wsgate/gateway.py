@@ -30,10 +30,11 @@ from .forwarding import TrustedProxies
 from .frames import CloseCode
 from .metrics import Metrics, close_code_label
 from .ratelimit import TokenBuckets
-from .relay import GATEWAY, BulkTurns, Relay, RelaySettings, Sweeper, sweep_timing
+from .relay import BULK_LEGS_PER_TURN, GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
 from .routing import match_route
-from .server import HANDSHAKE_STEPS_PER_TURN, ClientHandshake, HandshakeTurns
+from .server import HANDSHAKE_STEPS_PER_TURN, ClientHandshake
 from .tls import ListenerTls, listener_contexts
+from .turns import Turns
 
 log = logging.getLogger("wsgate.gateway")
 
@@ -147,8 +148,8 @@ class Gateway:
         self.inherited: dict[str, socket.socket] = {}
         self.relay_settings = _relay_settings(config)
         self._sweeper = Sweeper(*sweep_timing(self.relay_settings))
-        self.handshake_turns = HandshakeTurns(HANDSHAKE_STEPS_PER_TURN)
-        self.bulk_turns = BulkTurns()
+        self.handshake_turns = Turns(HANDSHAKE_STEPS_PER_TURN)
+        self.bulk_turns = Turns(BULK_LEGS_PER_TURN)
         self._servers: dict[str, asyncio.Server] = {}
         self._connections: set[ClientHandshake] = set()
         self._relays = self._sweeper.relays

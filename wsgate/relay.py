@@ -25,7 +25,6 @@ behind a large message that it is still reading.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 
 from .errors import ProtocolError
 from .frames import BOUNDARY, CloseCode, ControlFrame, FrameScanner, Opcode, build_close, build_frame
+from .turns import Turns
 
 log = logging.getLogger("wsgate.relay")
 
@@ -54,7 +54,7 @@ _PING_PREFIX = b"wsgate-"
 
 # A read this large means the peer has more waiting. uvloop goes on reading a socket while
 # its reads fill the buffer (up to 32 of 256 kB in one turn), so a leg that got one yields
-# its turn: it pauses reading until a later turn of the loop (see BulkTurns).
+# its turn: it pauses reading until a later turn of the loop (see Turns).
 TURN_READ_SIZE = 64 * 1024
 # Legs that yielded which may read again in one turn: with hundreds of busy connections, a
 # quiet one's message waits behind this many large reads, not one on every busy connection.
@@ -224,7 +224,7 @@ class Leg(asyncio.Protocol):
     def _yield_turn(self) -> None:
         self.yielding = True
         self.transport.pause_reading()
-        self.relay.turns.wait(self)
+        self.relay.turns.later(self.end_turn)
 
     def end_turn(self) -> None:
         """Its turn has come: read again, unless flow control says otherwise."""
@@ -329,30 +329,6 @@ class RateLimitedLeg(Leg):
             self.relay.on_over_limit(self, FRAME_RATE, "frame rate limit exceeded")
 
 
-class BulkTurns:
-    """Lets legs that yielded read again, `per_turn` of them per turn of the loop, in order."""
-
-    def __init__(self, per_turn: int = BULK_LEGS_PER_TURN) -> None:
-        self.per_turn = per_turn
-        self.waiting: collections.deque[Leg] = collections.deque()
-        self.armed = False
-
-    def wait(self, leg: Leg) -> None:
-        self.waiting.append(leg)
-        if not self.armed:
-            self.armed = True
-            asyncio.get_running_loop().call_soon(self._next_turn)
-
-    def _next_turn(self) -> None:
-        self.armed = False
-        waiting = self.waiting
-        for _ in range(min(self.per_turn, len(waiting))):
-            waiting.popleft().end_turn()
-        if waiting:
-            self.armed = True
-            asyncio.get_running_loop().call_soon(self._next_turn)
-
-
 class Relay:
     """Pairs a client transport with a backend transport until both are closed."""
 
@@ -388,7 +364,7 @@ class Relay:
         deflate: bool = False,
         conn_id: int = 0,
         on_closed: Callable[[Relay], None] | None = None,
-        turns: BulkTurns | None = None,
+        turns: Turns | None = None,
     ) -> None:
         limit = settings.max_message_size
         self.settings = settings
@@ -425,7 +401,7 @@ class Relay:
         # The per-connection limit the client went over (FRAME_RATE), if that is how it ended.
         self.limit_exceeded = ""
         # Shared by all the gateway's relays, so busy legs take turns across connections.
-        self.turns = BulkTurns() if turns is None else turns
+        self.turns = Turns(BULK_LEGS_PER_TURN) if turns is None else turns
 
     def start(self, client_early: bytes = b"", backend_early: bytes = b"") -> None:
         """Take over both transports; bytes read during the handshake are relayed first."""

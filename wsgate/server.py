@@ -11,10 +11,8 @@ the books these protocols keep.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import h11
@@ -68,51 +66,6 @@ LINGER_SECONDS = 2.0
 # of the event loop at most. A burst of thousands of upgrades is then spread over many
 # turns with the relays served between them, instead of holding the loop for seconds.
 HANDSHAKE_STEPS_PER_TURN = 32
-
-
-class HandshakeTurns:
-    """Hands out `per_turn` handshake steps per turn of the event loop; the rest wait in order."""
-
-    def __init__(self, per_turn: int) -> None:
-        self.per_turn = per_turn
-        self.left = per_turn
-        self.waiting: collections.deque[Callable[[], object]] = collections.deque()
-        self.armed = False
-
-    def take(self) -> bool:
-        """Take a step in this turn if it has room and nothing waits; else False."""
-        if self.left and not self.waiting:
-            self.left -= 1
-            self._arm()
-            return True
-        return False
-
-    def later(self, step: Callable[[], object]) -> None:
-        """Call `step` in the first turn with room, after those already waiting."""
-        self.waiting.append(step)
-        self._arm()
-
-    async def step(self) -> None:
-        """Return once a turn has room for one more step."""
-        if self.take():
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self.later(lambda: waiter.done() or waiter.set_result(None))
-        await waiter
-
-    def _arm(self) -> None:
-        if not self.armed:
-            self.armed = True
-            asyncio.get_running_loop().call_soon(self._next_turn)
-
-    def _next_turn(self) -> None:
-        self.armed = False
-        self.left = self.per_turn
-        while self.left and self.waiting:
-            self.left -= 1
-            self.waiting.popleft()()
-        if self.waiting or self.left < self.per_turn:
-            self._arm()
 
 
 class ClientHandshake(asyncio.Protocol):
@@ -186,7 +139,7 @@ class ClientHandshake(asyncio.Protocol):
         self.lingering = False  # answered; what the client still sends is read and dropped
         # The PROXY protocol header received so far, while one is awaited.
         self.proxy_buffer: bytearray | None = None
-        # Bytes of the head read while the handshakes had no step left (see HandshakeTurns):
+        # Bytes of the head read while the handshakes had no step left (see wsgate/turns.py):
         # reading waits until their turn, and the handshake timeout waits for it too.
         self.turn_data: bytes | None = None
         self.overdue = False
