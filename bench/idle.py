@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import multiprocessing
 import shutil
@@ -32,6 +31,7 @@ import uvloop
 
 from . import procstat
 from .loadgen import Job, connect_from_source
+from .report import write_run
 from .targets import REPO, Proc
 from .wire import OP_CLOSE, OP_PING, OP_PONG, client_frame, new_key, raise_nofile, upgrade_request
 
@@ -296,10 +296,7 @@ def _report(result: dict[str, Any], out: Path) -> None:
         print(f"| {name} | {value} |")
     for note in result["notes"]:
         print(f"note: {note}")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"idle-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"bench.idle: wrote {path}")
+    print(f"bench.idle: wrote {write_run(out, 'idle', result)}")
 
 
 if __name__ == "__main__":

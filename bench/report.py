@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import statistics
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -278,3 +279,11 @@ def charts(folder: Path, runs: Runs, target_names: list[str], caption: str) -> l
     per_target("idle_rss.png", "Proxy RSS per idle WebSocket connection", "KiB", "idle_rss", "kib_per_conn",
                "{:,.1f}")
     return written
+
+
+def write_run(out: Path, kind: str, result: dict[str, Any]) -> Path:
+    """`result` as `<out>/<kind>-<UTC time>.json`, for a run that has a table of its own."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{kind}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -45,6 +45,7 @@ from typing import Any, cast
 import uvloop
 
 from . import procstat
+from .report import write_run
 from .targets import HOST, REPO, Proc
 from .wire import OP_BINARY, client_frame, new_key, raise_nofile, upgrade_request
 
@@ -683,10 +684,7 @@ def _report(result: dict[str, Any], out: Path) -> None:
             print(f"note: {phase['phase']}: {note}")
     print(f"good messages: {result['good_sent']:,} sent, {result['good_lost']:,} lost,"
           f" {result['good_disconnected']} good clients disconnected")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"soak-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"bench.soak: wrote {path}")
+    print(f"bench.soak: wrote {write_run(out, 'soak', result)}")
 
 
 if __name__ == "__main__":
