@@ -92,7 +92,11 @@ class Playbook:
         self.closed: list[Relay] = []
         member = Member("ws://127.0.0.1:1", "127.0.0.1", 1, 1)
         self.relay = Relay(
-            self.client, self.backend, SETTINGS, member=member, on_closed=self.closed.append  # type: ignore[arg-type]
+            self.client,  # type: ignore[arg-type]
+            self.backend,  # type: ignore[arg-type]
+            SETTINGS,
+            member=member,
+            on_closed=self.closed.append,
         )
         self.relay.start()
 

@@ -125,7 +125,9 @@ class Leg(asyncio.Protocol):
         "counted_pauses",
     )
 
-    def __init__(self, relay: LegOwner, side: str, transport: asyncio.Transport, scanner: FrameScanner) -> None:
+    def __init__(
+        self, relay: LegOwner, side: str, transport: asyncio.Transport, scanner: FrameScanner
+    ) -> None:
         self.relay = relay
         self.side = side
         self.transport = transport
