@@ -24,10 +24,10 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .balancer import Pool
+from .closing import Cause, gateway_close
 from .config import Config, Limits, Listener, Log, format_host_port, keep_restart_settings, load_config
 from .errors import ConfigError, HandshakeError, ListenError
 from .forwarding import TrustedProxies
-from .closing import Cause, gateway_close
 from .metrics import Metrics, close_code_label
 from .ratelimit import TokenBuckets
 from .relay import BULK_LEGS_PER_TURN, GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
@@ -37,8 +37,6 @@ from .tls import ListenerTls, listener_contexts
 from .turns import Turns
 
 log = logging.getLogger("wsgate.gateway")
-
-# The Close reason of a shutdown, drained or immediate: what docs/relay.md promises.
 
 # One JSON line per connection when it ends (see cli for the handler).
 access_log = logging.getLogger("wsgate.access")

@@ -33,13 +33,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .member import Member
 from .closing import (
     BACKEND, CLIENT, GATEWAY, ITS_ERROR, POLICY, Cause, CloseEvent, CloseState, Told, gateway_close,
 )
 from .errors import ProtocolError
 from .frames import BOUNDARY, CloseCode, ControlFrame, FrameScanner, Opcode
 from .leg import Leg, LegCounts, RateLimitedLeg, random_bytes
+from .member import Member
 from .turns import Turns
 
 __all__ = [

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, cast
 import h11
 
 from .balancer import Member, Pool, random_key
+from .closing import Cause, gateway_close
 from .config import Limits, Listener, format_host_port
 from .errors import BackendUnavailable, HandshakeError, ProxyHeaderError
-from .closing import Cause, gateway_close
 from .handshake import (
     HeadReader,
     affinity_key,
