@@ -330,7 +330,7 @@ def test_single_frame_of_each_length(size: int, masked: bool) -> None:
     data = cframe(Opcode.BINARY, bytes(size), masked)
     s = scanner(masked)
     assert s.receive_data(data) is data
-    assert (s.frames, s.messages, s.at_boundary, s.in_message) == (1, 1, True, False)
+    assert (s.frames, s.messages, s.at_boundary) == (1, 1, True)
 
 
 @pytest.mark.parametrize("size", LENGTHS)
@@ -405,7 +405,7 @@ def test_mixed_streams(name: str, masked: bool, split: str) -> None:
         assert cf.raw == cframe(cf.opcode, cf.payload, masked)
     assert s.frames == len(spec)
     assert s.messages == sum(1 for op, _, fin in spec if op < 8 and fin)
-    assert s.at_boundary and not s.in_message
+    assert s.at_boundary
 
 
 @pytest.mark.parametrize(
@@ -599,20 +599,20 @@ def test_boundary_after_held_data_header_frame_ends() -> None:
 # ---------------------------------------------------------------- scanner: counters and state
 
 
-def test_counters_and_in_message() -> None:
+def test_counters_through_a_fragmented_message() -> None:
     s = scanner(False)
     s.receive_data(cframe(Opcode.TEXT, b"a", fin=False))
-    assert s.in_message and (s.frames, s.messages) == (1, 0)
+    assert (s.frames, s.messages) == (1, 0)
     s.receive_data(cframe(Opcode.PING))
-    assert s.in_message and (s.frames, s.messages) == (2, 0)
+    assert (s.frames, s.messages) == (2, 0)
     last = cframe(Opcode.CONTINUATION, bytes(1000))
     s.receive_data(last[:100])
-    assert s.in_message and not s.at_boundary and (s.frames, s.messages) == (2, 0)
+    assert not s.at_boundary and (s.frames, s.messages) == (2, 0)
     s.receive_data(last[100:])
-    assert not s.in_message and s.at_boundary and (s.frames, s.messages) == (3, 1)
+    assert s.at_boundary and (s.frames, s.messages) == (3, 1)
     big = cframe(Opcode.BINARY, bytes(1000))
     s.receive_data(big[:500])
-    assert not s.in_message and not s.at_boundary and (s.frames, s.messages) == (3, 1)
+    assert not s.at_boundary and (s.frames, s.messages) == (3, 1)
     s.receive_data(big[500:])
     assert (s.frames, s.messages) == (4, 2)
 

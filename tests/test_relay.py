@@ -357,7 +357,8 @@ async def test_busy_legs_take_turns_to_read(raw_backend):
     # make every turn as long as all their reads together.
     from wsgate.config import parse_config
     from wsgate.gateway import Gateway
-    from wsgate.relay import BULK_LEGS_PER_TURN, TURN_READ_SIZE
+    from wsgate.leg import TURN_READ_SIZE
+    from wsgate.relay import BULK_LEGS_PER_TURN
 
     burst = server_frame(BINARY, b"b" * BUSY_PUSH_SIZE)
     backend, start_pushing = await pushing_backend(raw_backend, burst)
@@ -699,7 +700,7 @@ async def test_over_the_frame_rate_mid_frame_the_backend_gets_the_whole_frame_th
 
 
 def test_random_bytes_come_in_the_asked_sizes_across_block_boundaries():
-    from wsgate.relay import random_bytes
+    from wsgate.leg import random_bytes
 
     # 3,000 mask keys and ping payloads span several 4 KiB blocks of os.urandom.
     keys, payloads = zip(*((random_bytes(4), random_bytes(8)) for _ in range(1500)))

@@ -10,87 +10,26 @@ and a recovered backend gets its keys back for new connections.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import math
 import os
 import random
-import socket
 import ssl
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
+from .closing import Cause, gateway_close
 from .config import Discovery, Route
-from .frames import CloseCode
 from .hashring import HashRing
 from .health import Backoff, RiseFall, jittered
+from .member import Member, PooledRelay
+from .probes import Prober, resolve, ws_url
 from .tls import backend_context
 
+__all__ = ["Member", "Pool", "PooledRelay", "random_key", "resolve", "ws_url"]
+
 log = logging.getLogger("wsgate.balancer")
-
-
-def ws_url(host: str, port: int, scheme: str = "ws") -> str:
-    """The ws:// (or wss://) URL of an address; IPv6 literals in brackets."""
-    try:
-        if ipaddress.ip_address(host).version == 6:
-            return f"{scheme}://[{host}]:{port}"
-    except ValueError:
-        pass
-    return f"{scheme}://{host}:{port}"
-
-
-class Member:
-    """One backend server of a pool, with its live state."""
-
-    __slots__ = (
-        "identity",
-        "host",
-        "port",
-        "weight",
-        "active",
-        "pending",
-        "healthy",
-        "checks",
-        "backoff",
-        "failures",
-        "ejected_until",
-        "probation",
-        "relays",
-        "tls",
-        "server_name",
-    )
-
-    def __init__(
-        self,
-        identity: str,
-        host: str,
-        port: int,
-        weight: int,
-        tls: ssl.SSLContext | None = None,
-        server_name: str | None = None,
-    ) -> None:
-        self.identity = identity
-        self.host = host
-        self.port = port
-        self.weight = weight
-        self.tls = tls  # the client context for wss:// backends
-        self.server_name = server_name  # what the backend's certificate must name
-        self.active = 0  # open WebSocket connections: the load bounded loads bound
-        self.pending = 0  # handshakes under way to this member, counted as load too
-        self.healthy = True  # by active checks; a backend starts healthy
-        self.checks: RiseFall | None = None
-        self.backoff: Backoff | None = None
-        self.failures = 0  # consecutive connect or handshake failures
-        self.ejected_until = 0.0
-        self.probation = False  # back from an ejection: one more failure ejects again
-        self.relays: set[Any] = set()
-
-    def available(self, now: float) -> bool:
-        return self.healthy and now >= self.ejected_until
-
-    def __repr__(self) -> str:
-        return f"<Member {self.identity} active={self.active} healthy={self.healthy}>"
 
 
 class Pool:
@@ -128,7 +67,7 @@ class Pool:
         self.ring = HashRing([])
         self._tasks: set[asyncio.Task[None]] = set()
         self._probes: dict[str, asyncio.Task[None]] = {}
-        self._http: Any = None  # an aiohttp ClientSession, made when a probe needs one
+        self._prober = Prober()
         self._rebuild()
 
     # -- membership -------------------------------------------------------------
@@ -197,7 +136,7 @@ class Pool:
                 old.weight, old.tls, old.server_name = member.weight, member.tls, member.server_name
                 # The new route's checks: none means no probe would ever bring it back.
                 if check is None:
-                    old.checks, old.healthy = None, True
+                    old.checks = None
                 elif old.checks is None:
                     old.checks = member.checks
                 else:
@@ -242,7 +181,7 @@ class Pool:
             skip = set()
         factor = self.route.balance_factor
         # Handshakes under way count, or a burst on one hot key would overshoot the bound.
-        loads = [m.active + m.pending for m in members] if factor is not None else None
+        loads = [m.active + m.connecting for m in members] if factor is not None else None
         for _ in range(self.route.retries + 1):
             index = self.ring.pick(key, loads=loads, balance_factor=factor, skip=skip)
             if index is None:
@@ -279,11 +218,11 @@ class Pool:
             return True
         return False
 
-    def opened(self, member: Member, relay: Any) -> None:
+    def opened(self, member: Member, relay: PooledRelay) -> None:
         member.active += 1
         member.relays.add(relay)
 
-    def closed(self, member: Member, relay: Any) -> None:
+    def closed(self, member: Member, relay: PooledRelay) -> None:
         member.active -= 1
         member.relays.discard(relay)
 
@@ -317,10 +256,9 @@ class Pool:
                     task.exception()  # retrieved, as gather(return_exceptions=True) did
         self._tasks.clear()
         self._probes.clear()
-        if self._http is not None:
-            await self._http.close()
+        await self._prober.close()
 
-    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -349,7 +287,7 @@ class Pool:
     # Rebalancing closes are spread over this many ticks per period.
     REBALANCE_TICKS = 10
 
-    def misplaced(self, now: float) -> list[Any]:
+    def misplaced(self, now: float) -> list[PooledRelay]:
         """Open connections that, reconnecting now, would go to another member.
 
         With bounded loads that is the choice made with the connection's own slot
@@ -363,7 +301,7 @@ class Pool:
         found = []
         for i, member in enumerate(members):
             for relay in member.relays:
-                if relay.closed_by:
+                if relay.closing:
                     continue
                 if factor is None:
                     best = self.ring.pick(relay.key, skip=skip)
@@ -397,7 +335,7 @@ class Pool:
                 continue
             self._rng.shuffle(moving)
             for relay in moving[:room]:
-                relay.close(CloseCode.SERVICE_RESTART, "rebalancing")
+                relay.close(*gateway_close(Cause.REBALANCING))
                 recent.append(now)
             log.info(
                 "route %s: rebalancing closed %d of %d misplaced connections",
@@ -422,10 +360,11 @@ class Pool:
         assert check is not None and member.checks is not None
         while True:
             await asyncio.sleep(jittered(check.interval, self._rng))
-            ok = await self._probe(member)
+            ok = await self._prober.probe(
+                check, member.host, member.port, member.tls, member.server_name, label=member.identity
+            )
             flipped = member.checks.record(ok)
             if flipped is not None:
-                member.healthy = flipped
                 if not flipped:
                     self._suspects.add(member)
                 log.log(
@@ -433,70 +372,6 @@ class Pool:
                     "route %s: backend %s is now %s",
                     self.route.name, member.identity, "healthy" if flipped else "unhealthy",
                 )
-
-    async def _probe(self, member: Member) -> bool:
-        check = self.route.health_check
-        assert check is not None
-        try:
-            async with asyncio.timeout(check.timeout):
-                if check.type == "tcp":
-                    _, writer = await asyncio.open_connection(member.host, member.port)
-                    writer.close()
-                    return True
-                session = await self._session()
-                base = ws_url(member.host, member.port, "wss" if member.tls else "ws")
-                tls = {"ssl": member.tls, "server_hostname": member.server_name} if member.tls else {}
-                if check.type == "http":
-                    url = base.replace("ws", "http", 1) + check.path
-                    async with session.get(url, allow_redirects=False, **tls) as response:
-                        return 200 <= response.status < 300
-                async with session.ws_connect(base + check.path, autoping=False, **tls) as ws:
-                    await ws.close()
-                    return True
-        except Exception as exc:  # a probe failure of any kind means unhealthy
-            log.debug("probe of %s failed: %r", member.identity, exc)
-            return False
-
-    async def _session(self) -> Any:
-        if self._http is None:
-            import aiohttp
-
-            self._http = aiohttp.ClientSession(
-                headers={"User-Agent": "wsgate-health-check"},
-                connector=aiohttp.TCPConnector(force_close=True),
-            )
-        return self._http
-
-
-async def resolve(name: str, discovery: Discovery) -> list[str]:
-    """The A and AAAA addresses of `name`, from the configured DNS servers or the system's."""
-    if not discovery.nameservers:
-        infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
-        return sorted({info[4][0] for info in infos})
-    import dns.asyncresolver
-    import dns.exception
-    import dns.resolver
-
-    resolver = dns.asyncresolver.Resolver(configure=False)
-    hosts = [server.rsplit(":", 1) for server in discovery.nameservers]
-    resolver.nameservers = [host.strip("[]") for host, _ in hosts]
-    resolver.nameserver_ports = {host.strip("[]"): int(port) for host, port in hosts}
-    resolver.lifetime = max(1.0, discovery.resolve_interval / 2)
-    addresses: set[str] = set()
-    failures: list[str] = []
-    for rdtype in ("A", "AAAA"):
-        try:
-            answer = await resolver.resolve(name, rdtype)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            continue
-        except dns.exception.DNSException as exc:
-            # Some servers refuse AAAA (or A) queries outright; the other family still counts.
-            failures.append(f"{rdtype}: {exc}")
-            continue
-        addresses.update(record.address for record in answer)
-    if len(failures) == 2:
-        raise OSError(f"DNS queries for {name} failed ({'; '.join(failures)})")
-    return sorted(addresses)
 
 
 def random_key() -> bytes:

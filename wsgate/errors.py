@@ -55,12 +55,22 @@ class ProtocolError(WsgateError):
 
 
 class BackendUnavailable(WsgateError):
-    """No backend answered the upgrade correctly; `status` is the reply to the client (502 or 504)."""
+    """No backend answered the upgrade correctly; `status` is the reply to the client: 502 (unreachable
+    or a wrong answer), 503 (no backend to try) or 504 (no answer in time)."""
 
     def __init__(self, status: int, reason: str) -> None:
         self.status = status
         self.reason = reason
         super().__init__(f"{status} {reason}")
+
+
+class CloseStateError(WsgateError):
+    """A relay leg was moved where its close state allows no move: a bug in the relay, not a peer's."""
+
+    def __init__(self, state: str, event: str) -> None:
+        self.state = state
+        self.event = event
+        super().__init__(f"no close-state move from {state} on {event}")
 
 
 class ListenError(WsgateError):

@@ -284,7 +284,6 @@ class FrameScanner:
         "_fast_outside_message",
         "_remaining",
         "_last_fin",
-        "_last_continuation",
         "_fragmented",
         "_message_size",
         "_held",
@@ -319,7 +318,6 @@ class FrameScanner:
         self._fast = fast
         self._remaining = 0  # payload bytes of the current data frame still to come
         self._last_fin = 0  # FIN bit of that frame (1 or 0), counted when it ends
-        self._last_continuation = False
         self._fragmented = False  # a non-final data frame header was seen
         self._message_size = 0  # payload bytes of the fragmented message so far
         self._held = bytearray()  # partial header or partial control frame
@@ -340,11 +338,6 @@ class FrameScanner:
     def held_size(self) -> int:
         """Bytes received but not yet forwarded: a partial header or control frame."""
         return len(self._held)
-
-    @property
-    def in_message(self) -> bool:
-        """True from the first frame of a fragmented message to the end of its last."""
-        return self._fragmented or (self._remaining > 0 and self._last_continuation)
 
     def receive_data(self, data: bytes) -> bytes | list:
         """What to forward now: `data` itself, or a list of bytes, ControlFrames and BOUNDARY.
@@ -415,7 +408,6 @@ class FrameScanner:
                         cut = 1
                         self._remaining = pos - n
                         self._last_fin = 1
-                        self._last_continuation = False
                         pos = n
                     break
 
@@ -464,7 +456,6 @@ class FrameScanner:
                     continue
                 self._remaining = end - n
                 self._last_fin = fin
-                self._last_continuation = opcode == 0
                 pos = n
                 break
         except ProtocolError as exc:
@@ -603,7 +594,6 @@ class FrameScanner:
                 if length > available:
                     self._remaining = length - available
                     self._last_fin = first >> 7
-                    self._last_continuation = opcode == 0
                     if available:
                         out.append(memoryview(data)[pos:])
                     return out, n

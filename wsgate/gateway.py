@@ -23,11 +23,11 @@ from datetime import datetime, timezone
 from prometheus_client import CollectorRegistry
 
 from . import __version__
-from .balancer import Member, Pool
+from .balancer import Pool
+from .closing import Cause, gateway_close
 from .config import Config, Limits, Listener, Log, format_host_port, keep_restart_settings, load_config
 from .errors import ConfigError, HandshakeError, ListenError
 from .forwarding import TrustedProxies
-from .frames import CloseCode
 from .metrics import Metrics, close_code_label
 from .ratelimit import TokenBuckets
 from .relay import BULK_LEGS_PER_TURN, GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
@@ -37,9 +37,6 @@ from .tls import ListenerTls, listener_contexts
 from .turns import Turns
 
 log = logging.getLogger("wsgate.gateway")
-
-# The Close reason of a shutdown, drained or immediate: what docs/relay.md promises.
-SHUTDOWN_REASON = "going away"
 
 # One JSON line per connection when it ends (see cli for the handler).
 access_log = logging.getLogger("wsgate.access")
@@ -245,7 +242,7 @@ class Gateway:
         for connection in list(self._connections):
             connection.transport.close()
         for relay in list(self._relays):
-            relay.close(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
+            relay.close(*gateway_close(Cause.SHUTDOWN))
         if self._relays:
             self._all_closed.clear()
             try:
@@ -277,7 +274,7 @@ class Gateway:
         for connection in list(self._connections):
             connection.transport.close()
         log.info("draining %d connections over %.1fs", len(self._relays), shutdown.drain_period)
-        handles = self._spread_closes(list(self._relays), CloseCode.GOING_AWAY, SHUTDOWN_REASON)
+        handles = self._spread_closes(list(self._relays), *gateway_close(Cause.SHUTDOWN))
         if self._relays:
             self._all_closed.clear()
             try:
@@ -408,7 +405,7 @@ class Gateway:
         await self._apply_listeners(old_config, config, bound)
         closing = [relay for relay, keep in removed if not keep]
         if closing:
-            self._spread_closes(closing, CloseCode.SERVICE_RESTART, "backend removed")
+            self._spread_closes(closing, *gateway_close(Cause.BACKEND_REMOVED))
             log.info("closing %d connections on removed backends", len(closing))
 
     async def _apply_listeners(self, old: Config, new: Config, bound: dict[str, asyncio.Server]) -> None:
@@ -501,10 +498,8 @@ class Gateway:
             metrics.idle_timeouts.labels(relay.route_name).inc()
         if relay.limit_exceeded:
             metrics.series(metrics.limit_closes, relay.limit_exceeded).inc()
-        member = relay.member
-        assert isinstance(member, Member)
         self.log_access(
-            client, relay.route_name, member.identity, relay.key, 101, duration, relay.close_reason,
+            client, relay.route_name, relay.member.identity, relay.key, 101, duration, relay.close_reason,
             client_cert,
             bytes_in=relay.client.bytes_received,
             bytes_out=relay.backend.bytes_received,

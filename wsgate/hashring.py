@@ -332,17 +332,6 @@ class HashRing:
                 return index
         return None
 
-    def capacity(
-        self,
-        index: int,
-        loads: Sequence[int],
-        balance_factor: float,
-        skip: Collection[int] = frozenset(),
-    ) -> int:
-        """`capacity` of backend `index`, from every backend's load and the skipped set."""
-        total_load, total_weight = self._totals(loads, skip)
-        return capacity(total_load, self._weights[index], total_weight, balance_factor)
-
     def _totals(self, loads: Sequence[int], skip: Collection[int]) -> tuple[int, int]:
         """Total load and total weight of the backends not in `skip`."""
         total_load = sum(loads)

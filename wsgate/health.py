@@ -9,9 +9,10 @@ feeds results in; these objects only decide.
   failures take a healthy backend down, `rise` consecutive successes bring an
   unhealthy one back. A result that agrees with the current state clears the count
   toward the opposite state.
-- `Backoff` is passive ejection. After a connect failure the backend is ejected for
-  `base` seconds, and each further ejection without a success in between doubles
-  the time, up to `cap`.
+- `Backoff` is passive ejection's length. After a connect failure the backend is
+  ejected for `base` seconds, and each further ejection without a success in
+  between doubles the time, up to `cap`. When the current ejection ends is the
+  caller's to keep (`Member.ejected_until`).
 - `jittered` spreads probe intervals by +-10% so probes of many backends, or of many
   gateways, do not fire in lockstep.
 """
@@ -57,11 +58,6 @@ class RiseFall:
         state = "healthy" if self.healthy else "unhealthy"
         return f"<RiseFall {state}, {self._streak} of {self.fall if self.healthy else self.rise}>"
 
-    @property
-    def streak(self) -> int:
-        """Consecutive results so far against the current verdict."""
-        return self._streak
-
     def record(self, ok: bool) -> bool | None:
         """Count one check result; return the new health if it flipped, else None."""
         if ok == self.healthy:
@@ -76,15 +72,13 @@ class RiseFall:
 
 
 class Backoff:
-    """Passive ejection with capped exponential backoff.
+    """How long passive ejections last: capped exponential backoff.
 
-    eject(now) ejects until now + min(cap, base * 2**k), where k counts the ejections
-    since the last reset(). Ejecting while already ejected starts a fresh, longer
-    period from `now`; it never shortens the current one. A base above the cap just
-    means every ejection lasts `cap`.
+    eject(now) returns now + min(cap, base * 2**k), where k counts the ejections
+    since the last reset(). A base above the cap just means every ejection lasts `cap`.
     """
 
-    __slots__ = ("base", "cap", "_ejections", "_until")
+    __slots__ = ("base", "cap", "_ejections")
 
     def __init__(self, base: float, cap: float) -> None:
         if not (base > 0 and cap > 0):
@@ -92,20 +86,9 @@ class Backoff:
         self.base = base
         self.cap = cap
         self._ejections = 0
-        self._until = float("-inf")
 
     def __repr__(self) -> str:
-        return f"<Backoff {self._ejections} ejections, until {self._until}>"
-
-    @property
-    def ejections(self) -> int:
-        """Consecutive ejections since the last reset."""
-        return self._ejections
-
-    @property
-    def until(self) -> float:
-        """The time the current (or last) ejection ends; -inf if never ejected."""
-        return self._until
+        return f"<Backoff {self._ejections} ejections, next {self.next_duration()}s>"
 
     def next_duration(self) -> float:
         """How long the next ejection would last."""
@@ -115,7 +98,7 @@ class Backoff:
         return self.base * 2.0**self._ejections
 
     def eject(self, now: float, rng: RandomSource | None = None) -> float:
-        """Eject the backend; return the time until which it stays ejected.
+        """Count an ejection starting at `now`; return the time it ends.
 
         Given a random source, the duration is jittered by +-10% (still at most cap).
         """
@@ -123,13 +106,8 @@ class Backoff:
         if rng is not None:
             duration = min(self.cap, jittered(duration, rng))
         self._ejections += 1
-        self._until = max(self._until, now + duration)
-        return self._until
+        return now + duration
 
     def reset(self) -> None:
-        """A success: forget past ejections and end the current one."""
+        """A success: forget past ejections, so the next one lasts `base` again."""
         self._ejections = 0
-        self._until = float("-inf")
-
-    def ejected(self, now: float) -> bool:
-        return now < self._until

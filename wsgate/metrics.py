@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,10 +24,21 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
+from .leg import LegCounts
 
 # Directions of relayed traffic; the label is "client_to_backend" or "backend_to_client".
 UPSTREAM = "client_to_backend"
 DOWNSTREAM = "backend_to_client"
+# What a relay's client leg reads goes upstream; what its backend leg reads, downstream.
+_DIRECTIONS = (UPSTREAM, DOWNSTREAM)
+
+
+class CountedRelay(Protocol):
+    """What the metrics need of a relay: its route, and its counts since they were last taken."""
+
+    route_name: str
+
+    def take_counts(self) -> tuple[LegCounts | None, LegCounts | None]: ...
 
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _CONNECTION_BUCKETS = (1, 10, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
@@ -219,46 +230,35 @@ class Metrics:
         else:
             del self._open[route, backend]
 
-    def flush_relays(self, relays: Iterable[Any]) -> None:
+    def flush_relays(self, relays: Iterable[CountedRelay]) -> None:
         """Add what `relays` counted since their previous flush, heartbeat round trips included.
 
-        Sums are taken in plain integers first, so prometheus-client is called once
-        per series, not once per connection: a flush of 100,000 connections stays cheap.
+        Each relay hands its counts over (and starts counting afresh). Sums are taken
+        in plain integers first, so prometheus-client is called once per series, not
+        once per connection: a flush of 100,000 connections stays cheap.
         """
         totals: dict[tuple[Any, str, str], int] = {}
         for relay in relays:
             route = relay.route_name
-            for leg, direction in ((relay.client, UPSTREAM), (relay.backend, DOWNSTREAM)):
-                if leg.rtts:
-                    histogram = self.series(self.heartbeat_rtt, leg.side)
-                    for rtt in leg.rtts:
+            for counts, direction in zip(relay.take_counts(), _DIRECTIONS):
+                if counts is None:
+                    continue
+                if counts.rtts:
+                    histogram = self.series(self.heartbeat_rtt, counts.side)
+                    for rtt in counts.rtts:
                         histogram.observe(rtt)
-                    leg.rtts = None
-                size = leg.bytes_received - leg.flushed_bytes
-                if not size and leg.pauses == leg.flushed_pauses:
-                    continue  # nothing arrived: no frame, no message either
-                scanner = leg.scanner
-                frames = scanner.frames - leg.flushed_frames
-                messages = scanner.messages - leg.flushed_messages
-                leg.flushed_frames = scanner.frames
-                leg.flushed_messages = scanner.messages
-                leg.flushed_bytes = leg.bytes_received
                 for metric, delta in (
-                    (self.frames, frames),
-                    (self.bytes, size),
-                    (self.messages, messages),
-                    (self.flow_control_pauses, leg.pauses - leg.flushed_pauses),
+                    (self.frames, counts.frames),
+                    (self.bytes, counts.size),
+                    (self.messages, counts.messages),
+                    (self.flow_control_pauses, counts.pauses),
                 ):
                     if delta:
                         key = (metric, route, direction)
                         totals[key] = totals.get(key, 0) + delta
-                leg.flushed_pauses = leg.pauses
-                if messages:
-                    # Payload of a message still arriving counts with the next one to complete.
-                    payload = leg.payload_received
-                    mean = (payload - leg.flushed_payload) / messages
-                    leg.flushed_payload = payload
-                    self.message_size.observe_many(direction, mean, messages)
+                if counts.messages:
+                    mean = counts.payload / counts.messages
+                    self.message_size.observe_many(direction, mean, counts.messages)
         for (metric, route, direction), delta in totals.items():
             self.series(metric, route, direction).inc(delta)
 

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, cast
 import h11
 
 from .balancer import Member, Pool, random_key
+from .closing import Cause, gateway_close
 from .config import Limits, Listener, format_host_port
 from .errors import BackendUnavailable, HandshakeError, ProxyHeaderError
-from .frames import CloseCode
 from .handshake import (
     HeadReader,
     affinity_key,
@@ -478,7 +478,7 @@ class ClientHandshake(asyncio.Protocol):
             backend_transport: asyncio.Transport | None = None
             self.backend_tried = member.identity
             attempt_started = time.perf_counter()
-            member.pending += 1
+            member.connecting += 1
             try:
                 try:
                     async with asyncio.timeout(self.gateway.config.timeouts.connect):
@@ -497,7 +497,6 @@ class ClientHandshake(asyncio.Protocol):
                 if isinstance(outcome, h11.InformationalResponse):
                     negotiated = check_backend_response(outcome, upstream)
             except BackendUnavailable as exc:
-                member.pending -= 1
                 if backend_transport is not None:
                     backend_transport.close()
                 cause = f" ({exc.__cause__})" if exc.__cause__ else ""
@@ -509,11 +508,11 @@ class ClientHandshake(asyncio.Protocol):
                 failure = exc
                 continue
             except BaseException:
-                member.pending -= 1
                 if backend_transport is not None:
                     backend_transport.close()
                 raise
-            member.pending -= 1
+            finally:
+                member.connecting -= 1
             pool.on_connected(member)
             metrics.series(metrics.backend_connect_duration, pool.route.name).observe(
                 time.perf_counter() - attempt_started
@@ -552,13 +551,13 @@ class ClientHandshake(asyncio.Protocol):
             self.transport,
             backend_transport,
             gateway.relay_settings,
+            member=member,
             deflate=deflate,
             conn_id=self.conn_id,
             on_closed=self._on_relay_closed,
             turns=gateway.bulk_turns,
         )
         relay.key = key
-        relay.member = member
         relay.route_name = pool.route.name
         gateway._sweeper.add(relay, asyncio.get_running_loop().time())
         if self.lost or answer.lost:
@@ -585,7 +584,7 @@ class ClientHandshake(asyncio.Protocol):
             # A reload removed the backend while this handshake was under way; the
             # connections it had then were handled by _apply, this one is handled here.
             if pool.route.on_backend_removed != "keep":
-                gateway._spread_closes([relay], CloseCode.SERVICE_RESTART, "backend removed")
+                gateway._spread_closes([relay], *gateway_close(Cause.BACKEND_REMOVED))
 
     def _on_relay_closed(self, relay: Relay) -> None:
         gateway = self.gateway
