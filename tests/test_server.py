@@ -1051,7 +1051,7 @@ async def test_a_burst_of_handshakes_is_spread_over_turns_of_the_loop(ws_backend
     # Every connection is accepted, then every head is in the kernel before the gateway
     # reads any: handled all in one turn, they would hold up every relay for as long as
     # the whole burst takes.
-    from wsgate.server import HANDSHAKE_STEPS_PER_TURN
+    from wsgate.upgrade import HANDSHAKE_STEPS_PER_TURN
 
     limits = {"max_connections_per_ip": 2 * BURST}
     gateway = Gateway(parse_config(gateway_config([ws_backend.url], limits=limits)))

@@ -32,7 +32,7 @@ from .metrics import Metrics, close_code_label
 from .ratelimit import TokenBuckets
 from .relay import BULK_LEGS_PER_TURN, GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
 from .routing import match_route
-from .server import HANDSHAKE_STEPS_PER_TURN, ClientHandshake
+from .upgrade import HANDSHAKE_STEPS_PER_TURN, ClientHandshake
 from .tls import ListenerTls, listener_contexts
 from .turns import Turns
 

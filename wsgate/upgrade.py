@@ -40,6 +40,7 @@ from .tls import ListenerTls, peer_subject
 if TYPE_CHECKING:
     from .gateway import Gateway, Refusal
 
+# Named as before the module was: log filters and dashboards select its lines by this name.
 log = logging.getLogger("wsgate.server")
 
 # Bounded `reason` labels for handshake rejections, by HTTP status.
