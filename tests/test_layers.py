@@ -23,7 +23,9 @@ TYPE_CHECKING_ONLY: dict[tuple[str, str], str] = {}
 # Tolerated until the serve loop, signals and logging set-up move out of cli.py into a
 # runtime module that cli and workers both import; delete each entry as its import goes.
 PENDING_CIRCLES = [["wsgate.cli", "wsgate.workers"]]
-PENDING_PRIVATE = {("wsgate.workers", "wsgate.cli", name) for name in ("_run_loop", "_serve", "_setup_logging")}
+PENDING_PRIVATE = {
+    ("wsgate.workers", "wsgate.cli", name) for name in ("_run_loop", "_serve", "_setup_logging")
+}
 
 # The core: sans-I/O modules that import nothing from the shell.
 CORE = {
@@ -284,7 +286,9 @@ def test_the_core_imports_nothing_from_the_shell(wsgate_package):
     ],
 )
 def test_the_upgrade_phase_and_the_gateway_meet_only_in_the_books(wsgate_package, module, never):
-    assert [edge.line for edge in wsgate_package.imports if (edge.importer, edge.imported) == (module, never)] == []
+    imports = wsgate_package.imports
+    lines = [edge.line for edge in imports if (edge.importer, edge.imported) == (module, never)]
+    assert lines == []
 
 
 # -- the rules themselves, on a package made for the purpose ------------------------------
@@ -326,8 +330,10 @@ def test_private_names_of_another_module_are_found(tmp_path):
         "c": "from . import a\nvalue = a._secret\nfrom .sub import mod\nmod._hidden()\n",
         "sub.mod": "def _hidden(): pass\n_hidden()\n",
         "gate": "class Gate:\n    def _admit(self): return self._count\n    _count = 0\n",
-        "door": "class Door:\n    def __init__(self, gate):\n        gate._admit()\n        self._own = gate\n"
-                "    def peek(self):\n        return self._own, self.gate._count, self._elsewhere\n",
+        "door": (
+            "class Door:\n    def __init__(self, gate):\n        gate._admit()\n        self._own = gate\n"
+            "    def peek(self):\n        return self._own, self.gate._count, self._elsewhere\n"
+        ),
     }))
     assert private_imports(package) == [
         "pkg.b:1: from pkg.a import _secret",
