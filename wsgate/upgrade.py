@@ -76,7 +76,6 @@ class UpgradeProtocol(asyncio.Protocol):
         "task",
         "timer",
         "admitted",
-        "address_pending",
         "counted_ip",
         "lost",
         "tls_task",
@@ -105,10 +104,10 @@ class UpgradeProtocol(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.admitted = False
-        # The peer is a trusted proxy: the request head names the client, and the limits
-        # per client address wait for it.
-        self.address_pending = False
-        self.counted_ip: str | None = None  # the address the limits per address counted it under
+        # The address the limits per address counted it under. None until the request head
+        # names the client when the peer is a trusted proxy; a peer that is not is counted
+        # (or refused) at accept.
+        self.counted_ip: str | None = None
         self.lost = False
         self.tls_task: asyncio.Task[None] | None = None
         # For metrics and the access log.
@@ -160,9 +159,7 @@ class UpgradeProtocol(asyncio.Protocol):
         """Admit the connection from `client_ip`, then start TLS or wait for the request."""
         books = self.books
         tls = books.tls.get(self.listener.name)
-        if books.trusted_proxies.includes(self.client_ip):
-            self.address_pending = True
-        else:
+        if not books.trusted_proxies.includes(self.client_ip):
             refusal = books.admit_address(self.client_ip)
             if refusal is not None:
                 self._refuse_at_accept(refusal, tls is not None)
@@ -407,14 +404,13 @@ class UpgradeProtocol(asyncio.Protocol):
         client = self.books.trusted_proxies.resolve(self.client_ip, list(request.headers.raw_items()))
         if client.ip != self.client_ip:
             self.client_ip = self.client_address = client.ip
-        self.address_pending = False
         return client.forwarded_for
 
     async def _proxy(self, request: h11.Request, request_at: float) -> None:
         try:
             forwarded_for = [self.client_ip]
-            if self.address_pending:
-                # Before anything else, as a peer that is not a proxy is limited at accept.
+            if self.counted_ip is None:
+                # A trusted proxy's client: before anything else, as other peers are limited at accept.
                 forwarded_for = self._name_client(request)
                 refusal = self.books.admit_address(self.client_ip)
                 if refusal is not None:
