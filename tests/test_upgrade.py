@@ -40,6 +40,7 @@ class FakeTransport(asyncio.Transport):
         self.closed = False
         self.reading = True
         self.ended = asyncio.Event()  # set once the protocol half-closes or closes
+        self.lost = asyncio.Event()  # set once the protocol's connection_lost has run
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.peer if name == "peername" else default
@@ -59,7 +60,11 @@ class FakeTransport(asyncio.Transport):
         if not self.closed:
             self.closed = True
             self.ended.set()
-            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+            asyncio.get_running_loop().call_soon(self._lose)
+
+    def _lose(self) -> None:
+        self.protocol.connection_lost(None)
+        self.lost.set()
 
     def is_closing(self) -> bool:
         return self.closed
@@ -148,11 +153,9 @@ async def ended(transport: FakeTransport) -> None:
         await transport.ended.wait()
 
 
-async def settled(books: FakeBooks) -> None:
-    """Until the closed connection has left the books (its connection_lost has run)."""
+async def lost(transport: FakeTransport) -> None:
     async with asyncio.timeout(STEP_TIMEOUT):
-        while books.handshakes:
-            await asyncio.sleep(0)
+        await transport.lost.wait()
 
 
 def test_the_fake_books_offer_what_the_protocol_uses_of_the_books():
@@ -181,10 +184,12 @@ async def test_a_request_with_no_route_is_answered_404_then_half_closed(chunk):
     assert transport.eof_written and not transport.closed  # lingers, so the answer is read
     assert books.routes_asked == [("nowhere.test", "/chat")]
     assert books.addresses == [PEER[0]]
+    assert books.handshakes == {protocol}
     protocol.data_received(b"more of the same")  # read and dropped
     assert protocol.eof_received() is False  # the client's EOF ends the linger
     transport.close()
-    await settled(books)
+    await lost(transport)
+    assert books.handshakes == set()
     assert books.released == [PEER[0]]
     reason = "no route for this host and path"
     assert books.access == [{"client": "203.0.113.5:40000", "status": 404, "reason": reason}]
@@ -212,7 +217,7 @@ async def test_a_malformed_head_is_answered_400_and_counted_once():
     await ended(transport)
     assert transport.status() == 400
     transport.close()
-    await settled(books)
+    await lost(transport)
     assert books.released == [PEER[0]]
     assert books.routes_asked == []
     assert books.count("wsgate_handshake_rejections_total", reason="bad_request") == 1
@@ -224,7 +229,7 @@ async def test_a_connection_over_the_gateway_cap_is_refused_at_accept_and_never_
     protocol, transport = connect(books)
     assert transport.status() == 503
     assert transport.closed and not transport.eof_written  # no linger: nothing was read
-    await asyncio.sleep(0)  # the close's connection_lost
+    await lost(transport)
     assert books.released == [] and books.handshakes == set()
     assert books.access[0]["status"] == 503
 
@@ -234,7 +239,7 @@ async def test_an_address_over_its_cap_gives_back_the_gateway_wide_count_only():
     books = FakeBooks(make_config(), address_refusal=refusal)
     protocol, transport = connect(books)
     assert transport.status() == 429 and transport.closed
-    await settled(books)
+    await lost(transport)
     assert books.admitted == 1
     assert books.released == [None]  # counted in all, never under its address
 
@@ -255,7 +260,7 @@ async def test_a_client_that_leaves_mid_head_is_released_without_an_answer():
     protocol.data_received(b"GET / HTTP/1.1\r\n")
     assert protocol.eof_received() is False
     assert transport.closed
-    await settled(books)
+    await lost(transport)
     assert transport.written == b""
     assert books.released == [PEER[0]]
     assert books.access == []
@@ -271,7 +276,7 @@ async def test_a_proxy_header_names_the_client_the_limits_count():
     assert books.addresses == ["198.51.100.7"]
     assert transport.status() == 404
     transport.close()
-    await settled(books)
+    await lost(transport)
     assert books.released == ["198.51.100.7"]
     assert books.access[0]["client"] == "198.51.100.7:4242"
 
@@ -281,6 +286,6 @@ async def test_a_proxy_header_from_a_peer_not_allowed_to_send_one_is_closed_unan
     protocol, transport = connect(books, peer=("192.0.2.1", 5000))
     assert transport.closed and transport.written == b""
     protocol.data_received(proxy_v1_header(("198.51.100.7", 4242)))  # dropped: it is closing
-    await settled(books)
+    await lost(transport)
     assert books.released == [None]
     assert books.count("wsgate_proxy_protocol_errors_total", listener="test", reason="untrusted") == 1
