@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from wsgate.errors import BackendUnavailable, HandshakeError
 from wsgate.handshake import (
-    ClientHandshake,
     HeadReader,
     Negotiated,
+    UpgradeRequest,
     accept_key,
     build_upstream_request,
     check_backend_response,
@@ -88,7 +88,7 @@ def replaced(name: bytes, value: bytes, headers: Headers = BASE) -> Headers:
     return [(n, value if n.lower() == name.lower() else v) for n, v in headers]
 
 
-def handshake(*extra: tuple[bytes, bytes], target: bytes = b"/chat") -> ClientHandshake:
+def handshake(*extra: tuple[bytes, bytes], target: bytes = b"/chat") -> UpgradeRequest:
     return check_client_request(request([*BASE, *extra], target=target))
 
 

@@ -477,7 +477,7 @@ async def test_access_log_of_a_close_stuck_behind_half_a_frame(start_admin, raw_
         reader, writer = await open_raw_client(admin.ws_url)
         await reader.readexactly(1000)  # the frame is on its way through the gateway
         # The client's Close waits for the end of that frame, which never comes.
-        next(iter(admin.gateway._relays)).close()
+        next(iter(admin.gateway.books.relays)).close()
         entry = await access_records.next()
         writer.close()
     assert (entry["close_code"], entry["closed_by"]) == (1001, "gateway")
@@ -857,7 +857,7 @@ async def test_every_heartbeat_round_trip_is_observed(start_admin, ws_backend, m
     admin = await start_admin(gateway_config([ws_backend.url], heartbeat={"interval": "50ms"}))
     async with asyncio.timeout(STEP_TIMEOUT):
         async with websockets.connect(admin.ws_url, ping_interval=None):
-            relay = next(iter(admin.gateway._relays))
+            relay = next(iter(admin.gateway.books.relays))
             # A quiet client is pinged every 50 ms; its library answers in the background.
             for _ in range(200):
                 if relay.client.rtts is not None and len(relay.client.rtts) >= 3:

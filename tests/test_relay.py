@@ -326,7 +326,7 @@ async def test_a_busy_leg_reads_at_most_one_buffer_per_turn_of_the_loop(raw_back
     try:
         async with asyncio.timeout(STEP_TIMEOUT):
             reader, writer = await open_raw_client(f"ws://{host}:{port}")
-            (relay,) = gateway._relays
+            (relay,) = gateway.books.relays
             watched = asyncio.Event()
 
             def each_turn(before: int) -> None:
@@ -374,7 +374,7 @@ async def test_busy_legs_take_turns_to_read(raw_backend):
         async with asyncio.timeout(STEP_TIMEOUT):
             for _ in range(BUSY_CONNECTIONS):
                 clients.append(await open_raw_client(f"ws://{host}:{port}"))
-            legs = [relay.backend for relay in gateway._relays]
+            legs = [relay.backend for relay in gateway.books.relays]
             seen = [0] * len(legs)
             large_reads = [0] * len(legs)
             watched = asyncio.Event()

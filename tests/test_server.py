@@ -28,8 +28,9 @@ from peers import (
     upgrade_request,
 )
 
+from wsgate.books import key_hash
 from wsgate.config import parse_config
-from wsgate.gateway import Gateway, key_hash
+from wsgate.gateway import Gateway
 from wsgate.handshake import accept_key
 from wsgate.workers import bind_listener
 
@@ -393,7 +394,7 @@ async def test_both_legs_use_tcp_nodelay(ws_backend):
             async with websockets.connect(f"ws://{host}:{port}") as ws:
                 await ws.send("x")
                 await ws.recv()
-                (relay,) = gateway._relays
+                (relay,) = gateway.books.relays
                 for leg in (relay.client, relay.backend):
                     sock = leg.transport.get_extra_info("socket")
                     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
@@ -829,7 +830,7 @@ async def test_refused_and_relayed_connections_leave_no_count_behind(start_gatew
         await refused(exchange_from(url, "127.0.0.2", via_proxy))
         await hold("127.0.0.2", "203.0.113.2")
         await refused(answer_at_accept(url, "127.0.0.3"))  # the global cap of 5
-        assert gateway._per_ip == {"127.0.0.1": 2, "203.0.113.1": 2, "203.0.113.2": 1}
+        assert gateway.books.open_per_ip == {"127.0.0.1": 2, "203.0.113.1": 2, "203.0.113.2": 1}
         for writer in held:
             writer.close()
         await until(lambda: gateway.connection_count == 0, "every connection's release")
@@ -837,7 +838,7 @@ async def test_refused_and_relayed_connections_leave_no_count_behind(start_gatew
     rate = b"too many new connections from your address\n"
     full = b"the gateway is at its connection limit\n"
     assert answers == [(429, cap), (429, rate), (429, cap), (429, rate), (503, full)]
-    assert gateway._per_ip == {}
+    assert gateway.books.open_per_ip == {}
 
 
 # -- PROXY protocol listeners ---------------------------------------------------------
@@ -1051,7 +1052,7 @@ async def test_a_burst_of_handshakes_is_spread_over_turns_of_the_loop(ws_backend
     # Every connection is accepted, then every head is in the kernel before the gateway
     # reads any: handled all in one turn, they would hold up every relay for as long as
     # the whole burst takes.
-    from wsgate.server import HANDSHAKE_STEPS_PER_TURN
+    from wsgate.books import HANDSHAKE_STEPS_PER_TURN
 
     limits = {"max_connections_per_ip": 2 * BURST}
     gateway = Gateway(parse_config(gateway_config([ws_backend.url], limits=limits)))
@@ -1064,18 +1065,18 @@ async def test_a_burst_of_handshakes_is_spread_over_turns_of_the_loop(ws_backend
         for _ in range(BURST):
             clients.append(socket.create_connection(gateway.addresses[0], timeout=STEP_TIMEOUT))
         for _ in range(100_000):
-            if len(gateway._connections) == BURST:
+            if len(gateway.books.handshakes) == BURST:
                 break
             await asyncio.sleep(0)  # a turn of the loop, in which the gateway accepts
-        assert len(gateway._connections) == BURST
+        assert len(gateway.books.handshakes) == BURST
         for client in clients:
             client.sendall(upgrade_request())
         watched = asyncio.Event()
 
         def each_turn(parsed_before: int, connects_before: int) -> None:
-            relays = len(gateway._relays)
-            parsed = sum(1 for c in gateway._connections if c.task is not None) + relays
-            connects = sum(1 for c in gateway._connections if c.backend_tried) + relays
+            relays = len(gateway.books.relays)
+            parsed = sum(1 for c in gateway.books.handshakes if c.task is not None) + relays
+            connects = sum(1 for c in gateway.books.handshakes if c.backend_tried) + relays
             parsed_per_turn.append(parsed - parsed_before)
             connects_per_turn.append(connects - connects_before)
             if connects < BURST and len(parsed_per_turn) < 100_000:

@@ -1,45 +1,36 @@
 """The gateway of one config: listeners, lifecycle (start, drain, close), hot reload,
-metrics flushes, the access log and /status.
+metrics flushes and /status.
 
-Connections are served by the handshake protocols of `server`, which hand each
-upgraded connection to a `Relay`; the gateway keeps the books: connections per
-address, open relays, pools, and what the admin server reports.
+Connections are served by the upgrade protocols of `upgrade`, which hand each
+upgraded connection to a `Relay`. What they share with the gateway (admission,
+settings, pools, the open handshakes and relays) is its `Books` (books.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import logging
-import math
-import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .balancer import Pool
+from .books import Books
 from .closing import Cause, gateway_close
-from .config import Config, Limits, Listener, Log, format_host_port, keep_restart_settings, load_config
-from .errors import ConfigError, HandshakeError, ListenError
-from .forwarding import TrustedProxies
-from .metrics import Metrics, close_code_label
-from .ratelimit import TokenBuckets
-from .relay import BULK_LEGS_PER_TURN, GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
-from .routing import match_route
-from .server import HANDSHAKE_STEPS_PER_TURN, ClientHandshake
+from .config import Config, Listener, Log, format_host_port, keep_restart_settings, load_config
+from .errors import ConfigError, ListenError
+from .metrics import Metrics
+from .relay import Relay
 from .tls import ListenerTls, listener_contexts
-from .turns import Turns
+from .upgrade import UpgradeProtocol
 
 log = logging.getLogger("wsgate.gateway")
 
-# One JSON line per connection when it ends (see cli for the handler).
-access_log = logging.getLogger("wsgate.access")
 
 # Metrics lag the connections' own counters by at most this long.
 METRICS_FLUSH_INTERVAL = 5.0
@@ -63,57 +54,6 @@ def config_digest(config: Config) -> str:
     return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
 
 
-def _relay_settings(config: Config) -> RelaySettings:
-    frame_rate = config.limits.max_frames_per_second
-    return RelaySettings(
-        high_water=config.flow_control.high_water,
-        low_water=config.flow_control.low_water,
-        max_message_size=config.limits.max_message_size,
-        close_timeout=config.timeouts.close,
-        heartbeat_interval=config.heartbeat.interval,
-        heartbeat_timeout=config.heartbeat.timeout,
-        idle_timeout=config.timeouts.idle,
-        frame_rate=frame_rate.rate if frame_rate else 0.0,
-        frame_burst=frame_rate.burst_size if frame_rate else 0,
-    )
-
-
-def key_hash(key: bytes) -> str:
-    """A short stable digest of an affinity key: logs can group by it without holding it."""
-    return hashlib.blake2b(key, digest_size=8).hexdigest()
-
-
-def _close_entry(written: tuple[int | None, str] | None) -> dict[str, object] | None:
-    """The access log's record of the Close frame sent to one side; None when it got none."""
-    if written is None:
-        return None
-    code, sender = written
-    return {"code": code, "by": sender}
-
-
-def _new_connection_buckets(limits: Limits) -> TokenBuckets | None:
-    setting = limits.new_connections_per_ip
-    if setting is None:
-        return None
-    return TokenBuckets(setting.rate, setting.burst, setting.max_addresses)
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A connection the limits turn away: its answer, and its `handshake_rejections` reason."""
-
-    label: str
-    error: HandshakeError
-
-
-_AT_CAPACITY = Refusal(
-    "limit", HandshakeError(503, "the gateway is at its connection limit", [("Retry-After", "1")])
-)
-_IP_AT_CAPACITY = Refusal(
-    "ip_limit", HandshakeError(429, "too many connections from your address", [("Retry-After", "1")])
-)
-
-
 def iso_timestamp(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
@@ -122,15 +62,12 @@ class Gateway:
     """Serves every listener of one config; `start` binds, `close` stops."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
         # Certificates and CA files load here, so a bad one stops start-up with its key path.
-        self.tls = listener_contexts(config)
-        self.pools = _pools(config)
-        self.tls_handshake_failures = 0
-        self.tls_reload_failures = 0
-        self._watch: asyncio.Task[None] | None = None
+        tls = listener_contexts(config)
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self.books = Books(config, tls, _pools(config), self.metrics)
+        self._watch: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self.draining = False
         self.loaded_at = time.time()
@@ -143,22 +80,24 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         # Listening sockets handed over by a supervisor, by listener name (workers > 1).
         self.inherited: dict[str, socket.socket] = {}
-        self.relay_settings = _relay_settings(config)
-        self._sweeper = Sweeper(*sweep_timing(self.relay_settings))
-        self.handshake_turns = Turns(HANDSHAKE_STEPS_PER_TURN)
-        self.bulk_turns = Turns(BULK_LEGS_PER_TURN)
         self._servers: dict[str, asyncio.Server] = {}
-        self._connections: set[ClientHandshake] = set()
-        self._relays = self._sweeper.relays
-        self._all_closed = asyncio.Event()
-        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
-        self.proxy_senders = _proxy_senders(config)
-        # Admitted connections: all of them, and by client address (an entry per address
-        # with at least one, so the table is no larger than the connections).
-        self._open_count = 0
-        self._per_ip: dict[str, int] = {}
-        self._new_connections = _new_connection_buckets(config.limits)
-        self._ids = itertools.count(1)
+
+    # The books own these; the gateway's readers (admin, workers, cli) find them here.
+    @property
+    def config(self) -> Config:
+        return self.books.config
+
+    @property
+    def tls(self) -> dict[str, ListenerTls]:
+        return self.books.tls
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        return self.books.pools
+
+    @property
+    def tls_handshake_failures(self) -> int:
+        return self.books.tls_handshake_failures
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -171,16 +110,16 @@ class Gateway:
 
     @property
     def connection_count(self) -> int:
-        return self._open_count
+        return self.books.open_count
 
     @property
     def tracked_addresses(self) -> int:
         """How many addresses the new-connection rate limit keeps a bucket for."""
-        return 0 if self._new_connections is None else len(self._new_connections)
+        return self.books.tracked_addresses
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._sweeper.start()
+        self.books.sweeper.start()
         try:
             for pool in self.pools.values():
                 await pool.start()
@@ -212,10 +151,10 @@ class Gateway:
     async def _bind(self, listener: Listener, start_serving: bool = True) -> asyncio.Server:
         name = listener.name
 
-        def protocol() -> ClientHandshake:
+        def protocol() -> UpgradeProtocol:
             # The listener's current config, so a reload that changes only its TLS
             # settings applies to new connections without rebinding.
-            return ClientHandshake(self, self._listener_config(name))
+            return UpgradeProtocol(self.books, self._listener_config(name))
 
         loop = asyncio.get_running_loop()
         inherited = self.inherited.get(name)
@@ -237,21 +176,12 @@ class Gateway:
 
     async def close(self) -> None:
         """Stop accepting, close every connection with 1001, drop what is left after `timeouts.close`."""
-        for server in self._servers.values():
-            server.close()
-        for connection in list(self._connections):
-            connection.transport.close()
-        for relay in list(self._relays):
+        self._stop_accepting()
+        for relay in list(self.books.relays):
             relay.close(*gateway_close(Cause.SHUTDOWN))
-        if self._relays:
-            self._all_closed.clear()
-            try:
-                async with asyncio.timeout(self.config.timeouts.close):
-                    await self._all_closed.wait()
-            except TimeoutError:
-                for relay in list(self._relays):
-                    relay.abort()
-        self._sweeper.stop()
+        if not await self._relays_ended(self.config.timeouts.close):
+            self._abort_relays()
+        self.books.sweeper.stop()
         for task in (self._watch, self._flush_task):
             if task is not None:
                 task.cancel()
@@ -269,24 +199,40 @@ class Gateway:
         loop = asyncio.get_running_loop()
         started = loop.time()
         self.draining = True
-        for server in self._servers.values():
-            server.close()
-        for connection in list(self._connections):
-            connection.transport.close()
-        log.info("draining %d connections over %.1fs", len(self._relays), shutdown.drain_period)
-        handles = self._spread_closes(list(self._relays), *gateway_close(Cause.SHUTDOWN))
-        if self._relays:
-            self._all_closed.clear()
-            try:
-                async with asyncio.timeout(max(0.0, shutdown.grace_period - (loop.time() - started))):
-                    await self._all_closed.wait()
-            except TimeoutError:
-                log.warning("grace period over: dropping %d connections", len(self._relays))
-                for relay in list(self._relays):
-                    relay.abort()
+        self._stop_accepting()
+        relays = self.books.relays
+        log.info("draining %d connections over %.1fs", len(relays), shutdown.drain_period)
+        handles = self.books.spread_closes(list(relays), *gateway_close(Cause.SHUTDOWN))
+        if not await self._relays_ended(max(0.0, shutdown.grace_period - (loop.time() - started))):
+            log.warning("grace period over: dropping %d connections", len(relays))
+            self._abort_relays()
         for handle in handles:
             handle.cancel()
         await self.close()
+
+    def _stop_accepting(self) -> None:
+        """Close the listeners and every connection still in its handshake."""
+        for server in self._servers.values():
+            server.close()
+        for handshake in list(self.books.handshakes):
+            handshake.transport.close()
+
+    async def _relays_ended(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the last open relay to end; whether none is left."""
+        books = self.books
+        if not books.relays:
+            return True
+        books.all_closed.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await books.all_closed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _abort_relays(self) -> None:
+        for relay in list(self.books.relays):
+            relay.abort()
 
     async def reload(self) -> str | None:
         """Read `config_path` again and apply it; None on success, else why it was refused.
@@ -370,7 +316,8 @@ class Gateway:
         bound: dict[str, asyncio.Server],
     ) -> None:
         """Swap in a validated config: new connections follow it, open ones stay put."""
-        old_config, old_pools = self.config, self.pools
+        books = self.books
+        old_config, old_pools = books.config, books.pools
         removed: list[tuple[Relay, bool]] = []  # relays whose backend left, and whether to keep them
         for name, pool in pools.items():
             previous = old_pools.get(name)
@@ -385,13 +332,7 @@ class Gateway:
         # From here on nothing can fail: swap everything at once.
         if config.log != old_config.log and self.apply_log is not None:
             self.apply_log(config.log)  # first, so that what the reload logs follows it
-        self.config, self.tls, self.pools = config, tls, pools
-        self.relay_settings = _relay_settings(config)
-        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
-        self.proxy_senders = _proxy_senders(config)
-        if config.limits.new_connections_per_ip != old_config.limits.new_connections_per_ip:
-            self._new_connections = _new_connection_buckets(config.limits)  # every bucket full
-        self._sweeper.retime(*sweep_timing(self.relay_settings), asyncio.get_running_loop().time())
+        books.apply(config, tls, pools)
         self.loaded_at = time.time()
         self.config_version = config_digest(config)
         if self._watch is not None:
@@ -405,7 +346,7 @@ class Gateway:
         await self._apply_listeners(old_config, config, bound)
         closing = [relay for relay, keep in removed if not keep]
         if closing:
-            self._spread_closes(closing, *gateway_close(Cause.BACKEND_REMOVED))
+            books.spread_closes(closing, *gateway_close(Cause.BACKEND_REMOVED))
             log.info("closing %d connections on removed backends", len(closing))
 
     async def _apply_listeners(self, old: Config, new: Config, bound: dict[str, asyncio.Server]) -> None:
@@ -426,19 +367,6 @@ class Gateway:
             if name not in self._servers:
                 await self._listen(listener, bound.get(name))
 
-    def _spread_closes(self, relays: list[Relay], code: int, reason: str) -> list[asyncio.TimerHandle]:
-        """Close `relays` spread evenly, with jitter, over `shutdown.drain_period`."""
-        loop = asyncio.get_running_loop()
-        relays = list(relays)
-        random.shuffle(relays)
-        # One slot per connection, a random moment within each: clients do not all
-        # reconnect at the same instant, and the last close lands within the period.
-        slot = self.config.shutdown.drain_period / max(1, len(relays))
-        return [
-            loop.call_later(i * slot + random.uniform(0, slot), relay.close, code, reason)
-            for i, relay in enumerate(relays)
-        ]
-
     def reload_tls(self) -> bool:
         """Load every listener's certificates again; new handshakes use them, open ones are untouched.
 
@@ -450,7 +378,6 @@ class Gateway:
                 tls.reload()
             except ConfigError as exc:
                 ok = False
-                self.tls_reload_failures += 1
                 log.error("listener %s: keeping the old certificates: %s", name, exc)
             else:
                 log.info("listener %s: certificates loaded", name)
@@ -479,67 +406,10 @@ class Gateway:
     def flush_metrics(self) -> None:
         """Move every connection's counts into the metrics; refresh the per-backend gauges."""
         metrics = self.metrics
-        metrics.flush_relays(self._relays)
+        metrics.flush_relays(self.books.relays)
         now = asyncio.get_running_loop().time()
         for name, pool in self.pools.items():
             metrics.set_pool(name, pool.members, now)
-
-    def _relay_finished(self, relay: Relay, client: str, client_cert: str | None) -> None:
-        """Final counts and the access log line of a connection that ended."""
-        metrics = self.metrics
-        metrics.flush_relays((relay,))
-        duration = time.perf_counter() - relay.started_at
-        side = relay.closed_by or GATEWAY
-        metrics.series(metrics.close_frames, close_code_label(relay.close_code), side).inc()
-        metrics.series(metrics.connection_duration, relay.route_name).observe(duration)
-        if relay.dead_side:
-            metrics.heartbeat_timeouts.labels(relay.dead_side).inc()
-        elif relay.close_reason == "idle timeout":
-            metrics.idle_timeouts.labels(relay.route_name).inc()
-        if relay.limit_exceeded:
-            metrics.series(metrics.limit_closes, relay.limit_exceeded).inc()
-        self.log_access(
-            client, relay.route_name, relay.member.identity, relay.key, 101, duration, relay.close_reason,
-            client_cert,
-            bytes_in=relay.client.bytes_received,
-            bytes_out=relay.backend.bytes_received,
-            messages_in=relay.client.scanner.messages,
-            messages_out=relay.backend.scanner.messages,
-            close_code=relay.close_code,
-            closed_by=side,
-            close_to_client=_close_entry(relay.client.close_written),
-            close_to_backend=_close_entry(relay.backend.close_written),
-        )
-
-    def log_access(
-        self,
-        client: str,
-        route: str,
-        backend: str,
-        key: bytes,
-        status: int,
-        duration: float,
-        reason: str,
-        client_cert: str | None,
-        **relayed: object,
-    ) -> None:
-        """The access log's line for one connection, relayed (with its counts) or not."""
-        access_log.info(
-            "",
-            extra={
-                "access": {
-                    "client": client,
-                    "route": route,
-                    "backend": backend,
-                    "key_hash": key_hash(key) if key else "",
-                    "status": status,
-                    "duration": round(duration, 3),
-                    **relayed,
-                    "reason": reason,
-                    "client_cert": client_cert,
-                }
-            },
-        )
 
     def not_ready_reason(self) -> str | None:
         """Why /readyz should say 503, or None when ready."""
@@ -565,7 +435,7 @@ class Gateway:
                 "restart_needed": self.restart_needed,
             },
             "draining": self.draining,
-            "connections": len(self._relays),
+            "connections": len(self.books.relays),
             "routes": [
                 {
                     "name": name,
@@ -584,54 +454,3 @@ class Gateway:
                 for name, pool in self.pools.items()
             ],
         }
-
-    # -- bookkeeping used by the protocols ------------------------------------
-
-    def _admit(self) -> Refusal | None:
-        """Count a new connection, or say why the gateway-wide cap refuses it."""
-        if self._open_count >= self.config.limits.max_connections:
-            return _AT_CAPACITY
-        self._open_count += 1
-        return None
-
-    def _admit_address(self, ip: str) -> Refusal | None:
-        """Count an admitted connection under its client address, or say why that address
-        is refused: over its rate of new connections, or at its cap of open ones."""
-        limits = self.config.limits
-        if self._new_connections is not None:
-            wait = self._new_connections.take(ip, time.monotonic())
-            if wait:
-                retry_after = str(max(1, math.ceil(wait)))
-                error = HandshakeError(
-                    429, "too many new connections from your address", [("Retry-After", retry_after)]
-                )
-                return Refusal("rate_limit", error)
-        count = self._per_ip.get(ip, 0)
-        if limits.max_connections_per_ip is not None and count >= limits.max_connections_per_ip:
-            return _IP_AT_CAPACITY
-        self._per_ip[ip] = count + 1
-        return None
-
-    def _release(self, ip: str | None) -> None:
-        """Give back an admitted connection; `ip` is the address it was counted under, if any."""
-        self._open_count -= 1
-        if ip is None:
-            return
-        left = self._per_ip[ip] - 1
-        if left:
-            self._per_ip[ip] = left
-        else:
-            del self._per_ip[ip]
-
-    def _pool_for(self, host: str, path: str) -> Pool | None:
-        route = match_route(self.config.routes, host, path)
-        return None if route is None else self.pools[route.name]
-
-
-def _proxy_senders(config: Config) -> dict[str, TrustedProxies]:
-    """The peers each listener takes a PROXY header from, by listener name, where it names them."""
-    return {
-        listener.name: TrustedProxies(listener.proxy_protocol_from)
-        for listener in config.listeners
-        if listener.proxy_protocol_from is not None
-    }

@@ -2,7 +2,7 @@
 
 `HeadReader` collects a request or response head and refuses, before h11 sees
 it, what is too large, too long or ambiguous. The client's request then arrives
-as an `h11.Request`; `check_client_request` either returns a `ClientHandshake`
+as an `h11.Request`; `check_client_request` either returns an `UpgradeRequest`
 or raises `HandshakeError` carrying the HTTP reply.
 `build_upstream_request` turns it into the request sent to a backend, and
 `check_backend_response` decides whether the backend's 101 may be relayed.
@@ -199,7 +199,7 @@ def _split_host(host_header: bytes) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class ClientHandshake:
+class UpgradeRequest:
     """A valid WebSocket upgrade request, as the client sent it."""
 
     target: bytes
@@ -212,7 +212,7 @@ class ClientHandshake:
     origin: str | None
 
 
-def check_client_request(request: h11.Request) -> ClientHandshake:
+def check_client_request(request: h11.Request) -> UpgradeRequest:
     """Validate an upgrade request against RFC 6455 4.2.1, or raise `HandshakeError`."""
     headers: Headers = list(request.headers.raw_items())
     if request.method != b"GET":
@@ -249,7 +249,7 @@ def check_client_request(request: h11.Request) -> ClientHandshake:
     if _has_dot_segment(path):
         raise HandshakeError(400, "the path has a '.' or '..' segment")
     origins = _header_values(headers, b"origin")
-    return ClientHandshake(
+    return UpgradeRequest(
         target=target,
         path=path,
         host=_split_host(host_values[0]),
@@ -292,7 +292,7 @@ def _has_dot_segment(path: str) -> bool:
     )
 
 
-def affinity_key(handshake: ClientHandshake, spec: str, client_ip: str) -> bytes | None:
+def affinity_key(handshake: UpgradeRequest, spec: str, client_ip: str) -> bytes | None:
     """The bytes a route hashes to pin this connection, or None when the request lacks them.
 
     `spec` is a route's `hash_key`: ip, path, header:NAME, cookie:NAME or query:NAME.
@@ -327,7 +327,7 @@ def _is_valid_key(value: bytes) -> bool:
         return False
 
 
-def check_origin(handshake: ClientHandshake, allowed: list[str] | None) -> None:
+def check_origin(handshake: UpgradeRequest, allowed: list[str] | None) -> None:
     """Refuse a browser origin that the route does not allow (None allows any).
 
     Only browsers send Origin, and cross-site browser pages are what the list
@@ -340,7 +340,7 @@ def check_origin(handshake: ClientHandshake, allowed: list[str] | None) -> None:
 
 
 def build_upstream_request(
-    handshake: ClientHandshake,
+    handshake: UpgradeRequest,
     *,
     client_ip: str,
     forwarded_for: list[str] | None = None,

@@ -1,11 +1,12 @@
-"""The handshake phase of each connection: parse, route, connect, check the 101, hand off.
+"""The upgrade phase of each connection: parse, route, connect, check the 101, hand off.
 
-Each accepted socket starts with a `ClientHandshake` protocol that feeds h11
-until the request head is complete, then a task picks a backend, connects with
-a `BackendHandshake` protocol and, on a valid 101, passes both transports to a
-`Relay` by `set_protocol`. Bytes that arrive on either side before the hand-off
-are kept and relayed first. The `Gateway` (gateway.py) owns the listeners and
-the books these protocols keep.
+Each accepted socket starts with an `UpgradeProtocol` that reads the request
+head, then a task picks a backend, connects with a `BackendHandshake` protocol
+(upstream.py) and, on a valid 101, passes both transports to a `Relay` by
+`set_protocol`. Bytes that arrive on either side before the hand-off are kept
+and relayed first. Everything shared with the gateway goes through its
+`Books` (books.py); from the hand-off on, the relay reports to the books, and
+this protocol is let go.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from functools import partial
+from typing import cast
 
 import h11
 
-from .balancer import Member, Pool, random_key
+from .balancer import Pool, random_key
+from .books import Books, Refusal
 from .closing import Cause, gateway_close
-from .config import Limits, Listener, format_host_port
+from .config import Listener, format_host_port
 from .errors import BackendUnavailable, HandshakeError, ProxyHeaderError
 from .handshake import (
     HeadReader,
@@ -33,13 +36,13 @@ from .handshake import (
     render_rejection,
     render_switching_protocols,
 )
+from .member import Member
 from .proxy_protocol import NEED_MORE, parse_proxy_header
 from .relay import Relay
 from .tls import ListenerTls, peer_subject
+from .upstream import BackendHandshake
 
-if TYPE_CHECKING:
-    from .gateway import Gateway, Refusal
-
+# Named as before the module was: log filters and dashboards select its lines by this name.
 log = logging.getLogger("wsgate.server")
 
 # Bounded `reason` labels for handshake rejections, by HTTP status.
@@ -56,45 +59,32 @@ _REJECTION_REASONS = {
     503: "limit",
 }
 
-# A backend's refusal is relayed to the client; its body is cut at this size.
-BACKEND_REPLY_BODY_LIMIT = 64 * 1024
 # How long a refused client may go on sending before the gateway closes on it.
 LINGER_SECONDS = 2.0
 
 
-# Handshake steps (reading a request head, starting a backend connect) taken in one turn
-# of the event loop at most. A burst of thousands of upgrades is then spread over many
-# turns with the relays served between them, instead of holding the loop for seconds.
-HANDSHAKE_STEPS_PER_TURN = 32
-
-
-class ClientHandshake(asyncio.Protocol):
+class UpgradeProtocol(asyncio.Protocol):
     """A client connection until its upgrade is relayed or refused."""
 
-    # It outlives the handshake, for as long as its relay: slots keep it small.
+    # Thousands can be in their handshake at once (a burst of reconnects): slots keep it small.
     __slots__ = (
-        "gateway",
+        "books",
         "listener",
         "transport",
         "client_ip",
         "conn_id",
-        "h11",
         "early",
         "task",
         "timer",
         "admitted",
-        "address_pending",
-        "address_counted",
+        "counted_ip",
         "lost",
-        "handed_off",
-        "pool",
         "tls_task",
         "client_address",
         "route_name",
         "backend_tried",
         "key",
         "accepted_at",
-        "request_at",
         "client_cert",
         "tls_early",
         "head",
@@ -104,25 +94,22 @@ class ClientHandshake(asyncio.Protocol):
         "overdue",
     )
 
-    def __init__(self, gateway: Gateway, listener: Listener) -> None:
-        self.gateway = gateway
+    def __init__(self, books: Books, listener: Listener) -> None:
+        self.books = books
         self.listener = listener
         self.transport: asyncio.Transport
         self.client_ip = ""
-        self.conn_id = next(gateway._ids)
-        limits = gateway.config.limits
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.conn_id = books.next_id()
+        limits = books.config.limits
         self.early = bytearray()
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.admitted = False
-        # The peer is a trusted proxy: the request head names the client, and the limits
-        # per client address wait for it.
-        self.address_pending = False
-        self.address_counted = False  # counted under client_ip by the limits per address
+        # The address the limits per address counted it under. None until the request head
+        # names the client when the peer is a trusted proxy; a peer that is not is counted
+        # (or refused) at accept.
+        self.counted_ip: str | None = None
         self.lost = False
-        self.handed_off = False
-        self.pool: Pool | None = None
         self.tls_task: asyncio.Task[None] | None = None
         # For metrics and the access log.
         self.client_address = "unknown"
@@ -130,7 +117,6 @@ class ClientHandshake(asyncio.Protocol):
         self.backend_tried = ""
         self.key = b""
         self.accepted_at = 0.0
-        self.request_at = 0.0
         self.client_cert: str | None = None  # the verified client certificate's subject
         # Raw bytes (the ClientHello) read before start_tls takes the transport over.
         self.tls_early: bytearray | None = None
@@ -161,27 +147,25 @@ class ClientHandshake(asyncio.Protocol):
 
     def _admit(self) -> bool:
         """Count the connection against the gateway-wide cap from its accept, or refuse it."""
-        gateway = self.gateway
-        refusal = gateway._admit()
+        books = self.books
+        refusal = books.admit()
         if refusal is not None:
-            self._refuse_at_accept(refusal, self.listener.name in gateway.tls)
+            self._refuse_at_accept(refusal, self.listener.name in books.tls)
             return False
         self.admitted = True
-        gateway._connections.add(self)
+        books.handshakes.add(self)
         return True
 
     def _address_known(self) -> bool:
         """Admit the connection from `client_ip`, then start TLS or wait for the request."""
-        gateway = self.gateway
-        tls = gateway.tls.get(self.listener.name)
-        if gateway.trusted_proxies.includes(self.client_ip):
-            self.address_pending = True
-        else:
-            refusal = gateway._admit_address(self.client_ip)
+        books = self.books
+        tls = books.tls.get(self.listener.name)
+        if not books.trusted_proxies.includes(self.client_ip):
+            refusal = books.admit_address(self.client_ip)
             if refusal is not None:
                 self._refuse_at_accept(refusal, tls is not None)
                 return False
-            self.address_counted = True
+            self.counted_ip = self.client_ip
         if tls is None:
             self._start_request_timer()
             return True
@@ -194,13 +178,13 @@ class ClientHandshake(asyncio.Protocol):
         return True
 
     def _expect_proxy_header(self) -> None:
-        allowed = self.gateway.proxy_senders.get(self.listener.name)
+        allowed = self.books.proxy_senders.get(self.listener.name)
         if allowed is not None and not allowed.includes(self.client_ip):
             self._drop_proxy("untrusted", "the peer is not in proxy_protocol_from")
             return
         self.proxy_buffer = bytearray()
         self.timer = asyncio.get_running_loop().call_later(
-            self.gateway.config.timeouts.handshake, self._on_proxy_timeout
+            self.books.config.timeouts.handshake, self._on_proxy_timeout
         )
 
     def _on_proxy_data(self, data: bytes) -> None:
@@ -227,7 +211,7 @@ class ClientHandshake(asyncio.Protocol):
 
     def _on_proxy_timeout(self) -> None:
         self.timer = None
-        timeout = self.gateway.config.timeouts.handshake
+        timeout = self.books.config.timeouts.handshake
         self._drop_proxy("timeout", f"no complete PROXY protocol header within {timeout:g}s")
 
     def _drop_proxy(self, reason: str, detail: str) -> None:
@@ -236,7 +220,7 @@ class ClientHandshake(asyncio.Protocol):
             "conn=%d %s PROXY protocol header refused (%s): %s",
             self.conn_id, self.client_address, reason, detail,
         )
-        metrics = self.gateway.metrics
+        metrics = self.books.metrics
         metrics.series(metrics.proxy_protocol_errors, self.listener.name, reason).inc()
         self.proxy_buffer = None
         self.lingering = True  # drop whatever still arrives before the close takes effect
@@ -254,12 +238,12 @@ class ClientHandshake(asyncio.Protocol):
                 self,
                 tls.context,
                 server_side=True,
-                ssl_handshake_timeout=self.gateway.config.timeouts.handshake,
+                ssl_handshake_timeout=self.books.config.timeouts.handshake,
             )
         except (OSError, TimeoutError, EOFError) as exc:
             # Routine on a public port (scanners, plain HTTP, bad clients): count, don't shout.
-            self.gateway.tls_handshake_failures += 1
-            self.gateway.metrics.tls_handshake_failures.labels(self.listener.name).inc()
+            self.books.tls_handshake_failures += 1
+            self.books.metrics.tls_handshake_failures.labels(self.listener.name).inc()
             log.debug("conn=%d %s TLS handshake failed: %r", self.conn_id, self.client_ip, exc)
             self.transport.close()
             self._finish()
@@ -271,7 +255,7 @@ class ClientHandshake(asyncio.Protocol):
         error = refusal.error
         level = logging.WARNING if refusal.label == "limit" else logging.INFO
         log.log(level, "conn=%d refused %s: %s", self.conn_id, self.client_ip, error.reason)
-        self.gateway.metrics.handshake_rejections.labels(refusal.label).inc()
+        self.books.metrics.handshake_rejections.labels(refusal.label).inc()
         self._account(error.status, "rejected", error.reason)
         if tls:
             self.transport.close()  # no HTTP can be spoken before TLS; spend no handshake on it
@@ -280,7 +264,7 @@ class ClientHandshake(asyncio.Protocol):
 
     def _start_request_timer(self) -> None:
         self.timer = asyncio.get_running_loop().call_later(
-            self.gateway.config.timeouts.handshake, self._on_handshake_timeout
+            self.books.config.timeouts.handshake, self._on_handshake_timeout
         )
 
     def data_received(self, data: bytes) -> None:
@@ -297,16 +281,16 @@ class ClientHandshake(asyncio.Protocol):
         if self.task is not None:
             # The request is parsed; what follows is the client's first frames.
             self.early += data
-            if len(self.early) > self.gateway.config.flow_control.high_water:
+            if len(self.early) > self.books.config.flow_control.high_water:
                 self.transport.pause_reading()
             return
         if self.turn_data is not None:
             self.turn_data += data  # decrypted in the same read as the bytes waiting
             return
-        if not self.gateway.handshake_turns.take():
+        if not self.books.handshake_turns.take():
             self.turn_data = data
             self.transport.pause_reading()
-            self.gateway.handshake_turns.later(self._on_turn)
+            self.books.handshake_turns.later(self._on_turn)
             return
         self._receive_head(data)
 
@@ -326,8 +310,7 @@ class ClientHandshake(asyncio.Protocol):
             self._reject(exc)
             return
         if head is not None:
-            self.h11.receive_data(head)
-            self._next_request_event()
+            self._next_request_event(head)
 
     def eof_received(self) -> bool:
         if self.proxy_buffer:
@@ -336,7 +319,7 @@ class ClientHandshake(asyncio.Protocol):
             return False
         if self.task is None:
             self.transport.close()
-        elif not self.handed_off:
+        else:
             self.task.cancel()
         return False
 
@@ -344,30 +327,33 @@ class ClientHandshake(asyncio.Protocol):
         self.lost = True
         if self.timer is not None:
             self.timer.cancel()
-        if self.task is not None and not self.task.done() and not self.handed_off:
+        if self.task is not None and not self.task.done():
             self.task.cancel()
-        if not self.handed_off:
-            self._finish()
+        self._finish()
 
     def _finish(self) -> None:
-        self.gateway._connections.discard(self)
+        self.books.handshakes.discard(self)
         if self.admitted:
             self.admitted = False
-            self.gateway._release(self.client_ip if self.address_counted else None)
-            self.address_counted = False
+            self.books.release(self.counted_ip)
+            self.counted_ip = None
 
-    def _next_request_event(self) -> None:
+    def _next_request_event(self, head: bytes) -> None:
+        """Parse a complete request head (with what followed it) and start its upgrade."""
+        limit = self.books.config.limits.max_header_bytes
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+        parser.receive_data(head)
         try:
-            event = self.h11.next_event()
+            event = parser.next_event()
         except h11.RemoteProtocolError as exc:
             self._reject(HandshakeError(exc.error_status_hint, _h11_reason(exc)))
             return
         if isinstance(event, h11.Request):
             if self.timer is not None:
                 self.timer.cancel()
-            self.early[:0] = self.h11.trailing_data[0]
-            self.request_at = time.perf_counter()
-            self.task = asyncio.get_running_loop().create_task(self._proxy(event))
+            self.early[:0] = parser.trailing_data[0]
+            request_at = time.perf_counter()
+            self.task = asyncio.get_running_loop().create_task(self._proxy(event, request_at))
             return
         # h11 was given a whole head, so nothing else can come; if it does, drop the client.
         log.error("conn=%d h11 gave %r for a complete request head", self.conn_id, event)
@@ -379,7 +365,7 @@ class ClientHandshake(asyncio.Protocol):
             return
         if self.task is None:
             log.info("conn=%d %s sent no complete request in time", self.conn_id, self.client_ip)
-            self.gateway.metrics.handshake_rejections.labels("timeout").inc()
+            self.books.metrics.handshake_rejections.labels("timeout").inc()
             self._account(408, "rejected", "request timeout")
             self._reply(render_error(408, "request timeout"))
 
@@ -400,41 +386,40 @@ class ClientHandshake(asyncio.Protocol):
     def _reject(self, error: HandshakeError, label: str | None = None) -> None:
         log.info("conn=%d %s rejected: %d %s", self.conn_id, self.client_ip, error.status, error.reason)
         label = label or _REJECTION_REASONS.get(error.status, "other")
-        self.gateway.metrics.handshake_rejections.labels(label).inc()
+        self.books.metrics.handshake_rejections.labels(label).inc()
         self._account(error.status, "rejected", error.reason)
         self._reply(render_rejection(error))
 
     def _account(self, status: int, outcome: str, reason: str, backend: str = "") -> None:
         """Count a handshake that ended without a relay, and log its access line."""
         route = self.route_name
-        metrics = self.gateway.metrics
+        metrics = self.books.metrics
         metrics.series(metrics.connections, route, outcome).inc()
         duration = time.perf_counter() - self.accepted_at
-        self.gateway.log_access(
+        self.books.log_access(
             self.client_address, route, backend, self.key, status, duration, reason, self.client_cert
         )
 
     def _name_client(self, request: h11.Request) -> list[str]:
         """Take the client's address from a trusted proxy's headers; the X-Forwarded-For to send on."""
-        client = self.gateway.trusted_proxies.resolve(self.client_ip, list(request.headers.raw_items()))
+        client = self.books.trusted_proxies.resolve(self.client_ip, list(request.headers.raw_items()))
         if client.ip != self.client_ip:
             self.client_ip = self.client_address = client.ip
-        self.address_pending = False
         return client.forwarded_for
 
-    async def _proxy(self, request: h11.Request) -> None:
+    async def _proxy(self, request: h11.Request, request_at: float) -> None:
         try:
             forwarded_for = [self.client_ip]
-            if self.address_pending:
-                # Before anything else, as a peer that is not a proxy is limited at accept.
+            if self.counted_ip is None:
+                # A trusted proxy's client: before anything else, as other peers are limited at accept.
                 forwarded_for = self._name_client(request)
-                refusal = self.gateway._admit_address(self.client_ip)
+                refusal = self.books.admit_address(self.client_ip)
                 if refusal is not None:
                     self._reject(refusal.error, refusal.label)
                     return
-                self.address_counted = True
+                self.counted_ip = self.client_ip
             handshake = check_client_request(request)
-            pool = self.gateway._pool_for(handshake.host, handshake.path)
+            pool = self.books.pool_for(handshake.host, handshake.path)
             if pool is None:
                 raise HandshakeError(404, "no route for this host and path")
             route = pool.route
@@ -457,8 +442,8 @@ class ClientHandshake(asyncio.Protocol):
                 strip_extensions=route.compression == "strip",
                 client_cert_subject=subject,
             )
-            await self.gateway.handshake_turns.step()
-            await self._connect_backend(pool, key, upstream)
+            await self.books.handshake_turns.step()
+            await self._connect_backend(pool, key, upstream, request_at)
         except HandshakeError as exc:
             self._reject(exc)
         except BackendUnavailable as exc:
@@ -469,11 +454,13 @@ class ClientHandshake(asyncio.Protocol):
             self._account(500, "error", "internal error")
             self._reply(render_error(500, "internal error"))
 
-    async def _connect_backend(self, pool: Pool, key: bytes, upstream: h11.Request) -> None:
+    async def _connect_backend(
+        self, pool: Pool, key: bytes, upstream: h11.Request, request_at: float
+    ) -> None:
         """Try the key's backends in order until one answers; relay its answer."""
         loop = asyncio.get_running_loop()
         failure = BackendUnavailable(503, "no backend available")
-        metrics = self.gateway.metrics
+        metrics = self.books.metrics
         for member in pool.candidates(key, loop.time()):
             backend_transport: asyncio.Transport | None = None
             self.backend_tried = member.identity
@@ -481,9 +468,9 @@ class ClientHandshake(asyncio.Protocol):
             member.connecting += 1
             try:
                 try:
-                    async with asyncio.timeout(self.gateway.config.timeouts.connect):
+                    async with asyncio.timeout(self.books.config.timeouts.connect):
                         backend_transport, answer = await loop.create_connection(
-                            lambda: BackendHandshake(upstream, self.gateway.config.limits),
+                            lambda: BackendHandshake(upstream, self.books.config.limits),
                             member.host,
                             member.port,
                             ssl=member.tls,
@@ -528,7 +515,7 @@ class ClientHandshake(asyncio.Protocol):
                 self._reply(render_backend_reply(outcome, bytes(answer.body)))
                 return
             self.transport.write(render_switching_protocols(negotiated))
-            handshake_seconds = time.perf_counter() - self.request_at
+            handshake_seconds = time.perf_counter() - request_at
             metrics.series(metrics.handshake_duration, pool.route.name).observe(handshake_seconds)
             metrics.series(metrics.connections, pool.route.name, "upgraded").inc()
             self._hand_off(backend_transport, answer, negotiated.deflate, pool, member, key)
@@ -544,22 +531,6 @@ class ClientHandshake(asyncio.Protocol):
         member: Member,
         key: bytes,
     ) -> None:
-        gateway = self.gateway
-        self.handed_off = True
-        gateway._connections.discard(self)
-        relay = Relay(
-            self.transport,
-            backend_transport,
-            gateway.relay_settings,
-            member=member,
-            deflate=deflate,
-            conn_id=self.conn_id,
-            on_closed=self._on_relay_closed,
-            turns=gateway.bulk_turns,
-        )
-        relay.key = key
-        relay.route_name = pool.route.name
-        gateway._sweeper.add(relay, asyncio.get_running_loop().time())
         if self.lost or answer.lost:
             # One side left during the hand-off; its protocol already saw the loss.
             if not answer.lost:
@@ -567,35 +538,32 @@ class ClientHandshake(asyncio.Protocol):
             if not self.lost:
                 self.transport.write(bytes(answer.early))
                 self.transport.close()
-            gateway._relays.discard(relay)
-            self.handed_off = False
             self._finish()
             return
-        self.pool = pool
-        pool.opened(member, relay)
-        gateway.metrics.connection_opened(relay.route_name, member.identity)
+        books = self.books
+        books.handshakes.discard(self)
+        # The admission passes to the relay, which gives it back when it ends.
+        self.admitted = False
+        on_closed = partial(books.relay_closed, pool, self.client_address, self.client_cert, self.counted_ip)
+        relay = Relay(
+            self.transport,
+            backend_transport,
+            books.relay_settings,
+            member=member,
+            deflate=deflate,
+            conn_id=self.conn_id,
+            on_closed=on_closed,
+            turns=books.bulk_turns,
+        )
+        relay.key = key
+        relay.route_name = pool.route.name
+        books.relay_opened(relay, pool, member)
         relay.start(client_early=bytes(self.early), backend_early=bytes(answer.early))
-        # This object lives as long as the relay (its on_closed callback) and gets no more
-        # transport callbacks: let the parser, the buffer and the finished task go.
-        del self.h11, self.early, self.head
-        self.task = self.timer = self.tls_task = None
-        current = gateway.pools.get(pool.route.name)
-        if current is not pool and (current is None or member not in current.members):
+        if books.backend_removed(pool, member):
             # A reload removed the backend while this handshake was under way; the
-            # connections it had then were handled by _apply, this one is handled here.
+            # connections it had then were handled by the reload, this one is handled here.
             if pool.route.on_backend_removed != "keep":
-                gateway._spread_closes([relay], *gateway_close(Cause.BACKEND_REMOVED))
-
-    def _on_relay_closed(self, relay: Relay) -> None:
-        gateway = self.gateway
-        gateway._relays.discard(relay)
-        if self.pool is not None:
-            self.pool.closed(relay.member, relay)
-            gateway.metrics.connection_closed(relay.route_name, relay.member.identity)
-            gateway._relay_finished(relay, self.client_address, self.client_cert)
-        if not gateway._relays:
-            gateway._all_closed.set()
-        self._finish()
+                books.spread_closes([relay], *gateway_close(Cause.BACKEND_REMOVED))
 
 
 def _feed_protocol(transport: asyncio.Transport, data: bytes) -> None:
@@ -621,91 +589,3 @@ def _h11_reason(exc: h11.RemoteProtocolError) -> str:
     if exc.error_status_hint == 431:
         return "request header block too large"
     return f"malformed request: {exc}"
-
-
-class BackendHandshake(asyncio.Protocol):
-    """The backend leg until its answer to the upgrade is complete."""
-
-    def __init__(self, request: h11.Request, limits: Limits) -> None:
-        self.request = request
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=limits.max_header_bytes)
-        # The first head (the 101, or a refusal) is checked as a client's would be.
-        self.head: HeadReader | None = HeadReader(limits.max_header_bytes, limits.max_headers)
-        self.outcome: asyncio.Future[h11.InformationalResponse | h11.Response] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self.response: h11.Response | None = None
-        self.body = bytearray()
-        self.early = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.h11.send(self.request) + self.h11.send(h11.EndOfMessage()))
-
-    def data_received(self, data: bytes) -> None:
-        if self.outcome.done():
-            # After the 101 and before the hand-off: the backend's first frames.
-            self.early += data
-            return
-        if self.head is not None:
-            try:
-                head = self.head.receive_data(data)
-            except HandshakeError as exc:
-                self._fail(f"backend sent a bad response head: {exc.reason}")
-                return
-            if head is None:
-                return
-            self.head = None
-            data = head
-        self.h11.receive_data(data)
-        self._next_events()
-
-    def eof_received(self) -> bool:
-        if not self.outcome.done():
-            if self.response is None:
-                self._fail("backend closed the connection before answering")
-            else:
-                # A body without a length ends at EOF.
-                self.h11.receive_data(b"")
-                self._next_events()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if not self.outcome.done():
-            self._fail("backend closed the connection before answering")
-
-    def _fail(self, reason: str) -> None:
-        self.outcome.set_exception(BackendUnavailable(502, reason))
-        if self.transport is not None:
-            self.transport.close()
-
-    def _next_events(self) -> None:
-        try:
-            while not self.outcome.done():
-                event = self.h11.next_event()
-                if event is h11.NEED_DATA:
-                    return
-                if isinstance(event, h11.InformationalResponse):
-                    if event.status_code == 101:
-                        self.early += self.h11.trailing_data[0]
-                        self.outcome.set_result(event)
-                elif isinstance(event, h11.Response):
-                    self.response = event
-                elif isinstance(event, h11.Data):
-                    room = BACKEND_REPLY_BODY_LIMIT - len(self.body)
-                    self.body += event.data[:room]
-                    if len(event.data) > room:
-                        self._reply_complete()
-                elif isinstance(event, h11.EndOfMessage):
-                    self._reply_complete()
-                else:
-                    self._fail("backend closed the connection before answering")
-        except h11.RemoteProtocolError as exc:
-            self._fail(f"backend sent a malformed response: {exc}")
-
-    def _reply_complete(self) -> None:
-        assert self.response is not None
-        self.outcome.set_result(self.response)

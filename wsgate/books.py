@@ -1,0 +1,297 @@
+"""The connection books: what the upgrade protocols and the gateway share, and nothing else.
+
+The upgrade protocols (upgrade.py) take from here their connection ids, their
+admission under the limits, the settings of the config in force, the pool of
+their route, and the sweeper that watches their relays; they hand back each
+relay that ends. The gateway (gateway.py) creates the books, swaps settings in
+at a reload with `apply`, and reads the open handshakes and relays to stop or
+drain them. The books import neither: each side sees only this object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from .balancer import Pool
+from .member import Member
+from .config import Config, Limits
+from .errors import HandshakeError
+from .forwarding import TrustedProxies
+from .metrics import Metrics, close_code_label
+from .ratelimit import TokenBuckets
+from .relay import BULK_LEGS_PER_TURN, GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
+from .routing import match_route
+from .tls import ListenerTls
+from .turns import Turns
+
+# One JSON line per connection when it ends (see cli for the handler).
+access_log = logging.getLogger("wsgate.access")
+
+# Handshake steps (reading a request head, starting a backend connect) taken in one turn
+# of the event loop at most. A burst of thousands of upgrades is then spread over many
+# turns with the relays served between them, instead of holding the loop for seconds.
+HANDSHAKE_STEPS_PER_TURN = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A connection the limits turn away: its answer, and its `handshake_rejections` reason."""
+
+    label: str
+    error: HandshakeError
+
+
+_AT_CAPACITY = Refusal(
+    "limit", HandshakeError(503, "the gateway is at its connection limit", [("Retry-After", "1")])
+)
+_IP_AT_CAPACITY = Refusal(
+    "ip_limit", HandshakeError(429, "too many connections from your address", [("Retry-After", "1")])
+)
+
+
+class OpenHandshake(Protocol):
+    """A connection still in its handshake, as the books keep it: something to close."""
+
+    @property
+    def transport(self) -> asyncio.BaseTransport: ...
+
+
+def relay_settings(config: Config) -> RelaySettings:
+    frame_rate = config.limits.max_frames_per_second
+    return RelaySettings(
+        high_water=config.flow_control.high_water,
+        low_water=config.flow_control.low_water,
+        max_message_size=config.limits.max_message_size,
+        close_timeout=config.timeouts.close,
+        heartbeat_interval=config.heartbeat.interval,
+        heartbeat_timeout=config.heartbeat.timeout,
+        idle_timeout=config.timeouts.idle,
+        frame_rate=frame_rate.rate if frame_rate else 0.0,
+        frame_burst=frame_rate.burst_size if frame_rate else 0,
+    )
+
+
+def key_hash(key: bytes) -> str:
+    """A short stable digest of an affinity key: logs can group by it without holding it."""
+    return hashlib.blake2b(key, digest_size=8).hexdigest()
+
+
+def _close_entry(written: tuple[int | None, str] | None) -> dict[str, object] | None:
+    """The access log's record of the Close frame sent to one side; None when it got none."""
+    if written is None:
+        return None
+    code, sender = written
+    return {"code": code, "by": sender}
+
+
+def _new_connection_buckets(limits: Limits) -> TokenBuckets | None:
+    setting = limits.new_connections_per_ip
+    if setting is None:
+        return None
+    return TokenBuckets(setting.rate, setting.burst, setting.max_addresses)
+
+
+def _proxy_senders(config: Config) -> dict[str, TrustedProxies]:
+    """The peers each listener takes a PROXY header from, by listener name, where it names them."""
+    return {
+        listener.name: TrustedProxies(listener.proxy_protocol_from)
+        for listener in config.listeners
+        if listener.proxy_protocol_from is not None
+    }
+
+
+class Books:
+    """Ids, admission, settings, pools and the open handshakes and relays of one gateway."""
+
+    def __init__(
+        self, config: Config, tls: dict[str, ListenerTls], pools: dict[str, Pool], metrics: Metrics
+    ) -> None:
+        self.metrics = metrics
+        self.config = config
+        self.tls = tls
+        self.pools = pools
+        self.relay_settings = relay_settings(config)
+        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
+        self.proxy_senders = _proxy_senders(config)
+        self.sweeper = Sweeper(*sweep_timing(self.relay_settings))
+        self.handshake_turns = Turns(HANDSHAKE_STEPS_PER_TURN)
+        self.bulk_turns = Turns(BULK_LEGS_PER_TURN)
+        self.handshakes: set[OpenHandshake] = set()
+        # The sweeper's own set: leaving it is how a relay leaves the sweeper.
+        self.relays = self.sweeper.relays
+        self.all_closed = asyncio.Event()  # set whenever the last open relay ends
+        # Client TLS handshakes that failed (scanners, plain HTTP on a TLS port, timeouts).
+        self.tls_handshake_failures = 0
+        # Admitted connections: all of them, and by client address (an entry per address
+        # with at least one, so the table is no larger than the connections).
+        self.open_count = 0
+        self.open_per_ip: dict[str, int] = {}
+        self._new_connections = _new_connection_buckets(config.limits)
+        self._ids = itertools.count(1)
+
+    def apply(self, config: Config, tls: dict[str, ListenerTls], pools: dict[str, Pool]) -> None:
+        """Swap in a reloaded config: new connections follow it, open ones keep their settings."""
+        old_limits = self.config.limits
+        self.config, self.tls, self.pools = config, tls, pools
+        self.relay_settings = relay_settings(config)
+        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
+        self.proxy_senders = _proxy_senders(config)
+        if config.limits.new_connections_per_ip != old_limits.new_connections_per_ip:
+            self._new_connections = _new_connection_buckets(config.limits)  # every bucket full
+        self.sweeper.retime(*sweep_timing(self.relay_settings), asyncio.get_running_loop().time())
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    @property
+    def tracked_addresses(self) -> int:
+        """How many addresses the new-connection rate limit keeps a bucket for."""
+        return 0 if self._new_connections is None else len(self._new_connections)
+
+    # -- admission -----------------------------------------------------------
+
+    def admit(self) -> Refusal | None:
+        """Count a new connection, or say why the gateway-wide cap refuses it."""
+        if self.open_count >= self.config.limits.max_connections:
+            return _AT_CAPACITY
+        self.open_count += 1
+        return None
+
+    def admit_address(self, ip: str) -> Refusal | None:
+        """Count an admitted connection under its client address, or say why that address
+        is refused: over its rate of new connections, or at its cap of open ones."""
+        limits = self.config.limits
+        if self._new_connections is not None:
+            wait = self._new_connections.take(ip, time.monotonic())
+            if wait:
+                retry_after = str(max(1, math.ceil(wait)))
+                error = HandshakeError(
+                    429, "too many new connections from your address", [("Retry-After", retry_after)]
+                )
+                return Refusal("rate_limit", error)
+        count = self.open_per_ip.get(ip, 0)
+        if limits.max_connections_per_ip is not None and count >= limits.max_connections_per_ip:
+            return _IP_AT_CAPACITY
+        self.open_per_ip[ip] = count + 1
+        return None
+
+    def release(self, ip: str | None) -> None:
+        """Give back an admitted connection; `ip` is the address it was counted under, if any."""
+        self.open_count -= 1
+        if ip is None:
+            return
+        left = self.open_per_ip[ip] - 1
+        if left:
+            self.open_per_ip[ip] = left
+        else:
+            del self.open_per_ip[ip]
+
+    # -- routes and relays ---------------------------------------------------
+
+    def pool_for(self, host: str, path: str) -> Pool | None:
+        route = match_route(self.config.routes, host, path)
+        return None if route is None else self.pools[route.name]
+
+    def backend_removed(self, pool: Pool, member: Member) -> bool:
+        """Whether a reload removed `member` from its route since `pool` was chosen."""
+        current = self.pools.get(pool.route.name)
+        return current is not pool and (current is None or member not in current.members)
+
+    def relay_opened(self, relay: Relay, pool: Pool, member: Member) -> None:
+        """Watch a relay that is about to start, and count it on its backend."""
+        self.sweeper.add(relay, asyncio.get_running_loop().time())
+        pool.opened(member, relay)
+        self.metrics.connection_opened(relay.route_name, member.identity)
+
+    def relay_closed(
+        self, pool: Pool, client: str, client_cert: str | None, counted_ip: str | None, relay: Relay
+    ) -> None:
+        """A relay's `on_closed`: its final counts and access log line, and its admission back."""
+        self.relays.discard(relay)
+        member = relay.member
+        pool.closed(member, relay)
+        self.metrics.connection_closed(relay.route_name, member.identity)
+        self._relay_finished(relay, member, client, client_cert)
+        if not self.relays:
+            self.all_closed.set()
+        self.release(counted_ip)
+
+    def spread_closes(self, relays: list[Relay], code: int, reason: str) -> list[asyncio.TimerHandle]:
+        """Close `relays` spread evenly, with jitter, over `shutdown.drain_period`."""
+        loop = asyncio.get_running_loop()
+        relays = list(relays)
+        random.shuffle(relays)
+        # One slot per connection, a random moment within each: clients do not all
+        # reconnect at the same instant, and the last close lands within the period.
+        slot = self.config.shutdown.drain_period / max(1, len(relays))
+        return [
+            loop.call_later(i * slot + random.uniform(0, slot), relay.close, code, reason)
+            for i, relay in enumerate(relays)
+        ]
+
+    # -- what a finished connection leaves behind ----------------------------
+
+    def _relay_finished(self, relay: Relay, member: Member, client: str, client_cert: str | None) -> None:
+        """Final counts and the access log line of a connection that ended."""
+        metrics = self.metrics
+        metrics.flush_relays((relay,))
+        duration = time.perf_counter() - relay.started_at
+        side = relay.closed_by or GATEWAY
+        metrics.series(metrics.close_frames, close_code_label(relay.close_code), side).inc()
+        metrics.series(metrics.connection_duration, relay.route_name).observe(duration)
+        if relay.dead_side:
+            metrics.heartbeat_timeouts.labels(relay.dead_side).inc()
+        elif relay.close_reason == "idle timeout":
+            metrics.idle_timeouts.labels(relay.route_name).inc()
+        if relay.limit_exceeded:
+            metrics.series(metrics.limit_closes, relay.limit_exceeded).inc()
+        self.log_access(
+            client, relay.route_name, member.identity, relay.key, 101, duration, relay.close_reason,
+            client_cert,
+            bytes_in=relay.client.bytes_received,
+            bytes_out=relay.backend.bytes_received,
+            messages_in=relay.client.scanner.messages,
+            messages_out=relay.backend.scanner.messages,
+            close_code=relay.close_code,
+            closed_by=side,
+            close_to_client=_close_entry(relay.client.close_written),
+            close_to_backend=_close_entry(relay.backend.close_written),
+        )
+
+    def log_access(
+        self,
+        client: str,
+        route: str,
+        backend: str,
+        key: bytes,
+        status: int,
+        duration: float,
+        reason: str,
+        client_cert: str | None,
+        **relayed: object,
+    ) -> None:
+        """The access log's line for one connection, relayed (with its counts) or not."""
+        access_log.info(
+            "",
+            extra={
+                "access": {
+                    "client": client,
+                    "route": route,
+                    "backend": backend,
+                    "key_hash": key_hash(key) if key else "",
+                    "status": status,
+                    "duration": round(duration, 3),
+                    **relayed,
+                    "reason": reason,
+                    "client_cert": client_cert,
+                }
+            },
+        )
