@@ -82,7 +82,8 @@ class ChatBackend:
             # What an http health check reads.
             return web.Response(text=f"{self.name}: a demo chat backend\n")
         room = request.query.get("room", "lobby")[:64]
-        ws = web.WebSocketResponse(headers={BACKEND_HEADER: self.name})
+        ws = web.WebSocketResponse()
+        ws.headers[BACKEND_HEADER] = self.name
         await ws.prepare(request)
         transport = request.transport
         clients = self.rooms.setdefault(room, set())

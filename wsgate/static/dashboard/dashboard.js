@@ -44,17 +44,24 @@ function health(backend) {
   return ["down", "down"];
 }
 
-async function control(name, action, button) {
+async function control(button) {
+  const row = button.closest("tr");
+  const action = row.dataset.running === "true" ? "stop" : "start";
   button.disabled = true;
   try {
-    const response = await fetch("/dashboard/demo/" + encodeURIComponent(name) + "/" + action, { method: "POST" });
-    if (!response.ok) button.title = await response.text();
+    const path = "/dashboard/demo/" + encodeURIComponent(row.dataset.demo) + "/" + action;
+    const response = await fetch(path, { method: "POST" });
+    button.title = response.ok ? "" : await response.text();
   } finally {
     button.disabled = false;
   }
 }
 
-function renderRoutes(routes, demo) {
+// Tables are built once per set of routes and backends and then updated in place, so
+// that a button is never replaced under the pointer while someone clicks it.
+let layout = "";
+
+function buildRoutes(routes, demo) {
   const container = $("routes");
   container.replaceChildren();
   for (const route of routes) {
@@ -75,34 +82,66 @@ function renderRoutes(routes, demo) {
     for (const backend of route.backends) {
       const row = body.insertRow();
       row.dataset.backend = backend.backend;
-      if (backend.demo) row.dataset.demo = backend.demo.name;
       cell(row, backend.backend, "identity");
-      const [word, className] = health(backend);
-      cell(row, word, "health " + className);
-      cell(row, String(backend.active_connections), "active");
-      cell(row, String(backend.weight));
-      const share = cell(row, "", "ring-share");
-      const bar = document.createElement("span");
-      bar.className = "bar";
-      bar.style.width = (backend.ring_share * 6).toFixed(2) + "rem";
-      share.append(bar, document.createTextNode((backend.ring_share * 100).toFixed(0) + "%"));
-      cell(row, (backend.key_share * 100).toFixed(0) + "%", "key-share");
+      for (const name of ["health", "active", "weight", "ring-share", "key-share"]) cell(row, "", name);
       if (demo) {
         const td = cell(row, "", "demo");
         if (backend.demo) {
-          const running = backend.demo.running;
-          td.append(document.createTextNode(backend.demo.name + (running ? " running " : " stopped ")));
+          row.dataset.demo = backend.demo.name;
+          const label = document.createElement("span");
+          label.className = "demo-state";
           const button = document.createElement("button");
           button.type = "button";
-          button.className = running ? "demo-stop" : "demo-start";
-          button.textContent = running ? "stop" : "start";
-          button.addEventListener("click", () => control(backend.demo.name, running ? "stop" : "start", button));
-          td.append(button);
+          button.addEventListener("click", () => control(button));
+          td.append(label, button);
         }
       }
     }
     container.append(title, table);
   }
+}
+
+function renderRoutes(routes, demo) {
+  const shape = JSON.stringify([demo, routes.map((r) => [r.name, r.backends.map((b) => [b.backend, !!b.demo])])]);
+  if (shape !== layout) {
+    buildRoutes(routes, demo);
+    layout = shape;
+  }
+  const tables = $("routes").querySelectorAll("table.backends");
+  routes.forEach((route, r) => {
+    const rows = tables[r].tBodies[0].rows;
+    route.backends.forEach((backend, b) => {
+      const row = rows[b];
+      const [word, className] = health(backend);
+      const healthCell = row.querySelector("td.health");
+      healthCell.textContent = word;
+      healthCell.className = "health " + className;
+      row.querySelector("td.active").textContent = String(backend.active_connections);
+      row.querySelector("td.weight").textContent = String(backend.weight);
+      const share = row.querySelector("td.ring-share");
+      const bar = document.createElement("span");
+      bar.className = "bar";
+      bar.style.width = (backend.ring_share * 6).toFixed(2) + "rem";
+      share.replaceChildren(bar, document.createTextNode((backend.ring_share * 100).toFixed(0) + "%"));
+      row.querySelector("td.key-share").textContent = (backend.key_share * 100).toFixed(0) + "%";
+      if (backend.demo) {
+        const running = backend.demo.running;
+        row.dataset.running = String(running);
+        row.querySelector(".demo-state").textContent = backend.demo.name + (running ? " running " : " stopped ");
+        const button = row.querySelector("button");
+        button.className = running ? "demo-stop" : "demo-start";
+        button.textContent = running ? "stop" : "start";
+      }
+    });
+  });
+}
+
+function closeCode(close) {
+  if (close.code === "none") {
+    // Lost without a Close frame: a lost backend's clients were told 1014.
+    return close.side === "backend" ? "none: backend lost, 1014 to its clients" : "none: " + close.side + " lost";
+  }
+  return close.code + (CODE_NAMES[close.code] ? " " + CODE_NAMES[close.code] : "");
 }
 
 function renderRows(id, rows, columns) {
@@ -156,10 +195,7 @@ function render(view) {
   $("bytes-rate").textContent = bytes(sent.client_to_backend) + " / " + bytes(sent.backend_to_client);
   $("rtt").textContent = milliseconds(view.heartbeat_rtt.client) + " / " + milliseconds(view.heartbeat_rtt.backend);
   renderRoutes(view.routes, view.demo);
-  renderRows("closes", view.recent_closes, [
-    (c) => c.at, (c) => c.code + (CODE_NAMES[c.code] ? " " + CODE_NAMES[c.code] : ""), (c) => c.side,
-    (c) => String(c.count),
-  ]);
+  renderRows("closes", view.recent_closes, [(c) => c.at, closeCode, (c) => c.side, (c) => String(c.count)]);
   const totals = view.reloads.totals;
   $("reload-totals").textContent = (totals.success || 0) + " succeeded, " + (totals.failure || 0) + " refused";
   renderRows("reloads", view.reloads.recent, [(r) => r.at, (r) => r.result, (r) => r.version || "-"]);
