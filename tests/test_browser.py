@@ -72,7 +72,8 @@ class Demo:
         self.lines: list[str] = []
         # A thread reads the lines, so that the wait for each is bounded by a timeout.
         lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.process.stdout], daemon=True).start()
+        stdout = self.process.stdout
+        threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
         deadline = time.monotonic() + STEP
         for _ in range(20):
             try:
@@ -137,7 +138,8 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def wait(driver: WebDriver, condition: Callable[[], object], message: str) -> object:
     """`condition()` once it is true, polled; the dashboard redraws, so a stale element means "again"."""
-    waiting = WebDriverWait(driver, STEP, poll_frequency=POLL, ignored_exceptions=[NoSuchElementException, StaleElementReferenceException])
+    ignored = [NoSuchElementException, StaleElementReferenceException]
+    waiting = WebDriverWait(driver, STEP, poll_frequency=POLL, ignored_exceptions=ignored)
     return waiting.until(lambda d: condition(), message)
 
 
@@ -192,7 +194,8 @@ def say(driver: WebDriver, words: str) -> None:
 def messages(driver: WebDriver) -> list[tuple[str, str]]:
     """(text, backend) of every message the page shows."""
     items = driver.find_elements(By.CSS_SELECTOR, "#messages li.message")
-    return [(item.get_attribute("data-text") or "", item.get_attribute("data-backend") or "") for item in items]
+    return [(item.get_attribute("data-text") or "", item.get_attribute("data-backend") or "")
+            for item in items]
 
 
 def backend_cell(driver: WebDriver, demo_name: str, column: str) -> str:
@@ -215,7 +218,8 @@ def test_rooms_share_a_backend_fail_over_and_come_back_with_a_live_dashboard(dem
     for name in ("alpha-1", "alpha-2"):
         driver = tabs.use(name)
         wait(driver, lambda: messages(driver) == expected, f"{name} shows both messages")
-    rtt = tabs.driver.find_element(By.CSS_SELECTOR, "#messages li.message[data-rtt]").get_attribute("data-rtt")
+    own = tabs.driver.find_element(By.CSS_SELECTOR, "#messages li.message[data-rtt]")
+    rtt = own.get_attribute("data-rtt")
     assert rtt is not None and float(rtt) >= 0
 
     # Another room, on a backend of its own choosing; the dashboard counts three connections.

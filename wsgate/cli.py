@@ -15,7 +15,7 @@ import sys
 from datetime import datetime, timezone
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .admin import AdminServer
@@ -23,6 +23,9 @@ from .config import Backend, Config, Log, load_config, read_admin_token
 from .errors import ConfigError, ListenError, WorkerError
 from .gateway import Gateway
 from .tls import check_files
+
+if TYPE_CHECKING:
+    from .demo import ChatBackends
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -135,7 +138,7 @@ async def _serve(
     admin_address: tuple[str, int] | None = None,
     log_level: str | None = None,
     admin_token: str | None = None,
-    demo: Any = None,
+    demo: ChatBackends | None = None,
 ) -> None:
     """Serve `config` until a stop signal (or, for a worker, the end of its `lifeline` pipe).
 

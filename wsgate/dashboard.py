@@ -212,7 +212,10 @@ class Dashboard:
             "heartbeat_rtt": dict(self._rtt),
             "recent_closes": list(self._closes),
             "reloads": {
-                "totals": {k: int(v) for k, v in _by(samples.get("wsgate_config_reloads_total", {}), "result").items()},
+                "totals": {
+                    result: int(count)
+                    for result, count in _by(samples.get("wsgate_config_reloads_total", {}), "result").items()
+                },
                 "recent": list(self._reloads),
             },
             "workers": [
