@@ -64,8 +64,12 @@ class Demo:
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        self.page_url = self._wait_for(r"open (http://127\.0\.0\.1:\d+/) in a browser")
-        self.dashboard_url = self._seen(r"dashboard at (http://127\.0\.0\.1:\d+/dashboard)")
+        try:
+            self.page_url = self._wait_for(r"open (http://127\.0\.0\.1:\d+/) in a browser")
+            self.dashboard_url = self._seen(r"dashboard at (http://127\.0\.0\.1:\d+/dashboard)")
+        except BaseException:
+            self.stop()  # a demo that never announced itself is not left running
+            raise
 
     def _wait_for(self, pattern: str) -> str:
         assert self.process.stdout is not None
