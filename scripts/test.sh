@@ -11,6 +11,9 @@ npm ci --prefix tests/node --no-audit --no-fund --silent
 # promtool checks deploy/prometheus/alerts.yml; Debian ships it in the prometheus package.
 command -v promtool >/dev/null || { apt-get update -qq \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+# The browser tests drive Debian's headless Chromium through its chromedriver (tests/test_browser.py).
+[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 if [ -n "${CI:-}" ]; then
     export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"

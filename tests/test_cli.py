@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import resource
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 import websockets
 from peers import STEP_TIMEOUT
@@ -195,7 +197,7 @@ def _read_until(stream, marker: str) -> str:
     raise AssertionError(f"{marker!r} never printed")
 
 
-async def test_demo_serves_an_echo_through_the_gateway():
+async def test_demo_serves_its_chat_page_and_a_room_through_the_gateway():
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "wsgate", "demo", "--port", "0", "--admin-port", "0",
         stdout=asyncio.subprocess.PIPE,
@@ -207,12 +209,22 @@ async def test_demo_serves_an_echo_through_the_gateway():
             while url is None:
                 line = (await process.stdout.readline()).decode()
                 assert line, "the demo exited before printing its URL"
-                if match := re.search(r"connect to (ws://\S+)", line):
+                if match := re.search(r"open (http://\S+/) in a browser", line):
                     url = match.group(1)
-            async with websockets.connect(url) as ws:
-                assert ws.response.headers["X-Echo-Backend"] in ("echo-1", "echo-2")
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url) as response:
+                    assert response.status == 200
+                    assert response.content_type == "text/html"
+                    assert "chat.js" in await response.text()
+            async with websockets.connect(url.replace("http://", "ws://") + "chat?room=lobby") as ws:
+                backend = ws.response.headers["X-Demo-Backend"]
+                assert backend in ("chat-1", "chat-2", "chat-3")
+                hello = json.loads(await ws.recv())
+                assert (hello["type"], hello["backend"], hello["room"]) == ("hello", backend, "lobby")
                 await ws.send("hello through the gateway")
-                assert await ws.recv() == "hello through the gateway"
+                said = json.loads(await ws.recv())
+                assert (said["type"], said["backend"]) == ("message", backend)
+                assert said["data"] == "hello through the gateway"
             process.send_signal(signal.SIGINT)
             assert await process.wait() == 0
     finally:

@@ -781,7 +781,7 @@ async def test_demo_prints_a_metrics_url_that_serves_metrics():
                     metrics = Samples(await response.text())
             assert metrics.value("wsgate_build_info", version=wsgate.__version__) == 1
             up = metrics.series("wsgate_backend_up")
-            assert len(up) == 2 and set(up.values()) == {1}
+            assert len(up) == 3 and set(up.values()) == {1}
             process.send_signal(signal.SIGINT)
             assert await process.wait() == 0
     finally:

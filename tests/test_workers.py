@@ -315,6 +315,31 @@ async def test_metrics_are_summed_across_workers(supervised, ws_backend):
     assert after.value("wsgate_connection_duration_seconds_count", route="test") == clients
 
 
+async def test_the_supervisors_dashboard_shows_the_whole_gateway(supervised, ws_backend):
+    clients = 40
+    gateway = await supervised(gateway_config([ws_backend.url]))
+    async with asyncio.timeout(STEP_TIMEOUT), contextlib.AsyncExitStack() as stack:
+        connections = await open_many(stack, gateway.ws_url, clients)
+        assert all(await asyncio.gather(*(echoes(ws, f"message {i}") for i, ws in enumerate(connections))))
+        status, page = await gateway.get("/dashboard")
+        assert status == 200 and "/dashboard/dashboard.js" in page
+        event: dict[str, Any] = {}
+        async with gateway.session.get(gateway.admin_url + "/dashboard/events") as response:
+            for _ in range(int(STEP_TIMEOUT) + 2):  # about one event a second
+                line = await response.content.readline()
+                if line.startswith(b"data: "):
+                    event = json.loads(line[6:])
+                    if event["connections"] == clients and event["handshakes"].get("upgraded") == clients:
+                        break
+            else:
+                raise AssertionError(f"the dashboard never counted {clients} connections: {event}")
+    assert [w["index"] for w in event["workers"]] == list(range(WORKERS))
+    per_worker = [w["connections"] for w in event["workers"]]
+    assert sum(per_worker) == clients and all(count > 0 for count in per_worker), per_worker
+    [backend] = event["routes"][0]["backends"]
+    assert backend["active_connections"] == clients and backend["key_share"] == 1.0
+
+
 # -- 4. every worker hashes a key to the same backend -----------------------------------
 
 

@@ -1,11 +1,15 @@
-"""The admin HTTP server: /metrics, /healthz, /readyz, /status, POST /reload (aiohttp, never on a traffic port).
+"""The admin HTTP server: /metrics, /healthz, /readyz, /status, /dashboard, POST /reload
+(aiohttp, never on a traffic port).
 
 Reading is open to whoever reaches the port. Anything else (POST /reload, and
 whatever changes the gateway later) is refused to a web page, which could
 otherwise make a browser on the operator's machine send it: any `Origin`
 header, and the content types an HTML form or a simple fetch may send without
-a CORS preflight. What is left needs the bearer token when one is configured,
-and otherwise a loopback peer.
+a CORS preflight. The one page allowed is the admin server's own dashboard
+(under /dashboard/, whose only changes are the demo's buttons), and only from
+its own origin at a loopback address: a page elsewhere has another origin, and
+a name rebound to 127.0.0.1 is not a loopback address. What is left needs the
+bearer token when one is configured, and otherwise a loopback peer.
 """
 
 from __future__ import annotations
@@ -15,19 +19,22 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from . import __version__
 from .config import format_host_port
+from .dashboard import Dashboard, add_dashboard
 from .errors import ListenError
 
 if TYPE_CHECKING:
+    from .demo import ChatBackends
     from .gateway import Gateway
 
 log = logging.getLogger("wsgate.admin")
@@ -41,6 +48,8 @@ _READ_METHODS = frozenset({"GET", "HEAD"})
 _FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
 _TOKEN = web.AppKey("token", str)
 _CHALLENGE = 'Bearer realm="wsgate admin"'
+# The dashboard's own requests come from under here.
+DASHBOARD_PATH = "/dashboard/"
 
 
 def is_loopback(host: str) -> bool:
@@ -60,9 +69,17 @@ def _refuse(status: int, text: str, **headers: str) -> web.Response:
     return web.Response(status=status, text=text + "\n", headers=headers)
 
 
+def _from_own_page(request: web.Request) -> bool:
+    """True for a request the dashboard sent: under its path, from this server's loopback origin."""
+    if not request.path.startswith(DASHBOARD_PATH):
+        return False
+    host = request.url.host or ""
+    return is_loopback(host.strip("[]")) and request.headers["Origin"] == f"http://{request.host}"
+
+
 def _change_refusal(request: web.Request, token: str | None) -> web.Response | None:
     """Why `request`, which would change the gateway, is refused; None when it may go on."""
-    if "Origin" in request.headers:
+    if "Origin" in request.headers and not _from_own_page(request):
         return _refuse(
             403, "refused: a request with an Origin header (from a web page) cannot change the gateway"
         )
@@ -124,8 +141,13 @@ def admin_app(
     return app
 
 
-def build_app(gateway: Gateway, token: str | None = None) -> web.Application:
-    """The admin routes, reading live state from `gateway`; `token` guards the changes."""
+def build_app(
+    gateway: Gateway, token: str | None = None, demo: ChatBackends | None = None
+) -> web.Application:
+    """The admin routes, reading live state from `gateway`; `token` guards the changes.
+
+    `demo` (in `wsgate demo`) puts its backends' stop and start buttons on the dashboard.
+    """
 
     async def metrics(request: web.Request) -> web.Response:
         gateway.flush_metrics()
@@ -155,9 +177,18 @@ def build_app(gateway: Gateway, token: str | None = None) -> web.Application:
             text += f"; ignored until a restart: {', '.join(gateway.restart_needed)}"
         return web.Response(text=text + "\n")
 
-    return admin_app(
+    async def dashboard_status() -> dict[str, Any]:
+        return gateway.status()
+
+    async def dashboard_metrics() -> Iterable[Metric]:
+        gateway.flush_metrics()
+        return gateway.registry.collect()
+
+    app = admin_app(
         metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload, token=token
     )
+    add_dashboard(app, Dashboard(dashboard_status, dashboard_metrics, demo))
+    return app
 
 
 async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunner:
@@ -181,9 +212,10 @@ async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunn
 class AdminServer:
     """Runs `build_app` on `admin.bind` with AppRunner and TCPSite; `token` guards the changes."""
 
-    def __init__(self, gateway: Gateway, token: str | None = None) -> None:
+    def __init__(self, gateway: Gateway, token: str | None = None, demo: ChatBackends | None = None) -> None:
         self.gateway = gateway
         self.token = token
+        self.demo = demo
         self._runner: web.AppRunner | None = None
         self.started_at = time.time()
 
@@ -194,7 +226,7 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> None:
         """Bind and serve; `announce` logs it, once the listeners are bound too."""
-        self._runner = await start_admin(build_app(self.gateway, self.token), host, port)
+        self._runner = await start_admin(build_app(self.gateway, self.token, self.demo), host, port)
 
     def announce(self) -> None:
         log.info("admin listening on %s (version %s)", format_host_port(*self.address), __version__)

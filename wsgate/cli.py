@@ -15,7 +15,7 @@ import sys
 from datetime import datetime, timezone
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .admin import AdminServer
@@ -23,6 +23,9 @@ from .config import Backend, Config, Log, load_config, read_admin_token
 from .errors import ConfigError, ListenError, WorkerError
 from .gateway import Gateway
 from .tls import check_files
+
+if TYPE_CHECKING:
+    from .demo import ChatBackends
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -135,12 +138,14 @@ async def _serve(
     admin_address: tuple[str, int] | None = None,
     log_level: str | None = None,
     admin_token: str | None = None,
+    demo: ChatBackends | None = None,
 ) -> None:
     """Serve `config` until a stop signal (or, for a worker, the end of its `lifeline` pipe).
 
     `admin_address` and `admin_token` replace `admin.bind` and the token the config
     names, so a worker's config stays the one its supervisor wrote (and has the same
     version); `log_level` is the command line's, which logging was set up with.
+    `demo` is the demo's backends, which its dashboard stops and starts.
     """
     _raise_fd_limit(config)
     stop = asyncio.Event()
@@ -179,7 +184,7 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
     if admin_address is None and config.admin.enabled:
         admin_token = read_admin_token(config.admin)
-    admin = AdminServer(gateway, admin_token)
+    admin = AdminServer(gateway, admin_token, demo)
     try:
         # Everything is bound before anything is announced: one error or full success.
         admin_at = admin_address or ((config.admin.host, config.admin.port) if config.admin.enabled else None)
@@ -301,25 +306,28 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 async def _demo(config: Config) -> None:
-    from .demo import EchoBackends
+    from .demo import CHAT_PAGE_DIRECTORY, ChatBackends
 
-    echoes = EchoBackends(2)
-    await echoes.start()
+    chats = ChatBackends(3)
+    await chats.start()
     route = config.routes[0]
-    route = route.model_copy(update={"backends": [Backend(url=url) for url in echoes.urls]})
+    route = route.model_copy(update={
+        "backends": [Backend(url=url) for url in chats.urls], "static": str(CHAT_PAGE_DIRECTORY),
+    })
     config = config.model_copy(update={"routes": [route, *config.routes[1:]]})
 
     def announce(gateway: Gateway, admin: AdminServer) -> None:
         host, port = gateway.addresses[0]
-        print(f"wsgate demo: echo backends at {', '.join(echoes.urls)}", flush=True)
+        print(f"wsgate demo: chat backends at {', '.join(chats.urls)}", flush=True)
         if config.admin.enabled:
             print("wsgate demo: metrics at http://%s:%d/metrics" % admin.address, flush=True)
-        print(f"wsgate demo: connect to ws://{host}:{port}/ (Ctrl-C stops)", flush=True)
+            print("wsgate demo: dashboard at http://%s:%d/dashboard" % admin.address, flush=True)
+        print(f"wsgate demo: open http://{host}:{port}/ in a browser (Ctrl-C stops)", flush=True)
 
     try:
-        await _serve(config, announce)
+        await _serve(config, announce, demo=chats)
     finally:
-        await echoes.close()
+        await chats.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -406,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--keys", metavar="FILE", help="a file with one key per line")
     explain.set_defaults(handler=cmd_explain)
 
-    demo = commands.add_parser("demo", help="the gateway with two built-in echo backends")
+    demo = commands.add_parser(
+        "demo", help="the gateway with a chat page, three built-in chat backends and a dashboard"
+    )
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     demo.add_argument("--port", type=int, default=8080, help="port to listen on (8080; 0 picks one)")
     demo.add_argument(

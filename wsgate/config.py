@@ -743,6 +743,9 @@ class Route(_Model):
     # On reload, connections on a backend that left the route: closed with 1012
     # spread over shutdown.drain_period, or kept until they end.
     on_backend_removed: Literal["close", "keep"] = "close"
+    # A directory whose files answer a plain GET (no Upgrade) on this route's paths;
+    # without it such a request gets 426, as a WebSocket-only endpoint should answer.
+    static: str | None = None
 
     @field_validator("backends")
     @classmethod

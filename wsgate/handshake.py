@@ -261,6 +261,28 @@ def check_client_request(request: h11.Request) -> UpgradeRequest:
     )
 
 
+def plain_get(request: h11.Request) -> tuple[str, str] | None:
+    """(host, path) of a plain HTTP/1.1 GET (no upgrade) that a route's `static` files may answer.
+
+    None for anything else. The target rules of an upgrade hold: one Host header, an
+    origin-form (or matching absolute-form) target, and no `.` or `..` segment.
+    """
+    headers: Headers = list(request.headers.raw_items())
+    host_values = _header_values(headers, b"host")
+    if request.method != b"GET" or request.http_version != b"1.1" or len(host_values) != 1:
+        return None
+    if b"websocket" in _header_tokens(headers, b"upgrade"):
+        return None  # an upgrade, refused for another reason
+    try:
+        target = _origin_form(request.target, host_values[0])
+    except HandshakeError:
+        return None
+    path = target.split(b"?", 1)[0].decode("latin-1")
+    if _has_dot_segment(path):
+        return None
+    return _split_host(host_values[0]), path
+
+
 def _origin_form(target: bytes, host_header: bytes) -> bytes:
     """`target` as /path?query; an absolute-form target must name the Host header's authority.
 

@@ -31,12 +31,14 @@ from .handshake import (
     check_backend_response,
     check_client_request,
     check_origin,
+    plain_get,
     render_backend_reply,
     render_error,
     render_rejection,
     render_switching_protocols,
 )
 from .member import Member
+from .pages import below_prefix, static_reply
 from .proxy_protocol import NEED_MORE, parse_proxy_header
 from .relay import Relay
 from .tls import ListenerTls, peer_subject
@@ -445,6 +447,8 @@ class UpgradeProtocol(asyncio.Protocol):
             await self.books.handshake_turns.step()
             await self._connect_backend(pool, key, upstream, request_at)
         except HandshakeError as exc:
+            if exc.status == 426 and self._answer_page(request):
+                return
             self._reject(exc)
         except BackendUnavailable as exc:
             self._account(exc.status, "backend_failed", exc.reason, self.backend_tried)
@@ -453,6 +457,21 @@ class UpgradeProtocol(asyncio.Protocol):
             log.exception("conn=%d unexpected failure in the handshake", self.conn_id)
             self._account(500, "error", "internal error")
             self._reply(render_error(500, "internal error"))
+
+    def _answer_page(self, request: h11.Request) -> bool:
+        """Answer a plain GET with its route's `static` file, if the route has any (see pages.py)."""
+        target = plain_get(request)
+        pool = None if target is None else self.books.pool_for(*target)
+        if pool is None or pool.route.static is None:
+            return False
+        assert target is not None
+        match = pool.route.match
+        relative = below_prefix(target[1], match.path_prefix_raw or match.path_prefix)
+        status, reply = static_reply(pool.route.static, relative)
+        self.route_name = pool.route.name
+        self._account(status, "page", "static file" if status == 200 else "no such file")
+        self._reply(reply)
+        return True
 
     async def _connect_backend(
         self, pool: Pool, key: bytes, upstream: h11.Request, request_at: float

@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import __version__
 from .admin import admin_app, exposition, start_admin
+from .dashboard import Dashboard, add_dashboard
 from .config import (
     Config, Log, dump_config_data, format_host_port, keep_restart_settings, load_config, load_config_data,
     parse_config, read_admin_token,
@@ -436,10 +437,18 @@ class Supervisor:
             reloaded, answer = await self.reload()
             return web.Response(status=200 if reloaded else 400, text=answer + "\n")
 
-        return admin_app(
+        async def dashboard_status() -> dict[str, Any]:
+            return self.status(await self._ask("/status"))
+
+        async def dashboard_metrics() -> Iterable[Metric]:
+            return _Summed(await self._scrape(), self.totals, self.reloads).collect()
+
+        app = admin_app(
             metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload,
             token=self._admin_token,
         )
+        add_dashboard(app, Dashboard(dashboard_status, dashboard_metrics))
+        return app
 
 
 def one_answer(prefix: str, problems: dict[int, str], workers: int) -> str:
