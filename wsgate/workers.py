@@ -45,6 +45,7 @@ from .config import (
 )
 from .errors import ConfigError, ListenError, WorkerError
 from .gateway import LISTEN_BACKLOG, METRICS_FLUSH_INTERVAL, config_digest, iso_timestamp
+from .runtime import log_reloader, reload_on_sighup, run, serve, setup_logging, stop_on_signals
 from .tls import check_files
 
 log = logging.getLogger("wsgate.workers")
@@ -547,14 +548,25 @@ class _Summed:
             yield merged
 
 
+async def supervise(config: Config, config_path: str, log_level: str | None) -> int:
+    """`wsgate run` with `workers` > 1: start the workers, reload on SIGHUP, stop on SIGTERM."""
+    supervisor = Supervisor(config, config_path, config.workers, log_level)
+    stop = stop_on_signals("stopping the workers now", lambda: supervisor.forward(signal.SIGKILL))
+    reload_on_sighup(supervisor.reload)
+    supervisor.apply_log = log_reloader(config.log, log_level)
+    await supervisor.start()
+    await stop.wait()
+    # Under the process's own logger, as a single gateway says it.
+    logging.getLogger("wsgate").info("stop signal: draining %d workers", len(supervisor.workers))
+    return await supervisor.stop(signal.SIGTERM)
+
+
 def worker_main(
     config_path: str, index: int, report_fd: int, listen: list[str], lifeline_fd: int, log_level: str | None
 ) -> int:
     """The `_worker` subcommand: serve on inherited sockets, report the admin port."""
-    from .cli import _run_loop, _serve, _setup_logging
-
     config = load_config(config_path)
-    _setup_logging(log_level or config.log.level, config.log.format, config.log.access)
+    setup_logging(log_level or config.log.level, config.log.format, config.log.access)
     sockets = {}
     for item in listen:
         name, _, fd = item.partition("=")
@@ -567,8 +579,8 @@ def worker_main(
     logging.getLogger("wsgate").info("worker %d serving (pid %d)", index, os.getpid())
     # The private admin server answers the supervisor only: on loopback, with its token if any.
     token = os.environ.pop(_WORKER_TOKEN_ENV, "") or None
-    serving = _serve(
+    serving = serve(
         config, report, config_path=config_path, sockets=sockets,
         lifeline=lifeline_fd, admin_address=("127.0.0.1", 0), log_level=log_level, admin_token=token,
     )
-    return _run_loop(serving)
+    return run(serving)
