@@ -38,7 +38,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import __version__
-from .admin import admin_app, exposition, start_admin
+from .admin import AdminSite, admin_app, exposition
 from .config import (
     Config, Log, dump_config_data, format_host_port, keep_restart_settings, load_config, load_config_data,
     parse_config, read_admin_token,
@@ -124,7 +124,7 @@ class Supervisor:
         self.restart_needed: list[str] = []  # as of the last reload
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._runner: web.AppRunner | None = None
+        self._admin_site: AdminSite | None = None
         self._session: aiohttp.ClientSession | None = None
         self._admin_token: str | None = None  # what a POST /reload must carry, to it and to its workers
         # SIGHUP and POST /reload are the supervisor's, counted once here, not once per worker.
@@ -159,7 +159,8 @@ class Supervisor:
         auth = {"Authorization": f"Bearer {self._admin_token}"} if self._admin_token else None
         self._session = aiohttp.ClientSession(headers=auth)
         if self.config.admin.enabled:
-            self._runner = await start_admin(self._admin_app(), self.config.admin.host, self.config.admin.port)
+            self._admin_site = AdminSite()
+            await self._admin_site.start(self._admin_app(), self.config.admin.host, self.config.admin.port)
         sockets: list[dict[str, socket.socket]] = [{} for _ in range(self.count)]
         self.workers = [Worker(i, sockets[i]) for i in range(self.count)]  # so stop() closes them all
         ports = []
@@ -191,8 +192,8 @@ class Supervisor:
                 "listening on %s (%s, %d workers)",
                 format_host_port(listener.host, port), listener.name, self.count,
             )
-        if self._runner is not None:
-            log.info("admin listening on %s", format_host_port(*self._runner.addresses[0][:2]))
+        if self._admin_site is not None:
+            log.info("admin listening on %s", format_host_port(*self._admin_site.address))
         self._keep(self._remember_metrics())
 
     def _keep(self, coroutine: Any) -> None:
@@ -285,8 +286,8 @@ class Supervisor:
         statuses = [worker.process.returncode for worker in serving if worker.process]
         for task in list(self._tasks):
             task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._admin_site is not None:
+            await self._admin_site.close()
         if self._session is not None:
             await self._session.close()
         for worker in self.workers:
@@ -418,9 +419,6 @@ class Supervisor:
             registry.register(_Summed(texts, self.totals, self.reloads))
             return exposition(registry, request)
 
-        async def healthz(request: web.Request) -> web.Response:
-            return web.Response(text="ok\n")
-
         async def readyz(request: web.Request) -> web.Response:
             if self.stopping:
                 return web.Response(status=503, text="not ready: stopping\n")
@@ -438,8 +436,7 @@ class Supervisor:
             return web.Response(status=200 if reloaded else 400, text=answer + "\n")
 
         return admin_app(
-            metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload,
-            token=self._admin_token,
+            metrics=metrics, readyz=readyz, status=status, reload=reload, token=self._admin_token
         )
 
 
