@@ -1,4 +1,9 @@
-"""Shared fixtures: real backends on 127.0.0.1 ephemeral ports and a gateway factory."""
+"""Shared fixtures: real backends on 127.0.0.1 ephemeral ports and a gateway factory.
+
+The asyncio shell (the gateway) and the peers (websockets, aiohttp) are imported
+inside the fixtures that use them, so the core's tests are collected and run
+where those are not installed.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,19 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import websockets
-from aiohttp import WSMsgType, web
 from hypothesis import settings
 
-from wsgate.config import parse_config
-from wsgate.gateway import Gateway
+if TYPE_CHECKING:
+    from wsgate.gateway import Gateway
 
+# Every module's property tests read these; HYPOTHESIS_PROFILE picks one.
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.register_profile("ci", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
 
 def gateway_config(backends: list[str], **sections: Any) -> dict[str, Any]:
     """A config mapping with one listener on an ephemeral port and one route."""
@@ -68,6 +73,9 @@ def scanner_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture
 async def start_gateway() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     """`await start_gateway(config_dict)` starts a gateway and returns its ws:// URL."""
+    from wsgate.config import parse_config
+    from wsgate.gateway import Gateway
+
     gateways: list[Gateway] = []
 
     async def start(config: dict[str, Any]) -> str:
@@ -85,6 +93,9 @@ async def start_gateway() -> AsyncIterator[Callable[..., Awaitable[str]]]:
 @pytest.fixture
 async def start_gateway_object() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Gateway]]]:
     """Like start_gateway, but returns the Gateway (for its counters and port)."""
+    from wsgate.config import parse_config
+    from wsgate.gateway import Gateway
+
     gateways: list[Gateway] = []
 
     async def start(config: dict[str, Any]) -> Gateway:
@@ -112,6 +123,8 @@ class Backend:
 @pytest.fixture
 async def ws_backend() -> AsyncIterator[Backend]:
     """A `websockets` echo server that records each request's headers."""
+    import websockets
+
     backend = Backend(url="")
 
     def process_request(connection: Any, request: Any) -> None:
@@ -152,6 +165,8 @@ async def ws_backend() -> AsyncIterator[Backend]:
 @pytest.fixture
 async def aiohttp_backend() -> AsyncIterator[Backend]:
     """An aiohttp echo server."""
+    from aiohttp import WSMsgType, web
+
     backend = Backend(url="")
 
     async def echo(request: web.Request) -> web.WebSocketResponse:

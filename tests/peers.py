@@ -4,16 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import ipaddress
 import os
 import socket
 import struct
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from codec import close_payload, encode_frame, xor  # noqa: F401 - close_payload is re-exported
 
 from wsgate.handshake import accept_key
 
 # Every wait on the network in a test is bounded by this.
 STEP_TIMEOUT = 10.0
+# How often `until` looks again.
+POLL_INTERVAL = 0.02
+
+
+async def until(
+    condition: Callable[[], bool | Awaitable[bool]], what: str | None = None, timeout: float = STEP_TIMEOUT
+) -> None:
+    """Return once `condition()` (a plain or an async function) holds, else fail after `timeout`.
+
+    For a state no event announces (a count, a probe result, a periodic flush);
+    where an event can be awaited, await it instead.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what or condition.__name__}")
+        await asyncio.sleep(POLL_INTERVAL)
 
 
 def upgrade_request(
@@ -63,17 +90,8 @@ def proxy_v2_header(
 
 
 def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
-    """A masked frame as a client sends it (test-only builder)."""
-    first = (0x80 if fin else 0) | opcode
-    length = len(payload)
-    if length < 126:
-        head = struct.pack("!BB", first, 0x80 | length)
-    elif length < 65536:
-        head = struct.pack("!BBH", first, 0x80 | 126, length)
-    else:
-        head = struct.pack("!BBQ", first, 0x80 | 127, length)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return head + mask + masked
+    """A masked frame as a client sends it."""
+    return encode_frame(opcode, payload, fin=fin, key=mask)
 
 
 async def read_response_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -104,20 +122,8 @@ async def raw_exchange(url: str, data: bytes) -> tuple[int, dict[str, str], byte
 
 
 def server_frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0) -> bytes:
-    """An unmasked frame as a server sends it (test-only builder); rsv is the 3 RSV bits."""
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    length = len(payload)
-    if length < 126:
-        head = struct.pack("!BB", first, length)
-    elif length < 65536:
-        head = struct.pack("!BBH", first, 126, length)
-    else:
-        head = struct.pack("!BBQ", first, 127, length)
-    return head + payload
-
-
-def close_payload(code: int | None, reason: str = "") -> bytes:
-    return b"" if code is None else struct.pack("!H", code) + reason.encode()
+    """An unmasked frame as a server sends it; rsv is the 3 RSV bits."""
+    return encode_frame(opcode, payload, fin=fin, rsv=rsv)
 
 
 @dataclass
@@ -148,7 +154,7 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame:
     mask = await reader.readexactly(4) if masked else b""
     payload = await asyncio.wait_for(reader.readexactly(length), STEP_TIMEOUT)
     if masked:
-        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        payload = xor(payload, mask)
     return Frame(first & 0x0F, bool(first & 0x80), masked, payload)
 
 

@@ -26,8 +26,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from conftest import gateway_config
-from peers import STEP_TIMEOUT, read_response_head, upgrade_request
-from test_operations import GatewayProcess, Samples, connect, echo_messages, poll
+from peers import STEP_TIMEOUT, read_response_head, until, upgrade_request
+from test_operations import GatewayProcess, Samples, connect, echo_messages
 
 from wsgate.config import Config, Limits, Shutdown, load_config
 
@@ -334,7 +334,7 @@ async def scraped(
                 writer.close()
             async with connect(gateway.ws_url + "/echo") as ws:
                 await echo_messages(ws, 10)
-                await poll(pinged_both_legs)
+                await until(pinged_both_legs)
             # A refused reload, then one that succeeds.
             config_file = tmp_path / "wsgate.yaml"
             for text, answer in (("listeners: []\n", 400), (config_file.read_text(), 200)):

@@ -1,15 +1,15 @@
 """Table-driven tests of wsgate.frames (no event loop).
 
-Scanner inputs come from `frame()` below, a builder that exists only in the
-tests, so the scanner and the library builders cannot share a bug.
+Scanner inputs come from `encode_frame()` in tests/codec.py, a builder that exists only in
+the tests, so the scanner and the library builders cannot share a bug.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import NamedTuple
 
 import pytest
+from codec import close_payload, decode_frames, encode_frame, xor
 
 from wsgate.errors import ProtocolError
 from wsgate.frames import (
@@ -31,74 +31,12 @@ pytestmark = pytest.mark.usefixtures("scanner_implementation")
 
 KEY = bytes([0x37, 0xFA, 0x21, 0x3D])  # the mask key of RFC 6455 section 5.7
 
-# ---------------------------------------------------------------- test-only codec
-
-
-def xor(data: bytes, key: bytes) -> bytes:
-    return bytes(b ^ key[i % 4] for i, b in enumerate(data))
-
-
-def frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    key: bytes | None = None,
-    width: int | None = None,
-    declared: int | None = None,
-) -> bytes:
-    """A frame; `width` (7, 16, 64) forces a length encoding, `declared` a length."""
-    length = len(payload) if declared is None else declared
-    if width is None:
-        width = 7 if length < 126 else 16 if length < 65536 else 64
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    mask = 0x80 if key is not None else 0
-    if width == 7:
-        head = bytes([first, mask | length])
-    elif width == 16:
-        head = bytes([first, mask | 126]) + struct.pack("!H", length)
-    else:
-        head = bytes([first, mask | 127]) + struct.pack("!Q", length)
-    if key is None:
-        return head + payload
-    return head + key + xor(payload, key)
+# ---------------------------------------------------------------- helpers
 
 
 def cframe(opcode: int, payload: bytes = b"", masked: bool = False, **kw) -> bytes:
     """A frame as one direction sends it: masked with KEY when `masked` (from a client)."""
-    return frame(opcode, payload, key=KEY if masked else None, **kw)
-
-
-def close_payload(code: int, reason: bytes = b"") -> bytes:
-    return struct.pack("!H", code) + reason
-
-
-def parse_frames(stream: bytes) -> list[tuple[bool, int, int, bytes | None, bytes]]:
-    """(fin, rsv, opcode, mask key, unmasked payload) of each frame of `stream`."""
-    out = []
-    pos = 0
-    while pos < len(stream):
-        first, second = stream[pos], stream[pos + 1]
-        pos += 2
-        length = second & 0x7F
-        if length == 126:
-            (length,) = struct.unpack("!H", stream[pos : pos + 2])
-            pos += 2
-        elif length == 127:
-            (length,) = struct.unpack("!Q", stream[pos : pos + 8])
-            pos += 8
-        key = None
-        if second & 0x80:
-            key = stream[pos : pos + 4]
-            pos += 4
-        payload = stream[pos : pos + length]
-        assert len(payload) == length, "truncated frame"
-        pos += length
-        if key:
-            payload = xor(payload, key)
-        out.append((bool(first & 0x80), (first >> 4) & 7, first & 0xF, key, payload))
-    return out
+    return encode_frame(opcode, payload, key=KEY if masked else None, **kw)
 
 
 def feed(scanner: FrameScanner, chunks: list[bytes]) -> list:
@@ -228,7 +166,7 @@ def test_build_frame_length_encodings(size: int, header: str, masked: bool) -> N
         head[1] |= 0x80
         head += KEY
     assert built.startswith(bytes(head))
-    assert parse_frames(built) == [(True, 0, 2, KEY if masked else None, payload)]
+    assert decode_frames(built) == [(True, 0, 2, KEY if masked else None, payload)]
 
 
 @pytest.mark.parametrize(
@@ -261,7 +199,7 @@ def test_build_frame_rejects_bad_arguments(kwargs: dict) -> None:
 @pytest.mark.parametrize("masked", [False, True])
 def test_build_close(code: int | None, reason: str, payload: bytes, masked: bool) -> None:
     built = build_close(code, reason, mask_key=KEY if masked else None)
-    assert parse_frames(built) == [(True, 0, 8, KEY if masked else None, payload)]
+    assert decode_frames(built) == [(True, 0, 8, KEY if masked else None, payload)]
     assert parse_close_payload(payload) == (code, reason)
 
 
@@ -276,7 +214,7 @@ def test_build_close(code: int | None, reason: str, payload: bytes, masked: bool
 )
 def test_build_close_truncates_reason_at_character_boundary(reason: str, kept: str) -> None:
     built = build_close(1000, reason)
-    [(_, _, _, _, payload)] = parse_frames(built)
+    [(_, _, _, _, payload)] = decode_frames(built)
     assert len(payload) <= 125
     assert parse_close_payload(payload) == (1000, kept)
 
@@ -676,7 +614,7 @@ def test_message_size_limit(limit: int, spec: list, ok: bool, split: str) -> Non
 
 def test_message_too_big_is_judged_from_header_alone() -> None:
     s = scanner(False, limit=1000)
-    head = frame(Opcode.BINARY, declared=1001)  # header only, no payload yet
+    head = encode_frame(Opcode.BINARY, declared=1001)  # header only, no payload yet
     with pytest.raises(ProtocolError) as info:
         s.receive_data(head)
     assert info.value.close_code == 1009
@@ -758,46 +696,46 @@ class Bad(NamedTuple):
 
 def mframe(opcode: int, payload: bytes = b"", **kw) -> bytes:
     """A frame masked with KEY, as a client sends it."""
-    return frame(opcode, payload, key=KEY, **kw)
+    return encode_frame(opcode, payload, key=KEY, **kw)
 
 
 BIG_64 = {"width": 64, "declared": 1 << 20}
 
 VIOLATIONS: dict[str, Bad] = {
-    "unmasked from client": Bad(MASKED, frame(Opcode.TEXT, b"x"), 1002),
+    "unmasked from client": Bad(MASKED, encode_frame(Opcode.TEXT, b"x"), 1002),
     "masked from backend": Bad(UNMASKED, mframe(Opcode.TEXT, b"x"), 1002),
     **{
         f"reserved opcode {op:#x}": Bad(MASKED, mframe(op), 1002)
         for op in (3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF)
     },
     "ping of 126 bytes": Bad(MASKED, mframe(Opcode.PING, bytes(126)), 1002),
-    "close of 126 bytes": Bad(UNMASKED, frame(Opcode.CLOSE, close_payload(1000, bytes(124))), 1002),
-    "pong declaring 64-bit length": Bad(UNMASKED, frame(Opcode.PONG, **BIG_64), 1002),
+    "close of 126 bytes": Bad(UNMASKED, encode_frame(Opcode.CLOSE, close_payload(1000, bytes(124))), 1002),
+    "pong declaring 64-bit length": Bad(UNMASKED, encode_frame(Opcode.PONG, **BIG_64), 1002),
     "fragmented ping": Bad(MASKED, mframe(Opcode.PING, fin=False), 1002),
-    "fragmented close": Bad(UNMASKED, frame(Opcode.CLOSE, fin=False), 1002),
+    "fragmented close": Bad(UNMASKED, encode_frame(Opcode.CLOSE, fin=False), 1002),
     "continuation first": Bad(MASKED, mframe(Opcode.CONTINUATION, b"x"), 1002),
     "continuation after final": Bad(
-        UNMASKED, frame(Opcode.CONTINUATION, b"x"), 1002, before=((Opcode.TEXT, b"a", True),)
+        UNMASKED, encode_frame(Opcode.CONTINUATION, b"x"), 1002, before=((Opcode.TEXT, b"a", True),)
     ),
-    "text inside message": Bad(UNMASKED, frame(Opcode.TEXT, b"x"), 1002, before=(OPEN_TEXT,)),
+    "text inside message": Bad(UNMASKED, encode_frame(Opcode.TEXT, b"x"), 1002, before=(OPEN_TEXT,)),
     "binary inside message": Bad(MASKED, mframe(Opcode.BINARY), 1002, before=(OPEN_TEXT,)),
     "rsv1 without extension": Bad(MASKED, mframe(Opcode.TEXT, b"x", rsv=4), 1002),
     "rsv1 on continuation": Bad(
-        UNMASKED, frame(Opcode.CONTINUATION, b"x", rsv=4), 1002, before=(OPEN_TEXT,), rsv1=True
+        UNMASKED, encode_frame(Opcode.CONTINUATION, b"x", rsv=4), 1002, before=(OPEN_TEXT,), rsv1=True
     ),
-    "rsv1 on control frame": Bad(UNMASKED, frame(Opcode.PING, rsv=4), 1002, rsv1=True),
+    "rsv1 on control frame": Bad(UNMASKED, encode_frame(Opcode.PING, rsv=4), 1002, rsv1=True),
     "rsv2": Bad(MASKED, mframe(Opcode.TEXT, b"x", rsv=2), 1002, rsv1=True),
-    "rsv3": Bad(UNMASKED, frame(Opcode.BINARY, b"x", rsv=1), 1002, rsv1=True),
-    "rsv2 on control": Bad(UNMASKED, frame(Opcode.PONG, rsv=2), 1002),
+    "rsv3": Bad(UNMASKED, encode_frame(Opcode.BINARY, b"x", rsv=1), 1002, rsv1=True),
+    "rsv2 on control": Bad(UNMASKED, encode_frame(Opcode.PONG, rsv=2), 1002),
     "64-bit length top bit": Bad(
-        UNMASKED, frame(Opcode.BINARY, width=64, declared=1 << 63), 1002
+        UNMASKED, encode_frame(Opcode.BINARY, width=64, declared=1 << 63), 1002
     ),
     "64-bit length all ones": Bad(
         MASKED, mframe(Opcode.BINARY, width=64, declared=(1 << 64) - 1), 1002
     ),
     "close with 1-byte payload": Bad(MASKED, mframe(Opcode.CLOSE, b"\x03"), 1002),
     **{
-        f"close code {code}": Bad(UNMASKED, frame(Opcode.CLOSE, close_payload(code)), 1002)
+        f"close code {code}": Bad(UNMASKED, encode_frame(Opcode.CLOSE, close_payload(code)), 1002)
         for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)
     },
     "close reason not utf-8": Bad(
@@ -806,13 +744,13 @@ VIOLATIONS: dict[str, Bad] = {
     "single frame too big": Bad(MASKED, mframe(Opcode.BINARY, bytes(101)), 1009, limit=100),
     "fragments too big": Bad(
         UNMASKED,
-        frame(Opcode.CONTINUATION, bytes(41)),
+        encode_frame(Opcode.CONTINUATION, bytes(41)),
         1009,
         before=((Opcode.TEXT, bytes(60), False),),
         limit=100,
     ),
     "64-bit frame too big": Bad(
-        UNMASKED, frame(Opcode.BINARY, width=64, declared=(1 << 20) + 1), 1009, limit=1 << 20
+        UNMASKED, encode_frame(Opcode.BINARY, width=64, declared=(1 << 20) + 1), 1009, limit=1 << 20
     ),
 }
 
@@ -847,9 +785,9 @@ def test_violations(name: str, split: str) -> None:
 @pytest.mark.parametrize(
     ("masked", "bad", "reason"),
     [
-        (MASKED, frame(Opcode.TEXT, b"x"), "unmasked frame from client"),
-        (UNMASKED, frame(Opcode.TEXT, b"x", key=KEY), "masked frame from backend"),
-        (UNMASKED, frame(Opcode.CLOSE, b"\x03"), "close frame with a 1-byte payload"),
+        (MASKED, encode_frame(Opcode.TEXT, b"x"), "unmasked frame from client"),
+        (UNMASKED, encode_frame(Opcode.TEXT, b"x", key=KEY), "masked frame from backend"),
+        (UNMASKED, encode_frame(Opcode.CLOSE, b"\x03"), "close frame with a 1-byte payload"),
     ],
 )
 def test_violation_reasons(masked: bool, bad: bytes, reason: str) -> None:
@@ -862,7 +800,7 @@ def test_valid_prefix_contents() -> None:
     a = cframe(Opcode.TEXT, b"aaaa", True)
     ping = cframe(Opcode.PING, b"p", True)
     b = cframe(Opcode.BINARY, b"b" * 300, True)
-    bad = frame(Opcode.TEXT, b"unmasked")
+    bad = encode_frame(Opcode.TEXT, b"unmasked")
     s = scanner(True)
     with pytest.raises(ProtocolError):
         s.receive_data(a + ping + b + bad)
@@ -873,7 +811,7 @@ def test_valid_prefix_contents() -> None:
 
 def test_valid_prefix_after_payload_spanning_chunks() -> None:
     big = cframe(Opcode.BINARY, bytes(1000), False)
-    bad = frame(Opcode.CONTINUATION, b"")
+    bad = encode_frame(Opcode.CONTINUATION, b"")
     s = scanner(False)
     s.receive_data(big[:500])
     s.want_boundary = True
@@ -887,14 +825,14 @@ def test_valid_prefix_with_held_control_frame_completed() -> None:
     s = scanner(True)
     assert s.receive_data(ping[:4]) == []
     with pytest.raises(ProtocolError):
-        s.receive_data(ping[4:] + frame(Opcode.TEXT, b""))
+        s.receive_data(ping[4:] + encode_frame(Opcode.TEXT, b""))
     [cf] = s.valid_prefix
     assert cf.raw == ping
 
 
 def test_valid_prefix_empty_when_bad_header_was_held() -> None:
     s = scanner(True)
-    bad = frame(Opcode.BINARY, bytes(300))  # unmasked, 16-bit length: 4-byte header
+    bad = encode_frame(Opcode.BINARY, bytes(300))  # unmasked, 16-bit length: 4-byte header
     assert s.receive_data(bad[:3]) == []
     with pytest.raises(ProtocolError):
         s.receive_data(bad[3:])

@@ -1,7 +1,7 @@
 """Property tests of the frame scanner: arbitrary splits, malformed frames, mutations.
 
 HYPOTHESIS_PROFILE picks the depth: "dev" (default, quick) or "ci" (deep).
-Streams are built by a test-only encoder, never by wsgate.frames.
+Streams are built by the tests' own encoder (tests/codec.py), never by wsgate.frames.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from codec import encode_frame
 
 from wsgate import frames
 from wsgate.errors import ProtocolError
@@ -20,9 +21,8 @@ from wsgate.frames import BOUNDARY, ControlFrame, FrameScanner
 # Every test runs with the compiled fast path of the scanner and with the pure-Python one.
 pytestmark = pytest.mark.usefixtures("scanner_implementation")
 
-settings.register_profile("dev", max_examples=100, deadline=None)
-settings.register_profile("ci", max_examples=1000, deadline=None)
-# Applied per test rather than loaded, so other modules' settings stay as they are.
+# The profiles are registered in conftest.py; applied per test rather than loaded, so
+# other modules' settings stay as they are.
 PROFILE = settings(
     settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev")),
     # Streams with 64 KiB frames are slow to build and large by design.
@@ -32,46 +32,6 @@ PROFILE = settings(
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
 LIMIT = 300_000  # above every valid message the strategies build (4 x 65536 at most)
 PATTERN = bytes(range(256)) * (65536 // 256 + 2)
-
-
-# ---------------------------------------------------------------- test-only encoder
-
-
-def encode(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    key: bytes | None = None,
-    width: int | None = None,
-    declared: int | None = None,
-) -> bytes:
-    length = len(payload) if declared is None else declared
-    shortest = 7 if length < 126 else 16 if length < 65536 else 64
-    width = shortest if width is None else max(width, shortest)  # widen, never truncate
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    mask = 0x80 if key is not None else 0
-    if width == 7:
-        head = bytes([first, mask | length])
-    elif width == 16:
-        head = bytes([first, mask | 126]) + struct.pack("!H", length)
-    else:
-        head = bytes([first, mask | 127]) + struct.pack("!Q", length)
-    if key is None:
-        return head + payload
-    return head + key + xor(payload, key)
-
-
-XOR_TABLES = [bytes(i ^ k for i in range(256)) for k in range(256)]
-
-
-def xor(payload: bytes, key: bytes) -> bytes:
-    # Each of the four byte lanes is XORed with one key byte through a lookup table.
-    out = bytearray(payload)
-    for lane in range(4):
-        out[lane::4] = payload[lane::4].translate(XOR_TABLES[key[lane]])
-    return bytes(out)
 
 
 class Stream:
@@ -143,7 +103,7 @@ def streams(draw: st.DrawFn, max_messages: int = 6, allow_rsv1: bool | None = No
 
     def put(opcode: int, payload: bytes, fin: bool, rsv: int = 0, width: int | None = None) -> None:
         mask_key = key()
-        frame = encode(opcode, payload, fin=fin, rsv=rsv, key=mask_key, width=width)
+        frame = encode_frame(opcode, payload, fin=fin, rsv=rsv, key=mask_key, width=width)
         header_size = len(frame) - len(payload)
         stream.add(frame, header_size, opcode, payload, fin)
 
@@ -297,58 +257,58 @@ def malformed(draw: st.DrawFn) -> tuple[Stream, bytes, bytes, int, int]:
     if case in ("nested message", "rsv1 continuation", "fragments too big"):
         opening_size = draw(st.integers(0, 200))
         first_opcode = draw(st.sampled_from([TEXT, BINARY]))
-        opening = encode(first_opcode, bytes(opening_size), fin=False, key=key)
+        opening = encode_frame(first_opcode, bytes(opening_size), fin=False, key=key)
     if case == "mask":
-        bad = encode(draw(st.sampled_from([TEXT, BINARY, PING])), payload, key=wrong_key)
+        bad = encode_frame(draw(st.sampled_from([TEXT, BINARY, PING])), payload, key=wrong_key)
     elif case == "opcode":
         opcode = draw(st.sampled_from([3, 4, 5, 6, 7, 11, 12, 13, 14, 15]))
-        bad = encode(opcode, payload, key=key, fin=draw(st.booleans()))
+        bad = encode_frame(opcode, payload, key=key, fin=draw(st.booleans()))
     elif case == "control too long":
         opcode = draw(st.sampled_from([PING, PONG, CLOSE]))
         size = draw(st.integers(126, 400))
-        bad = encode(opcode, bytes(size), key=key)
+        bad = encode_frame(opcode, bytes(size), key=key)
     elif case == "control fragmented":
-        bad = encode(draw(st.sampled_from([PING, PONG, CLOSE])), b"", fin=False, key=key)
+        bad = encode_frame(draw(st.sampled_from([PING, PONG, CLOSE])), b"", fin=False, key=key)
     elif case == "stray continuation":
-        bad = encode(CONTINUATION, payload, key=key, fin=draw(st.booleans()))
+        bad = encode_frame(CONTINUATION, payload, key=key, fin=draw(st.booleans()))
     elif case == "nested message":
         opcode = draw(st.sampled_from([TEXT, BINARY]))
-        bad = encode(opcode, payload, key=key, fin=draw(st.booleans()))
+        bad = encode_frame(opcode, payload, key=key, fin=draw(st.booleans()))
     elif case == "rsv1":
-        bad = encode(draw(st.sampled_from([TEXT, BINARY])), payload, rsv=4, key=key)
+        bad = encode_frame(draw(st.sampled_from([TEXT, BINARY])), payload, rsv=4, key=key)
     elif case == "rsv1 continuation":
-        bad = encode(CONTINUATION, payload, rsv=4, key=key)
+        bad = encode_frame(CONTINUATION, payload, rsv=4, key=key)
     elif case == "rsv1 control":
-        bad = encode(draw(st.sampled_from([PING, PONG])), b"", rsv=4, key=key)
+        bad = encode_frame(draw(st.sampled_from([PING, PONG])), b"", rsv=4, key=key)
     elif case == "rsv23":
         rsv = draw(st.sampled_from([1, 2, 3, 5, 6, 7]))
-        bad = encode(draw(st.sampled_from([TEXT, BINARY, PING])), b"", rsv=rsv, key=key)
+        bad = encode_frame(draw(st.sampled_from([TEXT, BINARY, PING])), b"", rsv=rsv, key=key)
     elif case == "length top bit":
         declared = draw(st.integers(1 << 63, (1 << 64) - 1))
-        bad = encode(BINARY, b"", key=key, width=64, declared=declared)
+        bad = encode_frame(BINARY, b"", key=key, width=64, declared=declared)
     elif case == "close 1 byte":
-        bad = encode(CLOSE, payload[:1] or b"\x03", key=key)
+        bad = encode_frame(CLOSE, payload[:1] or b"\x03", key=key)
     elif case == "close code":
         bad_code = draw(
             st.one_of(st.integers(0, 999), st.sampled_from([1004, 1005, 1006, 1015]),
                       st.integers(1016, 2999), st.integers(5000, 65535))
         )
-        bad = encode(CLOSE, struct.pack("!H", bad_code) + payload[:10], key=key)
+        bad = encode_frame(CLOSE, struct.pack("!H", bad_code) + payload[:10], key=key)
     elif case == "close utf-8":
         code = 1007
         # A stray byte, a cut sequence, a bad continuation, a surrogate, a 5-byte form.
         invalid = [b"\xff", b"\xc3", b"\xc3(", b"\xed\xa0\x80", b"\xf8\x88\x80\x80"]
         junk = draw(st.sampled_from(invalid))
         text = draw(st.text(max_size=10)).encode("utf-8")
-        bad = encode(CLOSE, b"\x03\xe8" + text + junk, key=key)
+        bad = encode_frame(CLOSE, b"\x03\xe8" + text + junk, key=key)
     elif case == "too big":
         code = 1009
         declared = draw(st.integers(LIMIT + 1, (1 << 63) - 1))
-        bad = encode(draw(st.sampled_from([TEXT, BINARY])), b"", key=key, declared=declared)
+        bad = encode_frame(draw(st.sampled_from([TEXT, BINARY])), b"", key=key, declared=declared)
     else:  # fragments too big
         code = 1009
         declared = draw(st.integers(LIMIT - opening_size + 1, LIMIT * 2))
-        bad = encode(CONTINUATION, b"", key=key, fin=draw(st.booleans()), declared=declared)
+        bad = encode_frame(CONTINUATION, b"", key=key, fin=draw(st.booleans()), declared=declared)
     return stream, opening, bad, limit, code
 
 
@@ -480,7 +440,7 @@ frame_specs = st.lists(
 def test_the_compiled_walk_matches_the_python_loop(specs, tail, cut, masked, deflate):
     compiled = pytest.importorskip("wsgate._speedups").walk_frames
     stream = b"".join(
-        encode(op, PATTERN[:size], fin=fin, rsv=rsv, key=b"\x01\x02\x03\x04" if key else None)
+        encode_frame(op, PATTERN[:size], fin=fin, rsv=rsv, key=b"\x01\x02\x03\x04" if key else None)
         for op, size, fin, rsv, key in specs
     ) + tail
     data = stream[: max(0, len(stream) - cut)]

@@ -34,6 +34,7 @@ from peers import (
     read_response_head,
     read_until_close,
     server_frame,
+    until,
     upgrade_request,
 )
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
@@ -160,13 +161,6 @@ async def echo_messages(ws: Any, count: int) -> None:
         assert await ws.recv() == data
 
 
-async def poll(condition: Callable[[], Awaitable[bool]], timeout: float = 3.0) -> None:
-    """Wait for a state that no event announces (a probe result, a periodic flush)."""
-    async with asyncio.timeout(timeout):
-        while not await condition():
-            await asyncio.sleep(0.02)
-
-
 # -- 1. /metrics after real traffic ----------------------------------------------------
 
 
@@ -282,7 +276,7 @@ async def test_message_size_of_a_message_still_arriving_at_a_flush(start_admin, 
             sent = (await admin.scrape()).value("wsgate_bytes_total", route="test", direction=UP)
             return sent is not None and sent >= size // 2
 
-        await poll(half_counted)
+        await until(half_counted)
         writer.write(frame[size // 2 :])
         assert (await read_frame(reader)).opcode == 0x2  # the echo
         writer.write(client_frame(0x8, close_payload(1000)))
@@ -327,7 +321,7 @@ async def test_the_periodic_flush_updates_the_registry_without_a_scrape(start_ad
     async with asyncio.timeout(STEP_TIMEOUT):
         async with connect(admin.ws_url) as ws:
             await echo_messages(ws, 4)
-            await poll(flushed, timeout=2.0)
+            await until(flushed, timeout=2.0)
             assert registry.get_sample_value(
                 "wsgate_active_connections", {"route": "test", "backend": ws_backend.url}
             ) == 1
@@ -390,7 +384,7 @@ async def test_readyz_requires_a_healthy_backend_when_asked(start_admin, closed_
     async def unready() -> bool:
         return (await admin.get("/readyz"))[0] == 503
 
-    await poll(unready)
+    await until(unready)
     body = (await admin.get("/readyz"))[2]
     assert "route test has no healthy backend" in body
     [backend] = json.loads((await admin.get("/status"))[2])["routes"][0]["backends"]
@@ -726,7 +720,7 @@ async def test_heartbeat_rtt_is_measured_on_both_legs(start_admin, ws_backend):
 
     async with asyncio.timeout(STEP_TIMEOUT):
         async with connect(admin.ws_url, ping_interval=None) as ws:
-            await poll(measured)
+            await until(measured)
             assert ws.close_code is None
     metrics = await admin.scrape()
     assert metrics.value("wsgate_heartbeat_rtt_seconds_sum", side="client") < 1.0

@@ -32,9 +32,10 @@ from peers import (
     read_frame,
     read_response_head,
     read_until_close,
+    until,
     upgrade_request,
 )
-from test_operations import Admin, GatewayProcess, Samples, access_records, poll, start_admin  # noqa: F401
+from test_operations import Admin, GatewayProcess, Samples, access_records, start_admin  # noqa: F401
 
 from wsgate.handshake import accept_key
 from wsgate.hashring import HashRing
@@ -485,7 +486,7 @@ async def test_backends_that_stay_keep_their_health_and_ejection_state(
         # One failed connect ejects the dead backend; the connection fails over to the live one.
         async with websockets.connect(f"{admin.ws_url}/e?room={room}") as ws:
             assert await ask(ws, "failed over") == "failed over"
-        await poll(dead_is_down)
+        await until(dead_is_down)
 
         # Probes every hour from now on: whatever the status says next was carried over.
         await reload_with(admin, path, checked_and_ejecting([dead, live, added], "1h"))
@@ -511,12 +512,12 @@ async def test_health_check_changes_apply_to_backends_that_stay(tmp_path, start_
         return down
 
     async with asyncio.timeout(STEP_TIMEOUT):
-        await poll(dead_is_down("checked"))
+        await until(dead_is_down("checked"))
         # "checked" loses its health check, "ejecting" gains one.
         await reload_with(admin, path, checked_and_ejecting([dead, live], None, ejecting_check=True))
         # No probe will ever bring the dead backend back: without checks, it counts as healthy.
         assert await healthy("checked")
-        await poll(dead_is_down("ejecting"))
+        await until(dead_is_down("ejecting"))
 
 
 async def test_a_listener_that_cannot_bind_refuses_the_reload(tmp_path, start_admin, ws_backend):
@@ -688,7 +689,7 @@ async def test_a_reload_applies_log_access(tmp_path, run_gateway, ws_backend):
         async def ended() -> bool:
             return (await get_status(gateway.admin_url))["connections"] == 0
 
-        await poll(ended)
+        await until(ended)
         return port
 
     async def access_lines(count: int) -> list[int]:
@@ -697,7 +698,7 @@ async def test_a_reload_applies_log_access(tmp_path, run_gateway, ws_backend):
         async def written() -> bool:
             return len(gateway.stdout) >= count
 
-        await poll(written)
+        await until(written)
         return [int(json.loads(line)["client"].rsplit(":", 1)[1]) for line in gateway.stdout]
 
     async with asyncio.timeout(STEP_TIMEOUT):

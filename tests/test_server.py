@@ -7,8 +7,7 @@ import logging
 import os
 import socket
 import struct
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
@@ -25,6 +24,7 @@ from peers import (
     proxy_v2_header,
     raw_exchange,
     read_response_head,
+    until,
     upgrade_request,
 )
 
@@ -649,13 +649,6 @@ async def test_426_sends_one_connection_header(start_gateway, ws_backend):
 def ws_url(gateway: Gateway) -> str:
     host, port = gateway.addresses[0]
     return f"ws://{host}:{port}"
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 async def connect_from(url: str, local_host: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -36,6 +36,7 @@ from peers import (
     read_response_head,
     upgrade_request,
 )
+from peers import until as wait_until
 
 from wsgate.gateway import Gateway
 
@@ -227,14 +228,6 @@ def tls_config(backend_url: str, tls: dict[str, Any], **sections: Any) -> dict[s
 
 def port_of(gateway: Gateway) -> int:
     return gateway.addresses[0][1]
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = STEP_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

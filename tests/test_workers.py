@@ -29,8 +29,8 @@ import pytest
 import websockets
 import yaml
 from conftest import gateway_config
-from peers import STEP_TIMEOUT, open_raw_client
-from test_operations import DOWN, UP, GatewayProcess, Samples, _await_close, connect, poll
+from peers import STEP_TIMEOUT, open_raw_client, until
+from test_operations import DOWN, UP, GatewayProcess, Samples, _await_close, connect
 
 import wsgate
 from wsgate.hashring import HashRing
@@ -253,7 +253,7 @@ async def test_a_killed_worker_is_replaced_while_traffic_continues(supervised, w
             workers = await gateway.workers()
             return workers[0]["pid"] == new_pid and "error" not in workers[0]["status"]
 
-        await poll(replaced, timeout=STEP_TIMEOUT)
+        await until(replaced, timeout=STEP_TIMEOUT)
         stop.set()
         await asyncio.gather(*opening)  # an opener that failed raises here
         assert len(done) >= openers
@@ -288,7 +288,7 @@ async def test_metrics_are_summed_across_workers(supervised, ws_backend):
         async def released() -> bool:
             return sum(connections_per_worker(await gateway.workers())) == 0
 
-        await poll(released)
+        await until(released)
         after = await gateway.scrape()
         async with gateway.session.get(
             gateway.admin_url + "/metrics", headers={"Accept": "application/openmetrics-text"}
@@ -367,7 +367,7 @@ async def test_a_key_lands_on_the_same_backend_whichever_worker_accepts_it(super
             async def released() -> bool:
                 return sum(connections_per_worker(await gateway.workers())) == 0
 
-            await poll(released)
+            await until(released)
         assert all(count > 0 for count in connections_per_worker(workers)), (room, workers)
         for worker in workers:
             busy = {b["backend"]: b["active_connections"] for b in worker["status"]["routes"][0]["backends"]}
@@ -452,7 +452,7 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(supervised, 
             probe.close()
             return False
 
-        await poll(all_gone, timeout=STEP_TIMEOUT)
+        await until(all_gone, timeout=STEP_TIMEOUT)
     assert code == 1001  # the connection was drained, not cut
     assert sum("supervisor gone: draining" in line for line in gateway.stderr) == WORKERS
     assert not [line for line in gateway.stderr if "second stop signal" in line]
@@ -489,7 +489,7 @@ async def test_a_restarted_worker_serves_the_listeners_and_config_of_its_sibling
             workers = await gateway.workers()
             return workers[0]["pid"] == new_pid and "error" not in workers[0]["status"]
 
-        await poll(replaced, timeout=STEP_TIMEOUT)
+        await until(replaced, timeout=STEP_TIMEOUT)
         code, body = await gateway.get("/status")
     status = json.loads(body)
     assert code == 200
@@ -542,7 +542,7 @@ async def test_supervisor_answers_say_their_reason_once(supervised, closed_port)
         # (while only one worker's probe has failed, the answer names that worker)
         return (await gateway.get("/readyz")) == (503, "not ready: route test has no healthy backend\n")
 
-    await poll(both_unready)
+    await until(both_unready)
     gateway.config_path.write_text("routes: [\n")
     async with asyncio.timeout(STEP_TIMEOUT):
         async with gateway.session.post(gateway.admin_url + "/reload") as response:
@@ -578,7 +578,7 @@ async def test_a_token_guards_the_supervisors_reload_and_its_own_calls_to_the_wo
         workers = await gateway.workers()
         return workers[0]["pid"] == new_pid and "error" not in workers[0]["status"]
 
-    await poll(replaced, timeout=STEP_TIMEOUT)
+    await until(replaced, timeout=STEP_TIMEOUT)
     code, text = await reload("first-token")
     assert code == 200 and text.startswith("reloaded, config version"), text
     assert (await reload("second-token"))[0] == 401

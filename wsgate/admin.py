@@ -18,7 +18,6 @@ import hmac
 import ipaddress
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -121,9 +120,13 @@ def exposition(registry: CollectorRegistry, request: web.Request) -> web.Respons
     return response
 
 
+async def _healthz(request: web.Request) -> web.Response:
+    # Alive is all it says: a process that can answer at all.
+    return web.Response(text="ok\n")
+
+
 def admin_app(
-    *, metrics: Handler, healthz: Handler, readyz: Handler, status: Handler, reload: Handler,
-    token: str | None = None,
+    *, metrics: Handler, readyz: Handler, status: Handler, reload: Handler, token: str | None = None
 ) -> web.Application:
     """The admin routes, the same for one gateway and for a supervisor of several.
 
@@ -134,7 +137,7 @@ def admin_app(
     if token is not None:
         app[_TOKEN] = token
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
     app.router.add_post("/reload", reload)
@@ -152,9 +155,6 @@ def build_app(
     async def metrics(request: web.Request) -> web.Response:
         gateway.flush_metrics()
         return exposition(gateway.registry, request)
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
         problem = gateway.not_ready_reason()
@@ -185,52 +185,65 @@ def build_app(
         return gateway.registry.collect()
 
     app = admin_app(
-        metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload, token=token
+        metrics=metrics, readyz=readyz, status=status, reload=reload, token=token
     )
     add_dashboard(app, Dashboard(dashboard_status, dashboard_metrics, demo))
     return app
 
 
-async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """`app` served on host:port; a port that cannot be bound is a `ListenError` naming `admin.bind`."""
-    if _TOKEN not in app and not is_loopback(host):
-        log.warning(
-            "admin.bind %s is not a loopback address and no admin token is set: POST /reload is"
-            " refused to all but loopback peers, and /metrics and /status are open to anyone who"
-            " reaches the port; set admin.token_file or admin.token_env", format_host_port(host, port),
-        )
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ListenError.from_os_error("admin.bind", format_host_port(host, port), exc) from exc
-    return runner
+class AdminSite:
+    """An admin app served on one address with AppRunner and TCPSite."""
+
+    def __init__(self) -> None:
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port): the port the kernel chose when the config says 0."""
+        assert self._runner is not None
+        return self._runner.addresses[0][:2]
+
+    async def start(self, app: web.Application, host: str, port: int) -> None:
+        """Serve `app` on host:port; a port that cannot be bound is a `ListenError` naming `admin.bind`."""
+        if _TOKEN not in app and not is_loopback(host):
+            log.warning(
+                "admin.bind %s is not a loopback address and no admin token is set: POST /reload is"
+                " refused to all but loopback peers, and /metrics and /status are open to anyone who"
+                " reaches the port; set admin.token_file or admin.token_env", format_host_port(host, port),
+            )
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ListenError.from_os_error("admin.bind", format_host_port(host, port), exc) from exc
+        self._runner = runner
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
 
 
 class AdminServer:
-    """Runs `build_app` on `admin.bind` with AppRunner and TCPSite; `token` guards the changes."""
+    """Serves `build_app` for one gateway on `admin.bind`; `token` guards the changes."""
 
     def __init__(self, gateway: Gateway, token: str | None = None, demo: ChatBackends | None = None) -> None:
         self.gateway = gateway
         self.token = token
         self.demo = demo
-        self._runner: web.AppRunner | None = None
-        self.started_at = time.time()
+        self._site = AdminSite()
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._runner is not None
-        return self._runner.addresses[0][:2]
+        return self._site.address
 
     async def start(self, host: str, port: int) -> None:
         """Bind and serve; `announce` logs it, once the listeners are bound too."""
-        self._runner = await start_admin(build_app(self.gateway, self.token, self.demo), host, port)
+        await self._site.start(build_app(self.gateway, self.token, self.demo), host, port)
 
     def announce(self) -> None:
         log.info("admin listening on %s (version %s)", format_host_port(*self.address), __version__)
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._site.close()

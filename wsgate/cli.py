@@ -1,234 +1,23 @@
-"""Command line: `wsgate run | check | demo`, exit codes 0 (ok), 1 (failure), 2 (bad config)."""
+"""Command line: `wsgate run | check | explain | demo`, exit codes 0 (ok), 1 (failure), 2 (bad config).
+
+The commands parse their arguments, load and check the config and hand over
+to `runtime`, which runs the process.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import json
-import logging
-import os
-import resource
-import signal
-import socket
 import sys
-from datetime import datetime, timezone
-from collections.abc import Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .admin import AdminServer
-from .config import Backend, Config, Log, load_config, read_admin_token
-from .errors import ConfigError, ListenError, WorkerError
+from .config import Backend, Config, load_config, read_admin_token
+from .errors import ConfigError
 from .gateway import Gateway
+from .runtime import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, run, serve, setup_logging
 from .tls import check_files
-
-if TYPE_CHECKING:
-    from .demo import ChatBackends
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-
-log = logging.getLogger("wsgate")
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop where it is installed, else stock asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def _iso_time(record: logging.LogRecord) -> str:
-    """ISO 8601 in UTC with its offset, to the millisecond: the same in both JSON logs."""
-    return datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": _iso_time(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-class _AccessFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": _iso_time(record), **getattr(record, "access", {})})
-
-
-def _setup_logging(level: str, fmt: str, access: bool = True) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # Access lines are data for collectors: JSON on stdout, whatever the log level.
-    access_log = logging.getLogger("wsgate.access")
-    access_log.propagate = False
-    access_log.setLevel(logging.INFO if access else logging.CRITICAL + 1)
-    access_handler = logging.StreamHandler(sys.stdout)
-    access_handler.setFormatter(_AccessFormatter())
-    access_log.handlers[:] = [access_handler]
-
-
-def _log_reloader(started: Log, level: str | None) -> Callable[[Log], None]:
-    """What a reload calls with the file's new `log` settings, to set logging up again.
-
-    A `--log-level` from the command line holds until the file's own log.level
-    changes: the level set last wins.
-    """
-    current = started
-
-    def reload(settings: Log) -> None:
-        nonlocal current, level
-        if settings.level != current.level:
-            level = None
-        current = settings
-        _setup_logging(level or settings.level, settings.format, settings.access)
-
-    return reload
-
-
-# Descriptors a gateway holds besides its connections: listeners, admin, logs, probes.
-_FD_RESERVE = 256
-
-
-def _raise_fd_limit(config: Config) -> None:
-    """Lift the soft descriptor limit to the hard one, and warn when max_connections cannot fit.
-
-    A proxied connection holds two descriptors, and many systems start
-    processes with a soft limit of 1,024.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
-    need = 2 * config.limits.max_connections + _FD_RESERVE
-    if soft != resource.RLIM_INFINITY and soft < need:
-        log.warning(
-            "limits.max_connections is %d, which needs about %d open files, but this process may"
-            " open %d: connections beyond about %d will fail to be accepted; raise the limit"
-            " (ulimit -n, LimitNOFILE= under systemd) or lower limits.max_connections",
-            config.limits.max_connections, need, soft, max(0, (soft - _FD_RESERVE) // 2),
-        )
-
-
-async def _serve(
-    config: Config,
-    announce: Callable[[Gateway, AdminServer], None] | None = None,
-    config_path: str | None = None,
-    sockets: dict[str, socket.socket] | None = None,
-    lifeline: int | None = None,
-    admin_address: tuple[str, int] | None = None,
-    log_level: str | None = None,
-    admin_token: str | None = None,
-    demo: ChatBackends | None = None,
-) -> None:
-    """Serve `config` until a stop signal (or, for a worker, the end of its `lifeline` pipe).
-
-    `admin_address` and `admin_token` replace `admin.bind` and the token the config
-    names, so a worker's config stays the one its supervisor wrote (and has the same
-    version); `log_level` is the command line's, which logging was set up with.
-    `demo` is the demo's backends, which its dashboard stops and starts.
-    """
-    _raise_fd_limit(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_stop_signal() -> None:
-        if stop.is_set():
-            # A second signal: the operator does not want to wait for the drain.
-            log.warning("second stop signal: exiting now")
-            os._exit(EXIT_FAILURE)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_stop_signal)
-    if lifeline is not None:
-
-        def on_supervisor_gone() -> None:
-            # The supervisor never writes: readable means it has gone, however it died.
-            loop.remove_reader(lifeline)
-            if not stop.is_set():
-                log.warning("supervisor gone: draining")
-                stop.set()
-
-        loop.add_reader(lifeline, on_supervisor_gone)
-    gateway = Gateway(config)
-    gateway.config_path = config_path
-    gateway.inherited = sockets or {}
-    gateway.apply_log = _log_reloader(config.log, log_level)
-    reloads: set[asyncio.Task[str | None]] = set()
-
-    def on_reload_signal() -> None:
-        task = loop.create_task(gateway.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
-    if admin_address is None and config.admin.enabled:
-        admin_token = read_admin_token(config.admin)
-    admin = AdminServer(gateway, admin_token, demo)
-    try:
-        # Everything is bound before anything is announced: one error or full success.
-        admin_at = admin_address or ((config.admin.host, config.admin.port) if config.admin.enabled else None)
-        if admin_at is not None:
-            await admin.start(*admin_at)
-        await gateway.start()
-        if admin_at is not None:
-            admin.announce()
-        if announce is not None:
-            announce(gateway, admin)
-        # Start-up objects live as long as the process: keep the collector from
-        # walking them again and again, which shows up as latency spikes.
-        gc.collect()
-        gc.freeze()
-        await stop.wait()
-        log.info("stop signal: draining")
-        await gateway.drain()
-    finally:
-        await gateway.close()
-        await admin.close()
-    log.info("stopped")
-
-
-def _run_loop(main: Any, hints: dict[str, str] | None = None) -> int:
-    """Run `main` to its exit status; `hints` add a word to a `ListenError` by its key."""
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        try:
-            status = runner.run(main)
-            if isinstance(status, int):
-                return status
-        except ConfigError as exc:
-            print(f"wsgate: invalid configuration: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        except ListenError as exc:
-            exc.hint = exc.hint or (hints or {}).get(exc.path, "")
-            print(f"wsgate: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-        except WorkerError as exc:
-            print(f"wsgate: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-        except OSError as exc:
-            print(f"wsgate: cannot start: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-    return EXIT_OK
 
 
 def _load(path: str, *, files: bool = True) -> Config | None:
@@ -251,41 +40,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    _setup_logging(args.log_level or config.log.level, config.log.format, config.log.access)
+    setup_logging(args.log_level or config.log.level, config.log.format, config.log.access)
     if config.workers > 1:
-        return _run_loop(_supervise(config, args.config, args.log_level))
-    return _run_loop(_serve(config, config_path=args.config, log_level=args.log_level))
+        from .workers import supervise
 
-
-async def _supervise(config: Config, config_path: str, log_level: str | None) -> int:
-    from .workers import Supervisor
-
-    supervisor = Supervisor(config, config_path, config.workers, log_level)
-    loop = asyncio.get_running_loop()
-    stop: asyncio.Future[int] = loop.create_future()
-
-    def on_stop_signal(signum: int) -> None:
-        if stop.done():
-            log.warning("second stop signal: stopping the workers now")
-            supervisor.forward(signal.SIGKILL)
-            os._exit(EXIT_FAILURE)
-        stop.set_result(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_stop_signal, signum)
-    reloads: set[asyncio.Task[Any]] = set()
-
-    def on_reload_signal() -> None:
-        task = loop.create_task(supervisor.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
-    supervisor.apply_log = _log_reloader(config.log, log_level)
-    await supervisor.start()
-    await stop
-    log.info("stop signal: draining %d workers", len(supervisor.workers))
-    return await supervisor.stop(signal.SIGTERM)
+        return run(supervise(config, args.config, args.log_level))
+    return run(serve(config, config_path=args.config, log_level=args.log_level))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -325,7 +85,7 @@ async def _demo(config: Config) -> None:
         print(f"wsgate demo: open http://{host}:{port}/ in a browser (Ctrl-C stops)", flush=True)
 
     try:
-        await _serve(config, announce, demo=chats)
+        await serve(config, announce, demo=chats)
     finally:
         await chats.close()
 
@@ -342,12 +102,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         {**config.admin.model_dump(), "bind": f"127.0.0.1:{args.admin_port}"}
     )
     config = config.model_copy(update={"listeners": [listener], "admin": admin})
-    _setup_logging(args.log_level or config.log.level, config.log.format, config.log.access)
+    setup_logging(args.log_level or config.log.level, config.log.format, config.log.access)
     hints = {
         "listeners[0].bind": "the demo's WebSocket port; choose another with --port",
         "admin.bind": "the demo's admin port; choose another with --admin-port",
     }
-    return _run_loop(_demo(config), hints)
+    return run(_demo(config), hints)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

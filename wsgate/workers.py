@@ -38,7 +38,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import __version__
-from .admin import admin_app, exposition, start_admin
+from .admin import AdminSite, admin_app, exposition
 from .dashboard import Dashboard, add_dashboard
 from .config import (
     Config, Log, dump_config_data, format_host_port, keep_restart_settings, load_config, load_config_data,
@@ -46,6 +46,7 @@ from .config import (
 )
 from .errors import ConfigError, ListenError, WorkerError
 from .gateway import LISTEN_BACKLOG, METRICS_FLUSH_INTERVAL, config_digest, iso_timestamp
+from .runtime import log_reloader, reload_on_sighup, run, serve, setup_logging, stop_on_signals
 from .tls import check_files
 
 log = logging.getLogger("wsgate.workers")
@@ -124,7 +125,7 @@ class Supervisor:
         self.restart_needed: list[str] = []  # as of the last reload
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._runner: web.AppRunner | None = None
+        self._admin_site: AdminSite | None = None
         self._session: aiohttp.ClientSession | None = None
         self._admin_token: str | None = None  # what a POST /reload must carry, to it and to its workers
         # SIGHUP and POST /reload are the supervisor's, counted once here, not once per worker.
@@ -159,7 +160,8 @@ class Supervisor:
         auth = {"Authorization": f"Bearer {self._admin_token}"} if self._admin_token else None
         self._session = aiohttp.ClientSession(headers=auth)
         if self.config.admin.enabled:
-            self._runner = await start_admin(self._admin_app(), self.config.admin.host, self.config.admin.port)
+            self._admin_site = AdminSite()
+            await self._admin_site.start(self._admin_app(), self.config.admin.host, self.config.admin.port)
         sockets: list[dict[str, socket.socket]] = [{} for _ in range(self.count)]
         self.workers = [Worker(i, sockets[i]) for i in range(self.count)]  # so stop() closes them all
         ports = []
@@ -191,8 +193,8 @@ class Supervisor:
                 "listening on %s (%s, %d workers)",
                 format_host_port(listener.host, port), listener.name, self.count,
             )
-        if self._runner is not None:
-            log.info("admin listening on %s", format_host_port(*self._runner.addresses[0][:2]))
+        if self._admin_site is not None:
+            log.info("admin listening on %s", format_host_port(*self._admin_site.address))
         self._keep(self._remember_metrics())
 
     def _keep(self, coroutine: Any) -> None:
@@ -285,8 +287,8 @@ class Supervisor:
         statuses = [worker.process.returncode for worker in serving if worker.process]
         for task in list(self._tasks):
             task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._admin_site is not None:
+            await self._admin_site.close()
         if self._session is not None:
             await self._session.close()
         for worker in self.workers:
@@ -418,9 +420,6 @@ class Supervisor:
             registry.register(_Summed(texts, self.totals, self.reloads))
             return exposition(registry, request)
 
-        async def healthz(request: web.Request) -> web.Response:
-            return web.Response(text="ok\n")
-
         async def readyz(request: web.Request) -> web.Response:
             if self.stopping:
                 return web.Response(status=503, text="not ready: stopping\n")
@@ -444,7 +443,7 @@ class Supervisor:
             return _Summed(await self._scrape(), self.totals, self.reloads).collect()
 
         app = admin_app(
-            metrics=metrics, healthz=healthz, readyz=readyz, status=status, reload=reload,
+            metrics=metrics, readyz=readyz, status=status, reload=reload,
             token=self._admin_token,
         )
         add_dashboard(app, Dashboard(dashboard_status, dashboard_metrics))
@@ -556,14 +555,25 @@ class _Summed:
             yield merged
 
 
+async def supervise(config: Config, config_path: str, log_level: str | None) -> int:
+    """`wsgate run` with `workers` > 1: start the workers, reload on SIGHUP, stop on SIGTERM."""
+    supervisor = Supervisor(config, config_path, config.workers, log_level)
+    stop = stop_on_signals("stopping the workers now", lambda: supervisor.forward(signal.SIGKILL))
+    reload_on_sighup(supervisor.reload)
+    supervisor.apply_log = log_reloader(config.log, log_level)
+    await supervisor.start()
+    await stop.wait()
+    # Under the process's own logger, as a single gateway says it.
+    logging.getLogger("wsgate").info("stop signal: draining %d workers", len(supervisor.workers))
+    return await supervisor.stop(signal.SIGTERM)
+
+
 def worker_main(
     config_path: str, index: int, report_fd: int, listen: list[str], lifeline_fd: int, log_level: str | None
 ) -> int:
     """The `_worker` subcommand: serve on inherited sockets, report the admin port."""
-    from .cli import _run_loop, _serve, _setup_logging
-
     config = load_config(config_path)
-    _setup_logging(log_level or config.log.level, config.log.format, config.log.access)
+    setup_logging(log_level or config.log.level, config.log.format, config.log.access)
     sockets = {}
     for item in listen:
         name, _, fd = item.partition("=")
@@ -576,8 +586,8 @@ def worker_main(
     logging.getLogger("wsgate").info("worker %d serving (pid %d)", index, os.getpid())
     # The private admin server answers the supervisor only: on loopback, with its token if any.
     token = os.environ.pop(_WORKER_TOKEN_ENV, "") or None
-    serving = _serve(
+    serving = serve(
         config, report, config_path=config_path, sockets=sockets,
         lifeline=lifeline_fd, admin_address=("127.0.0.1", 0), log_level=log_level, admin_token=token,
     )
-    return _run_loop(serving)
+    return run(serving)
