@@ -726,6 +726,22 @@ async def test_heartbeat_rtt_is_measured_on_both_legs(start_admin, ws_backend):
     assert metrics.value("wsgate_heartbeat_rtt_seconds_sum", side="client") < 1.0
 
 
+async def test_heartbeat_rtt_is_finer_than_the_loop_clock(start_admin, ws_backend):
+    # uvloop's loop clock counts whole milliseconds: a loopback round trip of a few
+    # hundred microseconds measured with it reads as 0 or 1 ms, never in between.
+    admin = await start_admin(gateway_config([ws_backend.url], heartbeat={"interval": "20ms", "timeout": "1s"}))
+
+    async def measured() -> bool:
+        metrics = await admin.scrape()
+        return (metrics.value("wsgate_heartbeat_rtt_seconds_count", side="client") or 0) >= 5
+
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with connect(admin.ws_url, ping_interval=None):
+            await until(measured)
+    total_ms = (await admin.scrape()).value("wsgate_heartbeat_rtt_seconds_sum", side="client") * 1000
+    assert 0 < total_ms and abs(total_ms - round(total_ms)) > 1e-6, total_ms
+
+
 async def test_heartbeat_timeout_is_counted(start_admin, ws_backend, access_records):
     admin = await start_admin(gateway_config([ws_backend.url], heartbeat={"interval": "50ms", "timeout": "100ms"}))
     async with asyncio.timeout(STEP_TIMEOUT):

@@ -112,6 +112,7 @@ class Leg(asyncio.Protocol):
         "yielding",
         "ping_payload",
         "ping_sent_at",
+        "ping_clock",
         "pong_wait_from",
         "gone_seen",
         "quiet_since",
@@ -155,6 +156,9 @@ class Leg(asyncio.Protocol):
         # None until the gateway pings this leg, so no peer pong can match it by accident.
         self.ping_payload: bytes | None = None
         self.ping_sent_at = 0.0
+        # The same moment on a fine clock, for the round trip: uvloop's loop clock
+        # counts whole milliseconds, coarser than a round trip in one data centre.
+        self.ping_clock = 0.0
         # While a ping is unanswered: the pong's wait runs from here, the ping or the
         # last look that found bytes gone toward the peer (None before the first look).
         self.pong_wait_from = 0.0

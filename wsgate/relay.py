@@ -216,7 +216,7 @@ class Relay:
             src.bytes_withheld += len(frame.raw)
             if src.ping_sent_at:
                 now = asyncio.get_running_loop().time()
-                rtt = now - src.ping_sent_at
+                rtt = time.perf_counter() - src.ping_clock
                 # The sweeper need not find out for itself: the peer is alive, quiet from now.
                 src.ping_sent_at = 0.0
                 src.quiet_since = now
@@ -391,6 +391,7 @@ class Relay:
                 if now - leg.quiet_since >= settings.heartbeat_interval:
                     leg.ping_payload = _PING_PREFIX + random_bytes(8).hex().encode()
                     leg.ping_sent_at = leg.pong_wait_from = now
+                    leg.ping_clock = time.perf_counter()
                     # Measured from the next look on: most pongs come back before it.
                     leg.gone_seen = None
                     leg.send_frame(Opcode.PING, leg.ping_payload)
