@@ -11,6 +11,11 @@ npm ci --prefix tests/node --no-audit --no-fund --silent
 # promtool checks deploy/prometheus/alerts.yml; Debian ships it in the prometheus package.
 command -v promtool >/dev/null || { apt-get update -qq \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+# tests/test_image.py builds the Dockerfile with podman (runc as its runtime) on a debootstrapped base.
+for tool in podman runc debootstrap; do
+    command -v "$tool" >/dev/null || { apt-get update -qq \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc debootstrap >/dev/null; break; }
+done
 command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 if [ -n "${CI:-}" ]; then
     export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"

@@ -585,3 +585,56 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
     assert (result.returncode, result.stderr) == (0, "")
+
+
+# -- the container image -------------------------------------------------------------------
+
+DOCKERFILE = REPO / "Dockerfile"
+CONTAINER_CONFIG = DEPLOY / "container" / "wsgate.yaml"
+
+
+def test_the_container_config_passes_wsgate_check_and_binds_admin_beyond_loopback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wsgate", "check", "-c", str(CONTAINER_CONFIG)],
+        capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("WSGATE_")},
+    )
+    assert result.returncode == 0, result.stderr
+    config = load_config(CONTAINER_CONFIG)
+    assert (config.admin.host, config.admin.port) == ("0.0.0.0", 9090)
+
+
+def test_the_dockerfile_exposes_the_ports_the_container_config_and_the_configmap_bind(
+    configmap_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("WSGATE_PORT", "WSGATE_ADMIN_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    container = load_config(CONTAINER_CONFIG)
+    text = DOCKERFILE.read_text()
+    (exposed,) = re.findall(r"^EXPOSE (.*)$", text, re.MULTILINE)
+    for config in (container, configmap_config):
+        assert sorted(map(int, exposed.split())) == sorted([config.listeners[0].port, config.admin.port])
+    assert "COPY deploy/container/wsgate.yaml /etc/wsgate/wsgate.yaml" in text
+    # The HEALTHCHECK's default port is the admin port.
+    assert f"'WSGATE_ADMIN_PORT', '{container.admin.port}'" in text
+
+
+def test_the_dockerfile_has_the_base_images_as_arguments_and_a_fixed_non_root_user() -> None:
+    text = DOCKERFILE.read_text()
+    assert "ARG BUILD_IMAGE=python:3.12\n" in text and "ARG RUNTIME_IMAGE=python:3.12-slim\n" in text
+    assert re.findall(r"^FROM (\S+)", text, re.MULTILINE) == ["${BUILD_IMAGE}", "${RUNTIME_IMAGE}", "${RUNTIME_IMAGE}"]
+    pod = kubernetes_objects()["Deployment", "wsgate"]["spec"]["template"]["spec"]["securityContext"]
+    assert f"USER {pod['runAsUser']}:{pod['runAsGroup']}\n" in text
+    assert '\nENTRYPOINT ["wsgate"]\n' in text and '\nCMD ["run", "-c", "/etc/wsgate/wsgate.yaml"]\n' in text
+    licence = re.search(r'^license = "(.*)"$', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert f'org.opencontainers.image.licenses="{licence}"' in text
+
+
+def test_the_dockerignore_lets_in_what_the_dockerfile_copies_and_nothing_else() -> None:
+    rules = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    assert rules[0] == "*"
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    copied = set()
+    for sources in re.findall(r"^COPY (?!--from)(.*) \S+$", DOCKERFILE.read_text(), re.MULTILINE):
+        copied.update(sources.split())
+    assert copied == allowed
