@@ -1,4 +1,4 @@
-"""Command line: `wsgate run | check | demo`, exit codes 0 (ok), 1 (failure), 2 (bad config)."""
+"""Command line: `wsgate run | check | demo | explain | echo-backend`, exit codes 0 (ok), 1 (failure), 2 (bad config)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from .admin import AdminServer
-from .config import Backend, Config, Log, load_config, read_admin_token
+from .config import Backend, Config, Log, format_host_port, load_config, read_admin_token
 from .errors import ConfigError, ListenError, WorkerError
 from .gateway import Gateway
 from .tls import check_files
@@ -342,6 +342,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_loop(_demo(config), hints)
 
 
+async def _echo_backend(host: str, port: int, name: str) -> None:
+    from .demo import start_echo_backend
+
+    try:
+        runner = await start_echo_backend(host, port, name)
+    except OSError as exc:
+        raise ListenError.from_os_error("--port", format_host_port(host, port), exc) from exc
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    bound_host, bound_port = runner.addresses[0][:2]
+    print(f"wsgate echo-backend {name}: listening on ws://{format_host_port(bound_host, bound_port)}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def cmd_echo_backend(args: argparse.Namespace) -> int:
+    return _run_loop(_echo_backend(args.host, args.port, args.name or socket.gethostname()))
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .balancer import Pool
 
@@ -414,6 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     demo.set_defaults(handler=cmd_demo)
+
+    echo = commands.add_parser(
+        "echo-backend", help="a WebSocket echo server, as a backend for trying a gateway out"
+    )
+    echo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    echo.add_argument("--port", type=int, default=8080, help="port to listen on (8080; 0 picks one)")
+    echo.add_argument("--name", help="the X-Echo-Backend header it answers with (the host name)")
+    echo.set_defaults(handler=cmd_echo_backend)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Built-in echo backends for `wsgate demo`.
+"""Built-in echo backends for `wsgate demo` and `wsgate echo-backend`.
 
 aiohttp already ships a complete WebSocket server, so the demo uses it rather
 than a second hand-written implementation.
@@ -49,3 +49,15 @@ class EchoBackends:
     async def close(self) -> None:
         for runner in self._runners:
             await runner.cleanup()
+
+
+async def start_echo_backend(host: str, port: int, name: str) -> web.AppRunner:
+    """One echo server on host:port, answering as `name`, for `wsgate echo-backend`."""
+    runner = web.AppRunner(_echo_app(name), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
