@@ -547,6 +547,11 @@ def test_the_example_backend_is_the_headless_service_the_config_resolves(configm
     assert service["selector"].items() <= pods["metadata"]["labels"].items()
     (container,) = pods["spec"]["containers"]
     assert container_port(container, service["ports"][0]["targetPort"]) == int(port)
+    # The gateway's image, as its built-in echo server on that port, on every address of the pod.
+    assert container["image"] == gateway_container()["image"]
+    args = container["args"]
+    assert args[0] == "echo-backend" and args[args.index("--port") + 1] == port
+    assert args[args.index("--host") + 1] == "0.0.0.0"
 
 
 # -- systemd ------------------------------------------------------------------------------
@@ -638,3 +643,131 @@ def test_the_dockerignore_lets_in_what_the_dockerfile_copies_and_nothing_else() 
     for sources in re.findall(r"^COPY (?!--from)(.*) \S+$", DOCKERFILE.read_text(), re.MULTILINE):
         copied.update(sources.split())
     assert copied == allowed
+
+
+# -- Compose --------------------------------------------------------------------------------
+
+COMPOSE = DEPLOY / "compose"
+
+
+def compose_services() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load((COMPOSE / "compose.yaml").read_text())["services"]
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Each bind mount's target in the container, with its source on the host."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        mounts[target] = (COMPOSE / source).resolve()
+    return mounts
+
+
+def compose_gateway_config(monkeypatch: pytest.MonkeyPatch) -> Config:
+    monkeypatch.delenv("WSGATE_PORT", raising=False)
+    return load_config(bind_mounts(compose_services()["wsgate"])["/etc/wsgate/wsgate.yaml"])
+
+
+def test_every_file_compose_mounts_or_builds_from_exists() -> None:
+    services = compose_services()
+    for name, service in services.items():
+        for target, source in bind_mounts(service).items():
+            assert source.is_file(), f"{name}: {source} (mounted at {target})"
+        if "build" in service:
+            context = (COMPOSE / service["build"]["context"]).resolve()
+            assert context == REPO and (context / service["build"]["dockerfile"]).is_file(), name
+    assert {"wsgate", "prometheus", "grafana", "load"} <= set(services)
+
+
+def test_the_compose_gateway_config_passes_wsgate_check() -> None:
+    path = bind_mounts(compose_services()["wsgate"])["/etc/wsgate/wsgate.yaml"]
+    result = subprocess.run(
+        [sys.executable, "-m", "wsgate", "check", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_compose_services_agree_on_names_ports_and_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    services = compose_services()
+    config = compose_gateway_config(monkeypatch)
+    gateway = services["wsgate"]
+    assert gateway["ports"] == [f"{config.listeners[0].port}:{config.listeners[0].port}",
+                                f"{config.admin.port}:{config.admin.port}"]
+    assert gateway.get("command") is None  # the image's own: run -c /etc/wsgate/wsgate.yaml
+    assert int(gateway["stop_grace_period"].removesuffix("s")) > config.shutdown.grace_period
+    # Every backend of the route is an echo-backend service of the same image, on the port the URL names.
+    (route,) = config.routes
+    backends = [backend.url.removeprefix("ws://").split(":") for backend in route.backends]
+    assert len(backends) == 3 and set(gateway["depends_on"]) == {host for host, _ in backends}
+    for host, port in backends:
+        echo = services[host]
+        assert echo["image"] == gateway["image"] and echo["build"] == gateway["build"]
+        command = echo["command"]
+        assert command[0] == "echo-backend" and command[command.index("--port") + 1] == port
+        assert command[command.index("--host") + 1] == "0.0.0.0"
+    # The load goes to the gateway's listener.
+    load = services["load"]
+    assert load["image"] == gateway["image"]
+    assert load["command"][load["command"].index("--url") + 1] == f"ws://wsgate:{config.listeners[0].port}/"
+    assert bind_mounts(load)[load["entrypoint"][1]] == COMPOSE / "load.py"
+    # Prometheus scrapes the admin port as job wsgate, with the alert rules it mounts.
+    prometheus = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert job["job_name"] == "wsgate" and 'job="wsgate"' in ALERTS.read_text()
+    assert job["static_configs"] == [{"targets": [f"wsgate:{config.admin.port}"]}]
+    mounts = bind_mounts(services["prometheus"])
+    assert mounts["/etc/prometheus/prometheus.yml"] == COMPOSE / "prometheus.yml"
+    assert {mounts[path] for path in prometheus["rule_files"]} == {ALERTS}
+    # Grafana: the data source is that Prometheus, the dashboard the one under deploy/grafana.
+    grafana = bind_mounts(services["grafana"])
+    datasource_file = next(s for t, s in grafana.items() if t.startswith("/etc/grafana/provisioning/datasources/"))
+    (datasource,) = yaml.safe_load(datasource_file.read_text())["datasources"]
+    assert datasource["url"] == "http://prometheus:9090" and datasource["isDefault"] is True
+    assert datasource["type"] == "prometheus"
+    provider_file = next(s for t, s in grafana.items() if t.startswith("/etc/grafana/provisioning/dashboards/"))
+    (provider,) = yaml.safe_load(provider_file.read_text())["providers"]
+    dashboards = {t: s for t, s in grafana.items() if t.startswith(provider["options"]["path"] + "/")}
+    assert list(dashboards.values()) == [DASHBOARD]
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home in dashboards
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not found: install the Debian package prometheus (scripts/test.sh does)",
+)
+def test_promtool_accepts_the_compose_prometheus_config(tmp_path: Path) -> None:
+    # The rule file where the container has it, for promtool to read here.
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    config["rule_files"] = [str(ALERTS)]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        ["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_the_compose_load_script_echoes_through_a_gateway(tmp_path: Path, ws_backend: Any) -> None:
+    gateway = await GatewayProcess.start(tmp_path, gateway_config([ws_backend.url], route={"hash_key": "query:room"}))
+    load = None
+    try:
+        load = await asyncio.create_subprocess_exec(
+            sys.executable, str(COMPOSE / "load.py"), "--url", gateway.ws_url + "/", "--connections", "3",
+            "--rate", "20", "--duration", "1", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(STEP_TIMEOUT):
+            output, errors = await load.communicate()
+        assert load.returncode == 0, output.decode() + errors.decode()
+        summary = re.fullmatch(
+            r"load: (\d+) connections, (\d+) messages echoed, 0 mismatched, 0 failed connections\n", output.decode()
+        )
+        assert summary, output.decode()
+        assert int(summary.group(1)) == 3 == ws_backend.connections
+        assert int(summary.group(2)) == len(ws_backend.messages) > 0
+        assert {request[":path"] for request in ws_backend.requests} == {f"/?room={n}" for n in range(3)}
+    finally:
+        if load is not None and load.returncode is None:
+            load.kill()
+            await load.wait()
+        await gateway.stop()
