@@ -527,6 +527,7 @@ def test_probes_ports_and_selectors_agree_with_the_config(configmap_config: Conf
     hpa = objects["HorizontalPodAutoscaler", "wsgate"]["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "wsgate"}
     assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
+    assert deployment["spec"]["replicas"] == hpa["minReplicas"] == 3
     monitor = objects["ServiceMonitor", "wsgate"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
@@ -771,3 +772,31 @@ async def test_the_compose_load_script_echoes_through_a_gateway(tmp_path: Path, 
             load.kill()
             await load.wait()
         await gateway.stop()
+
+
+EXAMPLES = KUBERNETES / "examples"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_connections_autoscaler_validates_and_scales_what_the_cpu_one_does(version: str) -> None:
+    example = yaml.safe_load((EXAMPLES / "hpa-connections.yaml").read_text())
+    kubernetes_validate.validate(example, version, strict=True)
+    cpu = kubernetes_objects()["HorizontalPodAutoscaler", "wsgate"]
+    # It takes the CPU one's place: the same name and target.
+    assert example["metadata"]["name"] == cpu["metadata"]["name"]
+    assert example["spec"]["scaleTargetRef"] == cpu["spec"]["scaleTargetRef"]
+    assert example["spec"]["behavior"] == cpu["spec"]["behavior"]
+
+
+async def test_the_adapter_rule_serves_the_metric_the_autoscaler_names_from_an_exported_gauge(
+    scraped: Exported,
+) -> None:
+    example = yaml.safe_load((EXAMPLES / "hpa-connections.yaml").read_text())
+    (pods,) = [m["pods"] for m in example["spec"]["metrics"] if m["type"] == "Pods"]
+    (rule,) = yaml.safe_load((EXAMPLES / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    assert rule["name"]["as"] == pods["metric"]["name"]
+    (selector,) = read_promql(rule["seriesQuery"]).selectors
+    assert re.fullmatch(rule["name"]["matches"], selector.metric)
+    assert selector.metric in scraped.labels
+    # namespace and pod come from the ServiceMonitor's targets, the way the rule maps them.
+    assert {label for label, _, _ in selector.matchers} == set(rule["resources"]["overrides"]) == {"namespace", "pod"}
