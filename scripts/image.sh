@@ -48,6 +48,14 @@ debian_mirror() {
     echo "${WSGATE_DEBIAN_MIRROR:-${uri:-http://deb.debian.org/debian}}"
 }
 
+# Only a folder `build` made is measured or removed, never one that merely exists.
+made_by_build() {
+    [ -d "$1" ] && [ -f "$1/env" ] && [ -f "$1/storage.conf" ] || {
+        echo "image.sh: $1 is not a folder that image.sh build made" >&2
+        exit 2
+    }
+}
+
 # Podman's config and storage under $dir, for this shell and the file `$dir/env`.
 use_dir() {
     dir="$1"
@@ -155,6 +163,7 @@ compressed_size() {
 
 cmd_size() {
     [ $# -eq 1 ] || usage
+    made_by_build "$1"
     use_dir "$1"
     local image base
     image=$(compressed_size "$(image_name)")
@@ -163,7 +172,8 @@ cmd_size() {
 }
 
 cmd_clean() {
-    [ $# -eq 1 ] && [ -d "$1" ] || usage
+    [ $# -eq 1 ] || usage
+    made_by_build "$1"
     use_dir "$1"
     podman rm --all --force >/dev/null 2>&1 || true
     podman rmi --all --force >/dev/null 2>&1 || true
