@@ -14,6 +14,11 @@ command -v promtool >/dev/null || { apt-get update -qq \
 # The browser tests drive Debian's headless Chromium through its chromedriver (tests/test_browser.py).
 [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { apt-get update -qq \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+# tests/test_image.py builds the Dockerfile with podman (runc as its runtime) on a debootstrapped base.
+for tool in podman runc debootstrap; do
+    command -v "$tool" >/dev/null || { apt-get update -qq \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc debootstrap >/dev/null; break; }
+done
 command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 if [ -n "${CI:-}" ]; then
     export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"

@@ -71,7 +71,7 @@ def test_help_lists_only_commands_for_people():
     assert result.returncode == 0
     assert "_worker" not in result.stdout
     assert "SUPPRESS" not in result.stdout
-    for command in ("run", "check", "explain", "demo"):
+    for command in ("run", "check", "explain", "demo", "echo-backend"):
         assert re.search(rf"^\s+{command}\s", result.stdout, re.MULTILINE), result.stdout
 
 
@@ -231,6 +231,38 @@ async def test_demo_serves_its_chat_page_and_a_room_through_the_gateway():
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_echo_backend_echoes_under_its_name_and_stops_on_sigterm():
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wsgate", "echo-backend", "--port", "0", "--name", "echo-a",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            line = (await process.stdout.readline()).decode()
+            match = re.fullmatch(r"wsgate echo-backend echo-a: listening on (ws://127\.0\.0\.1:\d+)\n", line)
+            assert match, line + (await process.stderr.read()).decode()
+            async with websockets.connect(match.group(1) + "/any/path") as ws:
+                assert ws.response.headers["X-Echo-Backend"] == "echo-a"
+                for message in ("hello", b"\x00\xff" * 1000):
+                    await ws.send(message)
+                    assert await ws.recv() == message
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def test_echo_backend_on_a_port_in_use_fails_with_one_line():
+    with _taken_port() as taken:
+        port = taken.getsockname()[1]
+        result = wsgate_cli("echo-backend", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr == f"wsgate: --port: cannot listen on 127.0.0.1:{port}: address already in use\n"
 
 
 # -- a port in use: one error naming the key, nothing announced, nothing left running ----------

@@ -527,6 +527,7 @@ def test_probes_ports_and_selectors_agree_with_the_config(configmap_config: Conf
     hpa = objects["HorizontalPodAutoscaler", "wsgate"]["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "wsgate"}
     assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
+    assert deployment["spec"]["replicas"] == hpa["minReplicas"] == 3
     monitor = objects["ServiceMonitor", "wsgate"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
@@ -547,6 +548,11 @@ def test_the_example_backend_is_the_headless_service_the_config_resolves(configm
     assert service["selector"].items() <= pods["metadata"]["labels"].items()
     (container,) = pods["spec"]["containers"]
     assert container_port(container, service["ports"][0]["targetPort"]) == int(port)
+    # The gateway's image, as its built-in echo server on that port, on every address of the pod.
+    assert container["image"] == gateway_container()["image"]
+    args = container["args"]
+    assert args[0] == "echo-backend" and args[args.index("--port") + 1] == port
+    assert args[args.index("--host") + 1] == "0.0.0.0"
 
 
 # -- systemd ------------------------------------------------------------------------------
@@ -585,3 +591,212 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
     assert (result.returncode, result.stderr) == (0, "")
+
+
+# -- the container image -------------------------------------------------------------------
+
+DOCKERFILE = REPO / "Dockerfile"
+CONTAINER_CONFIG = DEPLOY / "container" / "wsgate.yaml"
+
+
+def test_the_container_config_passes_wsgate_check_and_binds_admin_beyond_loopback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wsgate", "check", "-c", str(CONTAINER_CONFIG)],
+        capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("WSGATE_")},
+    )
+    assert result.returncode == 0, result.stderr
+    config = load_config(CONTAINER_CONFIG)
+    assert (config.admin.host, config.admin.port) == ("0.0.0.0", 9090)
+
+
+def test_the_dockerfile_exposes_the_ports_the_container_config_and_the_configmap_bind(
+    configmap_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("WSGATE_PORT", "WSGATE_ADMIN_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    container = load_config(CONTAINER_CONFIG)
+    text = DOCKERFILE.read_text()
+    (exposed,) = re.findall(r"^EXPOSE (.*)$", text, re.MULTILINE)
+    for config in (container, configmap_config):
+        assert sorted(map(int, exposed.split())) == sorted([config.listeners[0].port, config.admin.port])
+    assert "COPY deploy/container/wsgate.yaml /etc/wsgate/wsgate.yaml" in text
+    # The HEALTHCHECK's default port is the admin port.
+    assert f"'WSGATE_ADMIN_PORT', '{container.admin.port}'" in text
+
+
+def test_the_dockerfile_has_the_base_images_as_arguments_and_a_fixed_non_root_user() -> None:
+    text = DOCKERFILE.read_text()
+    assert "ARG BUILD_IMAGE=python:3.12\n" in text and "ARG RUNTIME_IMAGE=python:3.12-slim\n" in text
+    assert re.findall(r"^FROM (\S+)", text, re.MULTILINE) == ["${BUILD_IMAGE}", "${RUNTIME_IMAGE}", "${RUNTIME_IMAGE}"]
+    pod = kubernetes_objects()["Deployment", "wsgate"]["spec"]["template"]["spec"]["securityContext"]
+    assert f"USER {pod['runAsUser']}:{pod['runAsGroup']}\n" in text
+    assert '\nENTRYPOINT ["wsgate"]\n' in text and '\nCMD ["run", "-c", "/etc/wsgate/wsgate.yaml"]\n' in text
+    licence = re.search(r'^license = "(.*)"$', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert f'org.opencontainers.image.licenses="{licence}"' in text
+
+
+def test_the_dockerignore_lets_in_what_the_dockerfile_copies_and_nothing_else() -> None:
+    rules = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    assert rules[0] == "*"
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    copied = set()
+    for sources in re.findall(r"^COPY (?!--from)(.*) \S+$", DOCKERFILE.read_text(), re.MULTILINE):
+        copied.update(sources.split())
+    assert copied == allowed
+
+
+# -- Compose --------------------------------------------------------------------------------
+
+COMPOSE = DEPLOY / "compose"
+
+
+def compose_services() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load((COMPOSE / "compose.yaml").read_text())["services"]
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Each bind mount's target in the container, with its source on the host."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        mounts[target] = (COMPOSE / source).resolve()
+    return mounts
+
+
+def compose_gateway_config(monkeypatch: pytest.MonkeyPatch) -> Config:
+    monkeypatch.delenv("WSGATE_PORT", raising=False)
+    return load_config(bind_mounts(compose_services()["wsgate"])["/etc/wsgate/wsgate.yaml"])
+
+
+def test_every_file_compose_mounts_or_builds_from_exists() -> None:
+    services = compose_services()
+    for name, service in services.items():
+        for target, source in bind_mounts(service).items():
+            assert source.is_file(), f"{name}: {source} (mounted at {target})"
+        if "build" in service:
+            context = (COMPOSE / service["build"]["context"]).resolve()
+            assert context == REPO and (context / service["build"]["dockerfile"]).is_file(), name
+    assert {"wsgate", "prometheus", "grafana", "load"} <= set(services)
+
+
+def test_the_compose_gateway_config_passes_wsgate_check() -> None:
+    path = bind_mounts(compose_services()["wsgate"])["/etc/wsgate/wsgate.yaml"]
+    result = subprocess.run(
+        [sys.executable, "-m", "wsgate", "check", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_compose_services_agree_on_names_ports_and_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    services = compose_services()
+    config = compose_gateway_config(monkeypatch)
+    gateway = services["wsgate"]
+    assert gateway["ports"] == [f"{config.listeners[0].port}:{config.listeners[0].port}",
+                                f"{config.admin.port}:{config.admin.port}"]
+    assert gateway.get("command") is None  # the image's own: run -c /etc/wsgate/wsgate.yaml
+    assert int(gateway["stop_grace_period"].removesuffix("s")) > config.shutdown.grace_period
+    # Every backend of the route is an echo-backend service of the same image, on the port the URL names.
+    (route,) = config.routes
+    backends = [backend.url.removeprefix("ws://").split(":") for backend in route.backends]
+    assert len(backends) == 3 and set(gateway["depends_on"]) == {host for host, _ in backends}
+    for host, port in backends:
+        echo = services[host]
+        assert echo["image"] == gateway["image"] and echo["build"] == gateway["build"]
+        command = echo["command"]
+        assert command[0] == "echo-backend" and command[command.index("--port") + 1] == port
+        assert command[command.index("--host") + 1] == "0.0.0.0"
+    # The load goes to the gateway's listener.
+    load = services["load"]
+    assert load["image"] == gateway["image"]
+    assert load["command"][load["command"].index("--url") + 1] == f"ws://wsgate:{config.listeners[0].port}/"
+    assert bind_mounts(load)[load["entrypoint"][1]] == COMPOSE / "load.py"
+    # Prometheus scrapes the admin port as job wsgate, with the alert rules it mounts.
+    prometheus = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert job["job_name"] == "wsgate" and 'job="wsgate"' in ALERTS.read_text()
+    assert job["static_configs"] == [{"targets": [f"wsgate:{config.admin.port}"]}]
+    mounts = bind_mounts(services["prometheus"])
+    assert mounts["/etc/prometheus/prometheus.yml"] == COMPOSE / "prometheus.yml"
+    assert {mounts[path] for path in prometheus["rule_files"]} == {ALERTS}
+    # Grafana: the data source is that Prometheus, the dashboard the one under deploy/grafana.
+    grafana = bind_mounts(services["grafana"])
+    datasource_file = next(s for t, s in grafana.items() if t.startswith("/etc/grafana/provisioning/datasources/"))
+    (datasource,) = yaml.safe_load(datasource_file.read_text())["datasources"]
+    assert datasource["url"] == "http://prometheus:9090" and datasource["isDefault"] is True
+    assert datasource["type"] == "prometheus"
+    provider_file = next(s for t, s in grafana.items() if t.startswith("/etc/grafana/provisioning/dashboards/"))
+    (provider,) = yaml.safe_load(provider_file.read_text())["providers"]
+    dashboards = {t: s for t, s in grafana.items() if t.startswith(provider["options"]["path"] + "/")}
+    assert list(dashboards.values()) == [DASHBOARD]
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home in dashboards
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not found: install the Debian package prometheus (scripts/test.sh does)",
+)
+def test_promtool_accepts_the_compose_prometheus_config(tmp_path: Path) -> None:
+    # The rule file where the container has it, for promtool to read here.
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    config["rule_files"] = [str(ALERTS)]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        ["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_the_compose_load_script_echoes_through_a_gateway(tmp_path: Path, ws_backend: Any) -> None:
+    gateway = await GatewayProcess.start(tmp_path, gateway_config([ws_backend.url], route={"hash_key": "query:room"}))
+    load = None
+    try:
+        load = await asyncio.create_subprocess_exec(
+            sys.executable, str(COMPOSE / "load.py"), "--url", gateway.ws_url + "/", "--connections", "3",
+            "--rate", "20", "--duration", "1", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(STEP_TIMEOUT):
+            output, errors = await load.communicate()
+        assert load.returncode == 0, output.decode() + errors.decode()
+        summary = re.fullmatch(
+            r"load: (\d+) connections, (\d+) messages echoed, 0 mismatched, 0 failed connections\n", output.decode()
+        )
+        assert summary, output.decode()
+        assert int(summary.group(1)) == 3 == ws_backend.connections
+        assert int(summary.group(2)) == len(ws_backend.messages) > 0
+        assert {request[":path"] for request in ws_backend.requests} == {f"/?room={n}" for n in range(3)}
+    finally:
+        if load is not None and load.returncode is None:
+            load.kill()
+            await load.wait()
+        await gateway.stop()
+
+
+EXAMPLES = KUBERNETES / "examples"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_connections_autoscaler_validates_and_scales_what_the_cpu_one_does(version: str) -> None:
+    example = yaml.safe_load((EXAMPLES / "hpa-connections.yaml").read_text())
+    kubernetes_validate.validate(example, version, strict=True)
+    cpu = kubernetes_objects()["HorizontalPodAutoscaler", "wsgate"]
+    # It takes the CPU one's place: the same name and target.
+    assert example["metadata"]["name"] == cpu["metadata"]["name"]
+    assert example["spec"]["scaleTargetRef"] == cpu["spec"]["scaleTargetRef"]
+    assert example["spec"]["behavior"] == cpu["spec"]["behavior"]
+
+
+async def test_the_adapter_rule_serves_the_metric_the_autoscaler_names_from_an_exported_gauge(
+    scraped: Exported,
+) -> None:
+    example = yaml.safe_load((EXAMPLES / "hpa-connections.yaml").read_text())
+    (pods,) = [m["pods"] for m in example["spec"]["metrics"] if m["type"] == "Pods"]
+    (rule,) = yaml.safe_load((EXAMPLES / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    assert rule["name"]["as"] == pods["metric"]["name"]
+    (selector,) = read_promql(rule["seriesQuery"]).selectors
+    assert re.fullmatch(rule["name"]["matches"], selector.metric)
+    assert selector.metric in scraped.labels
+    # namespace and pod come from the ServiceMonitor's targets, the way the rule maps them.
+    assert {label for label, _, _ in selector.matchers} == set(rule["resources"]["overrides"]) == {"namespace", "pod"}

@@ -1,4 +1,6 @@
-"""Command line: `wsgate run | check | explain | demo`, exit codes 0 (ok), 1 (failure), 2 (bad config).
+"""Command line: `wsgate run | check | demo | explain | echo-backend`.
+
+Exit codes: 0 (ok), 1 (failure), 2 (bad config).
 
 The commands parse their arguments, load and check the config and hand over
 to `runtime`, which runs the process.
@@ -8,15 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 from importlib import resources
 
 from . import __version__
 from .admin import AdminServer
-from .config import Backend, Config, load_config, read_admin_token
-from .errors import ConfigError
+from .config import Backend, Config, format_host_port, load_config, read_admin_token
+from .errors import ConfigError, ListenError
 from .gateway import Gateway
-from .runtime import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, run, serve, setup_logging
+from .runtime import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, run, serve, setup_logging, stop_on_signals
 from .tls import check_files
 
 
@@ -110,6 +113,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(_demo(config), hints)
 
 
+async def _echo_backend(host: str, port: int, name: str) -> None:
+    from .demo import start_echo_backend
+
+    try:
+        runner = await start_echo_backend(host, port, name)
+    except OSError as exc:
+        raise ListenError.from_os_error("--port", format_host_port(host, port), exc) from exc
+    stop = stop_on_signals()
+    bound_host, bound_port = runner.addresses[0][:2]
+    print(f"wsgate echo-backend {name}: listening on ws://{format_host_port(bound_host, bound_port)}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def cmd_echo_backend(args: argparse.Namespace) -> int:
+    return run(_echo_backend(args.host, args.port, args.name or socket.gethostname()))
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .balancer import Pool
 
@@ -184,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     demo.set_defaults(handler=cmd_demo)
+
+    echo = commands.add_parser(
+        "echo-backend", help="a WebSocket echo server, as a backend for trying a gateway out"
+    )
+    echo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    echo.add_argument("--port", type=int, default=8080, help="port to listen on (8080; 0 picks one)")
+    echo.add_argument("--name", help="the X-Echo-Backend header it answers with (the host name)")
+    echo.set_defaults(handler=cmd_echo_backend)
     return parser
 
 

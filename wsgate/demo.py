@@ -1,4 +1,5 @@
-"""Built-in chat backends for `wsgate demo`, and the controls that stop and start them.
+"""Built-in backends: the chat servers of `wsgate demo` with the controls that stop
+and start them, and the echo server of `wsgate echo-backend`.
 
 Each backend is a small room-broadcast server: every text message a client
 sends goes to every client of the same room (`?room=NAME`) on that backend,
@@ -135,3 +136,34 @@ class ChatBackends:
     async def close(self) -> None:
         for backend in self.backends:
             await backend.close()
+
+
+def _echo_app(name: str) -> web.Application:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return web.Response(text=f"{name}: a WebSocket echo backend\n")
+        ws = web.WebSocketResponse()
+        ws.headers["X-Echo-Backend"] = name
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await ws.send_str(message.data)
+            elif message.type is WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", echo)
+    return app
+
+
+async def start_echo_backend(host: str, port: int, name: str) -> web.AppRunner:
+    """One echo server on host:port, answering as `name`, for `wsgate echo-backend`."""
+    runner = web.AppRunner(_echo_app(name), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
