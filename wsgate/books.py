@@ -285,9 +285,9 @@ class Books:
         metrics.series(metrics.close_frames, close_code_label(relay.close_code), side).inc()
         metrics.series(metrics.connection_duration, relay.route_name).observe(duration)
         if relay.dead_side:
-            metrics.heartbeat_timeouts.labels(relay.dead_side).inc()
+            metrics.series(metrics.heartbeat_timeouts, relay.dead_side).inc()
         elif relay.close_reason == "idle timeout":
-            metrics.idle_timeouts.labels(relay.route_name).inc()
+            metrics.series(metrics.idle_timeouts, relay.route_name).inc()
         if relay.limit_exceeded:
             metrics.series(metrics.limit_closes, relay.limit_exceeded).inc()
         self.log_access(
