@@ -185,7 +185,9 @@ async def _drive(books: Any, client: Callable[[], None]) -> None:
     await _settle(books)
 
 
-async def measure(backend_port: int, rounds: int, messages: int) -> dict[str, Any]:
+async def measure(
+    backend_port: int, rounds: int, messages: int, gc_threshold: int | None = None
+) -> dict[str, Any]:
     from wsgate.config import parse_config
     from wsgate.gateway import Gateway
 
@@ -202,7 +204,9 @@ async def measure(backend_port: int, rounds: int, messages: int) -> dict[str, An
     port = gateway.addresses[0][1]
     gc.collect()
     gc.freeze()  # as `wsgate run` does once started
-    results: dict[str, Any] = {"rounds": rounds, "messages": messages}
+    if gc_threshold is not None:
+        gc.set_threshold(gc_threshold, *gc.get_threshold()[1:])
+    results: dict[str, Any] = {"rounds": rounds, "messages": messages, "gc_threshold": gc.get_threshold()}
     try:
         passes: dict[str, tuple[Callable[[], None], int]] = {
             "handshake": (lambda: handshakes(port, rounds), rounds),
@@ -287,7 +291,8 @@ async def _memory(books: Any, port: int, rounds: int) -> dict[str, float]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        f"Handshakes per pass: {results['rounds']}; quiet messages per pass: {results['messages']}.",
+        f"Handshakes per pass: {results['rounds']}; quiet messages per pass: {results['messages']}; "
+        f"gc thresholds {results['gc_threshold']}.",
         "",
         "| event | what | Python calls / handshake | profiled time share | "
         "Python calls / message | profiled time share |",
@@ -323,7 +328,9 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=2000, help="handshakes per pass (default %(default)s)")
-    parser.add_argument("--messages", type=int, default=5000, help="quiet messages per pass (default %(default)s)")
+    parser.add_argument("--messages", type=int, default=5000,
+                        help="quiet messages per pass (default %(default)s)")
+    parser.add_argument("--gc-threshold", type=int, help="gen-0 threshold to run with (default Python's)")
     parser.add_argument("--json", action="store_true", help="print JSON, not Markdown")
     args = parser.parse_args()
     from wsgate.runtime import loop_factory, setup_logging
@@ -343,7 +350,7 @@ def main() -> int:
         backend_port = int(backend.stdout.readline().rsplit(":", 1)[1])
         factory = loop_factory()
         with asyncio.Runner(loop_factory=factory) as runner:
-            results = runner.run(measure(backend_port, args.rounds, args.messages))
+            results = runner.run(measure(backend_port, args.rounds, args.messages, args.gc_threshold))
     finally:
         backend.terminate()
         backend.wait(5)

@@ -357,6 +357,19 @@ class Naive(Target):
         self.port = self.proc.wait_for_port()
 
 
+class BareRelay(Target):
+    name = "bare-relay"
+
+    def version(self) -> str:
+        return "bench/bare_relay.py: two Protocols on uvloop, bytes passed as read"
+
+    def start(self, backend_port: int, workdir: Path) -> None:
+        backend = f"{HOST}:{backend_port}"
+        argv = [sys.executable, "-m", "bench.bare_relay", "--port", "0", "--backend", backend]
+        self.proc = Proc(self.name, argv, workdir)
+        self.port = self.proc.wait_for_port()
+
+
 class Nginx(Target):
     name = "nginx"
     binary = "nginx"
@@ -464,10 +477,13 @@ class Caddy(Target):
 
 
 ALL_TARGETS: dict[str, type[Target]] = {
-    cls.name: cls for cls in (Wsgate, WsgateBase, WsgateTls, Nginx, NginxTls, Haproxy, Caddy, Naive, Direct)
+    cls.name: cls for cls in (
+        Wsgate, WsgateBase, WsgateTls, Nginx, NginxTls, Haproxy, Caddy, Naive, BareRelay, Direct
+    )
 }
-# What runs without --targets: all but nginx-tls, the TLS peer, and wsgate-base, an older
-# wsgate, which are opt-in (each target adds about a sixth to the run's length).
-DEFAULT_TARGETS = tuple(name for name in ALL_TARGETS if name not in ("nginx-tls", "wsgate-base"))
+# What runs without --targets: all but nginx-tls, the TLS peer, wsgate-base, an older wsgate,
+# and bare-relay, the floor, which are opt-in (each target adds about a sixth to the run's length).
+OPT_IN_TARGETS = ("nginx-tls", "wsgate-base", "bare-relay")
+DEFAULT_TARGETS = tuple(name for name in ALL_TARGETS if name not in OPT_IN_TARGETS)
 # The proxies wsgate is compared with ("best peer" picks among these).
 PEERS = ("nginx", "haproxy", "caddy", "aiohttp-naive")
