@@ -276,11 +276,17 @@ async def _memory(books: Any, port: int, rounds: int) -> dict[str, float]:
         await asyncio.sleep(0.01)
     gc.collect()
     held = sys.getallocatedblocks() - before - left
+    # What the upgrade phase may leave behind on an open relay: nothing, once handed off.
+    from wsgate.upgrade import UpgradeProtocol
+    from wsgate.upstream import BackendHandshake
+
+    phase_objects = sum(isinstance(o, (UpgradeProtocol, BackendHandshake)) for o in gc.get_objects())
     for sock in socks:
         sock.close()
     await _settle(books)
     return {
         "blocks_per_open_relay": held / open_count,
+        "upgrade_objects_per_open_relay": phase_objects / open_count,
         "blocks_left_per_handshake": left / rounds,
         "gen0_per_1000_handshakes": gen0 * 1000 / rounds,
     }
@@ -313,7 +319,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Loop-thread CPU, unprofiled: {results['handshake_cpu_us']:.0f} µs per handshake, "
         f"{results['message_cpu_us']:.1f} µs per quiet message.",
         f"Memory: {results['blocks_per_open_relay']:.0f} allocated blocks held per open relay, "
-        f"{results['blocks_left_per_handshake']:.2f} left per finished handshake; "
+        f"{results['blocks_left_per_handshake']:.2f} left per finished handshake, "
+        f"{results['upgrade_objects_per_open_relay']:.2f} upgrade-phase protocols alive per open relay; "
         f"{results['gen0_per_1000_handshakes']:.0f} gen-0 collections per 1,000 handshakes.",
         "",
         "Most-called functions per handshake:",
