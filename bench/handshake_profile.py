@@ -100,6 +100,8 @@ EVENTS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     )),
     ("log", "the access line", (
         ("logging/", ""), ("runtime.py", ""), ("books.py", "log_access"), ("books.py", "key_hash"),
+        ("books.py", "write_entry"), ("books.py", "iso_time"), ("books.py", "_direct_access_handler"),
+        ("books.py", "_close_entry"),
         ("json/", ""), ("hashlib", ""),
     )),
     ("metrics", "prometheus-client children and counts", (
