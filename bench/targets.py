@@ -67,13 +67,16 @@ def _child_setup() -> None:
 class Proc:
     """A child process in its own session, with its output in a log file."""
 
-    def __init__(self, name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+    ) -> None:
         self.name = name
         self.log_path = workdir / f"{name}.log"
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=REPO, env=env, start_new_session=True, preexec_fn=_child_setup,
+                cwd=cwd, env=env, start_new_session=True, preexec_fn=_child_setup,
             )
 
     @property
@@ -282,6 +285,8 @@ class Direct(Target):
 
 class Wsgate(Target):
     name = "wsgate"
+    # The checkout whose wsgate runs: this one, or another for a same-run before/after.
+    tree = REPO
 
     def version(self) -> str:
         return _version([sys.executable, "-m", "wsgate", "--version"])
@@ -302,8 +307,25 @@ class Wsgate(Target):
             "shutdown: {drain_period: 1s, grace_period: 2s}\n"
             "log: {level: info, format: text}\n"
         )
-        self.proc = Proc(self.name, [sys.executable, "-m", "wsgate", "run", "-c", str(config)], workdir)
+        argv = [sys.executable, "-m", "wsgate", "run", "-c", str(config)]
+        env = None
+        if self.tree != REPO:
+            env = {**os.environ, "PYTHONPATH": str(self.tree)}
+        self.proc = Proc(self.name, argv, workdir, env=env, cwd=self.tree)
         self.port = self.proc.wait_for_port()
+
+
+class WsgateBase(Wsgate):
+    """wsgate from the checkout named by WSGATE_BENCH_BASE (a `git worktree` of an older
+    commit, its `_speedups` built): the code before a change, measured in the same run."""
+
+    name = "wsgate-base"
+    tree = Path(os.environ.get("WSGATE_BENCH_BASE", REPO))
+
+    def missing(self) -> str | None:
+        if "WSGATE_BENCH_BASE" not in os.environ:
+            return "WSGATE_BENCH_BASE names no checkout"
+        return super().missing()
 
 
 class WsgateTls(Wsgate):
@@ -332,6 +354,19 @@ class Naive(Target):
     def start(self, backend_port: int, workdir: Path) -> None:
         argv = [sys.executable, "-m", "bench.naive_proxy", "--port", "0", "--backend", f"{HOST}:{backend_port}"]
         self.proc = Proc("aiohttp-naive", argv, workdir)
+        self.port = self.proc.wait_for_port()
+
+
+class BareRelay(Target):
+    name = "bare-relay"
+
+    def version(self) -> str:
+        return "bench/bare_relay.py: two Protocols on uvloop, bytes passed as read"
+
+    def start(self, backend_port: int, workdir: Path) -> None:
+        backend = f"{HOST}:{backend_port}"
+        argv = [sys.executable, "-m", "bench.bare_relay", "--port", "0", "--backend", backend]
+        self.proc = Proc(self.name, argv, workdir)
         self.port = self.proc.wait_for_port()
 
 
@@ -442,10 +477,13 @@ class Caddy(Target):
 
 
 ALL_TARGETS: dict[str, type[Target]] = {
-    cls.name: cls for cls in (Wsgate, WsgateTls, Nginx, NginxTls, Haproxy, Caddy, Naive, Direct)
+    cls.name: cls for cls in (
+        Wsgate, WsgateBase, WsgateTls, Nginx, NginxTls, Haproxy, Caddy, Naive, BareRelay, Direct
+    )
 }
-# What runs without --targets: all but nginx-tls, the TLS peer, which is opt-in (each
-# target adds about a sixth to the run's length).
-DEFAULT_TARGETS = tuple(name for name in ALL_TARGETS if name != "nginx-tls")
+# What runs without --targets: all but nginx-tls, the TLS peer, wsgate-base, an older wsgate,
+# and bare-relay, the floor, which are opt-in (each target adds about a sixth to the run's length).
+OPT_IN_TARGETS = ("nginx-tls", "wsgate-base", "bare-relay")
+DEFAULT_TARGETS = tuple(name for name in ALL_TARGETS if name not in OPT_IN_TARGETS)
 # The proxies wsgate is compared with ("best peer" picks among these).
 PEERS = ("nginx", "haproxy", "caddy", "aiohttp-naive")

@@ -7,6 +7,9 @@ protocols and the gateway share, and their rules hold without either.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +22,7 @@ from wsgate.books import Books
 from wsgate.config import Config, parse_config
 from wsgate.frames import CloseCode
 from wsgate.metrics import Metrics
+from wsgate.runtime import setup_logging
 
 BACKENDS = ["ws://127.0.0.1:9", "ws://127.0.0.1:10"]
 
@@ -111,3 +115,76 @@ async def test_spread_closes_close_each_relay_once_within_the_drain_period(count
     async with asyncio.timeout(STEP_TIMEOUT):
         await done.wait()
     assert closed == [(CloseCode.SERVICE_RESTART, "backend removed")] * count
+
+
+@pytest.fixture
+def made_records() -> Iterator[list[logging.LogRecord]]:
+    """The log records made during the test; the logging setup of before it back after."""
+    root, access = logging.getLogger(), logging.getLogger("wsgate.access")
+    saved = (root.handlers[:], root.level, access.handlers[:], access.level, access.propagate)
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        made.append(record)
+        return record
+
+    logging.setLogRecordFactory(counting_factory)
+    yield made
+    logging.setLogRecordFactory(factory)
+    root.handlers[:], level, access.handlers[:], access.level, access.propagate = saved
+    root.setLevel(level)
+
+
+def as_run(access_log: bool = True) -> logging.Logger:
+    """Logging set up as `wsgate run` does (onto the test's captured stdout); the access logger.
+
+    pytest adds its own capture handlers to every logger for the call phase: they go.
+    """
+    setup_logging("info", "json", access_log)
+    access = logging.getLogger("wsgate.access")
+    access.handlers[:] = [h for h in access.handlers if not type(h).__module__.startswith("_pytest")]
+    return access
+
+
+def access_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+async def test_the_access_line_is_written_without_a_log_record_in_the_same_json(made_records, capsys):
+    books = make_books(make_config())
+    as_run()
+    books.log_access("127.0.0.1:5000", "r", "b", b"k", 101, 1.23456, "client closed", None, bytes_in=7)
+    logging.getLogger("wsgate.access").info("", extra={"access": {"status": 101}})
+    direct, through_logging = access_lines(capsys.readouterr().out)
+    assert len(made_records) == 1  # only the line logged by hand made a record
+    assert list(direct) == ["time", "client", "route", "backend", "key_hash", "status", "duration",
+                            "bytes_in", "reason", "client_cert"]
+    assert direct["duration"] == 1.235 and direct["bytes_in"] == 7 and direct["client_cert"] is None
+    # The same time format on both paths: 2026-01-02T03:04:05.678+00:00.
+    assert len(direct["time"]) == len(through_logging["time"]) == 29
+    assert direct["time"].endswith("+00:00") and through_logging["time"].endswith("+00:00")
+
+
+async def test_an_access_logger_with_a_filter_or_a_second_handler_gets_records(made_records, capsys):
+    access = as_run()
+    books = make_books(make_config())
+    dropped = logging.Filter("nothing.by.this.name")
+    access.addFilter(dropped)
+    books.log_access("127.0.0.1:5000", "r", "b", b"", 101, 0.0, "done", None)
+    access.removeFilter(dropped)
+    assert capsys.readouterr().out == ""  # the filter held on the direct path's logger
+    extra = logging.NullHandler()
+    access.addHandler(extra)
+    books.log_access("127.0.0.1:5000", "r", "b", b"", 101, 0.0, "done", None)
+    access.removeHandler(extra)
+    assert len(made_records) == 2
+    (line,) = access_lines(capsys.readouterr().out)
+    assert line["reason"] == "done"
+
+
+async def test_no_access_line_and_no_record_while_the_access_log_is_off(made_records, capsys):
+    as_run(access_log=False)
+    make_books(make_config()).log_access("127.0.0.1:5000", "r", "b", b"", 101, 0.0, "done", None)
+    assert capsys.readouterr().out == "" and made_records == []

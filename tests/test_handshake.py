@@ -998,6 +998,14 @@ def test_render_error_parses(status: int, reason: bytes) -> None:
     assert client.their_state is h11.MUST_CLOSE
 
 
+def test_a_rejection_is_rendered_once_for_every_error_that_says_the_same() -> None:
+    first = render_rejection(HandshakeError(429, "slow down", [("Retry-After", "1")]))
+    again = render_rejection(HandshakeError(429, "slow down", [("Retry-After", "1")]))
+    assert again is first  # the bytes of the first, not a new rendering
+    other = render_rejection(HandshakeError(429, "slow down", [("Retry-After", "2")]))
+    assert other != first and b"Retry-After: 2\r\n" in other
+
+
 @pytest.mark.parametrize(
     ("reason", "sent_reason"),
     [(b"Custom Reason", b"Custom Reason"), (b"", b"Unauthorized")],

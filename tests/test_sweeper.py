@@ -7,6 +7,9 @@ tested end to end in test_relay.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from wsgate.relay import MAX_RECHECK, RelaySettings, Sweeper, sweep_timing
@@ -67,6 +70,20 @@ def test_relays_that_left_or_need_no_more_looks_are_dropped():
     assert left.seen == []
     assert done.seen == pytest.approx([0.5])
     assert len(staying.seen) == 5
+
+
+def test_a_relay_that_left_is_not_kept_alive_until_its_slot_comes_round():
+    sweeper = Sweeper(TICK, RECHECK)
+    left, staying = Visited(1.0), Visited(1.0)
+    for relay in (left, staying):
+        sweeper.add(relay, 0.0)
+    gone = weakref.ref(left)
+    sweeper.relays.discard(left)
+    del left
+    gc.collect()
+    assert gone() is None
+    drive(sweeper, 2.0)
+    assert staying.seen == pytest.approx([0.5, 1.5])
 
 
 def test_new_timings_keep_every_relay_and_look_at_it_on_the_next_tick():

@@ -17,6 +17,7 @@ import binascii
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from http import HTTPStatus
 from urllib.parse import parse_qs
 
@@ -482,10 +483,17 @@ def render_switching_protocols(negotiated: Negotiated) -> bytes:
 
 def render_error(status: int, message: str, extra: list[tuple[str, str]] | None = None) -> bytes:
     """A short plain-text error reply that closes the connection."""
+    return _rendered_error(status, message, tuple(extra) if extra else ())
+
+
+# The same few refusals (503 at the limit, 429, 408, 502) answer whole storms of connections:
+# each is rendered once. Bounded, as a reason may quote what a client sent.
+@lru_cache(maxsize=128)
+def _rendered_error(status: int, message: str, extra: tuple[tuple[str, str], ...]) -> bytes:
     body = (message + "\n").encode("utf-8")
     connection = "close"
     headers: Headers = []
-    for name, value in extra or []:
+    for name, value in extra:
         if name.lower() == "connection":
             # One Connection header: a 426's "Upgrade" joins the "close" every error carries.
             connection = f"{value}, close"

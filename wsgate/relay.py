@@ -30,6 +30,7 @@ import asyncio
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -438,14 +439,16 @@ class Sweeper:
     look (see `Relay.sweep`): when a ping or a timeout is due, and at least every
     `recheck` (5 s at most) to notice traffic starting or stopping. Timeouts
     stay as precise as the tick, while a relay is looked at every few seconds
-    rather than on every tick.
+    rather than on every tick. The slots hold weak references: a relay that
+    closed is freed at once, not kept (with its legs and transports) until its
+    slot comes round, which in a reconnect storm would be thousands of them.
     """
 
     def __init__(self, tick: float, recheck: float) -> None:
         self.tick = tick
         self.recheck = recheck
         self.relays: set[Relay] = set()
-        self._slots: dict[int, list[Relay]] = {}
+        self._slots: dict[int, list[weakref.ref[Relay]]] = {}
         self._next_slot = 0  # the first slot not run yet
         self._timer: asyncio.TimerHandle | None = None
 
@@ -465,7 +468,7 @@ class Sweeper:
 
     def retime(self, tick: float, recheck: float, now: float) -> None:
         """New timings (a reload): every relay gets a look at the next tick, on the new grid."""
-        waiting = [relay for slot in self._slots.values() for relay in slot]
+        waiting = [ref for slot in self._slots.values() for ref in slot]
         self._slots.clear()
         self.tick, self.recheck = tick, recheck
         self._next_slot = self._slot(now)
@@ -479,9 +482,9 @@ class Sweeper:
         slot = max(math.ceil(when / self.tick - 1e-9), self._next_slot)
         bucket = self._slots.get(slot)
         if bucket is None:
-            self._slots[slot] = [relay]
+            self._slots[slot] = [weakref.ref(relay)]
         else:
-            bucket.append(relay)
+            bucket.append(weakref.ref(relay))
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         self.run_due(loop.time())
@@ -492,13 +495,14 @@ class Sweeper:
         last = self._slot(now)
         # Relays filed during this run land in later slots.
         self._next_slot = last + 1
-        due: list[Relay] = []
+        due: list[weakref.ref[Relay]] = []
         # A few dozen slots at most (the longest wait over a tick), so scanning them is cheap.
         for slot in [slot for slot in self._slots if slot <= last]:
             due += self._slots.pop(slot)
         relays, recheck = self.relays, self.recheck
-        for relay in due:
-            if relay not in relays:
+        for ref in due:
+            relay = ref()
+            if relay is None or relay not in relays:
                 continue  # closed since it was filed
             try:
                 when = relay.sweep(now, recheck)

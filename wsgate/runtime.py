@@ -17,10 +17,10 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from .admin import AdminServer
+from .books import AccessLineHandler, iso_time
 from .config import Config, Log, read_admin_token
 from .errors import ConfigError, ListenError, WorkerError
 from .gateway import Gateway
@@ -70,15 +70,10 @@ def run(main: Coroutine[Any, Any, Any], hints: dict[str, str] | None = None) -> 
 # -- logging -------------------------------------------------------------------
 
 
-def _iso_time(record: logging.LogRecord) -> str:
-    """ISO 8601 in UTC with its offset, to the millisecond: the same in both JSON logs."""
-    return datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
-
-
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": _iso_time(record),
+            "time": iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -86,11 +81,6 @@ class _JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
-
-
-class _AccessFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": _iso_time(record), **getattr(record, "access", {})})
 
 
 def setup_logging(level: str, fmt: str, access: bool = True) -> None:
@@ -107,9 +97,7 @@ def setup_logging(level: str, fmt: str, access: bool = True) -> None:
     access_log = logging.getLogger("wsgate.access")
     access_log.propagate = False
     access_log.setLevel(logging.INFO if access else logging.CRITICAL + 1)
-    access_handler = logging.StreamHandler(sys.stdout)
-    access_handler.setFormatter(_AccessFormatter())
-    access_log.handlers[:] = [access_handler]
+    access_log.handlers[:] = [AccessLineHandler(sys.stdout)]
 
 
 def log_reloader(started: Log, level: str | None) -> Callable[[Log], None]:

@@ -245,7 +245,8 @@ class UpgradeProtocol(asyncio.Protocol):
         except (OSError, TimeoutError, EOFError) as exc:
             # Routine on a public port (scanners, plain HTTP, bad clients): count, don't shout.
             self.books.tls_handshake_failures += 1
-            self.books.metrics.tls_handshake_failures.labels(self.listener.name).inc()
+            metrics = self.books.metrics
+            metrics.series(metrics.tls_handshake_failures, self.listener.name).inc()
             log.debug("conn=%d %s TLS handshake failed: %r", self.conn_id, self.client_ip, exc)
             self.transport.close()
             self._finish()
@@ -257,7 +258,8 @@ class UpgradeProtocol(asyncio.Protocol):
         error = refusal.error
         level = logging.WARNING if refusal.label == "limit" else logging.INFO
         log.log(level, "conn=%d refused %s: %s", self.conn_id, self.client_ip, error.reason)
-        self.books.metrics.handshake_rejections.labels(refusal.label).inc()
+        metrics = self.books.metrics
+        metrics.series(metrics.handshake_rejections, refusal.label).inc()
         self._account(error.status, "rejected", error.reason)
         if tls:
             self.transport.close()  # no HTTP can be spoken before TLS; spend no handshake on it
@@ -367,7 +369,8 @@ class UpgradeProtocol(asyncio.Protocol):
             return
         if self.task is None:
             log.info("conn=%d %s sent no complete request in time", self.conn_id, self.client_ip)
-            self.books.metrics.handshake_rejections.labels("timeout").inc()
+            metrics = self.books.metrics
+            metrics.series(metrics.handshake_rejections, "timeout").inc()
             self._account(408, "rejected", "request timeout")
             self._reply(render_error(408, "request timeout"))
 
@@ -388,7 +391,8 @@ class UpgradeProtocol(asyncio.Protocol):
     def _reject(self, error: HandshakeError, label: str | None = None) -> None:
         log.info("conn=%d %s rejected: %d %s", self.conn_id, self.client_ip, error.status, error.reason)
         label = label or _REJECTION_REASONS.get(error.status, "other")
-        self.books.metrics.handshake_rejections.labels(label).inc()
+        metrics = self.books.metrics
+        metrics.series(metrics.handshake_rejections, label).inc()
         self._account(error.status, "rejected", error.reason)
         self._reply(render_rejection(error))
 
