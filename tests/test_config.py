@@ -728,6 +728,9 @@ DUP_ROUTES = [
         (with_("workers", "two"), "workers", "expected a whole number or auto, got 'two'"),
         (with_("workers", 1.5), "workers", "expected a whole number or auto, got 1.5"),
         (with_("workers", 0), "workers", "must be"),
+        # http_parser
+        (with_("http_parser", "llhttp"), "http_parser",
+         "expected 'auto', 'h11' or 'httptools', got 'llhttp'"),
     ],
 )
 def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
@@ -743,8 +746,8 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
     ("data", "path", "allowed"),
     [
         (with_("bogus", 1), "bogus",
-         "listeners, workers, admin, routes, trusted_proxies, timeouts, heartbeat, limits,"
-         " flow_control, shutdown, discovery, log"),
+         "listeners, workers, http_parser, admin, routes, trusted_proxies, timeouts, heartbeat,"
+         " limits, flow_control, shutdown, discovery, log"),
         (with_("listeners.0.port", 1), "listeners[0].port", "name, bind, tls"),
         (with_("listeners.0.tls", {"cert": "c", "key": "k", "ca": "x"}), "listeners[0].tls.ca",
          "cert, key, sni, min_version, client_ca, client_auth, forward_client_cert, watch_interval"),
