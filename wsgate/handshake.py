@@ -1,9 +1,10 @@
 """Sans-I/O rules of the RFC 6455 opening handshake, on both legs.
 
 `HeadReader` collects a request or response head and refuses, before a parser
-sees it, what is too large, too long or ambiguous. `parse_request_head` and
-`parse_response_head` turn a complete head into a `RequestHead` or
-`ResponseHead`, with h11 or, on its fast path, httptools (see `HttpParser`).
+sees it, what is too large, too long or ambiguous. `parse_request_head` turns a
+complete head into a `RequestHead`, and `switching_protocols_head` or
+`response_head` a backend's into a `ResponseHead`, with h11 or, on its fast
+path, httptools (see `HttpParser`).
 `check_client_request` either returns an `UpgradeRequest` or raises
 `HandshakeError` carrying the HTTP reply.
 `build_upstream_request` turns it into the request sent to a backend, and
@@ -186,13 +187,6 @@ _RESPONSE_HEAD = re.compile(
 )
 # Headers whose count or framing h11 rules on: a head with them is left to h11 whole.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-# What a backend's head is parsed as the answer to, when h11 parses it alone.
-_UPGRADE_PROBE = h11.Request(
-    method=b"GET",
-    target=b"/",
-    headers=[(b"Host", b"backend"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")],
-)
-
 
 @dataclass(frozen=True, slots=True)
 class RequestHead:
@@ -280,30 +274,25 @@ def parse_request_head(head: bytes, parser: HttpParser) -> tuple[RequestHead, by
     return request, connection.trailing_data[0]
 
 
-def parse_response_head(head: bytes, parser: HttpParser) -> tuple[ResponseHead, bytes]:
-    """Parse a complete response head from `HeadReader`; return it and the bytes after it.
+def switching_protocols_head(head: bytes, parser: HttpParser) -> tuple[ResponseHead, bytes] | None:
+    """A backend's 101 read by httptools from a complete head, and the bytes after it.
 
-    Raises `HandshakeError` carrying h11's complaint for a malformed head.
+    None when h11 must read the head: h11 is the parser chosen, or the head is not a
+    101 that h11 would read the same. The backend leg's own h11 connection then reads
+    it, as it reads a refusal's body, and `response_head` gives the same fields.
     """
+    if parser == "h11" or httptools is None:
+        return None
     end = head.find(b"\r\n\r\n") + 4
     assert end >= 4, "HeadReader returns complete heads only"
-    if parser != "h11" and httptools is not None:
-        line = _RESPONSE_HEAD.fullmatch(head, 0, end)
-        if line is not None:
-            headers = _fast_headers(httptools.HttpResponseParser, head, end)
-            if headers is not None:
-                version, status, reason = line.groups()
-                return ResponseHead(int(status), reason or b"", version, headers), head[end:]
-    connection = h11.Connection(h11.CLIENT)
-    connection.send(_UPGRADE_PROBE)
-    connection.send(h11.EndOfMessage())
-    connection.receive_data(head)
-    try:
-        event = connection.next_event()
-    except h11.RemoteProtocolError as exc:
-        raise HandshakeError(502, str(exc)) from None
-    assert isinstance(event, (h11.Response, h11.InformationalResponse)), "a complete head"
-    return response_head(event), head[end:]
+    line = _RESPONSE_HEAD.fullmatch(head, 0, end)
+    if line is None or line.group(2) != b"101":
+        return None
+    headers = _fast_headers(httptools.HttpResponseParser, head, end)
+    if headers is None:
+        return None
+    version, status, reason = line.groups()
+    return ResponseHead(int(status), reason or b"", version, headers), head[end:]
 
 
 def response_head(event: h11.Response | h11.InformationalResponse) -> ResponseHead:

@@ -1,9 +1,9 @@
 """The backend leg of an upgrade, from its connect until the backend's answer is complete.
 
 `BackendHandshake` sends the rewritten upgrade request (see handshake.py) and
-reads the answer: a 101 resolves `outcome` with its `ResponseHead` and the
-bytes that followed it kept in `early`; anything else is read on by h11 and
-resolves it with the response and its body,
+reads the answer: a 101 resolves `outcome` with its `ResponseHead` (read by
+httptools on its fast path, else by h11) and the bytes that followed it kept
+in `early`; anything else resolves it with the response and its body,
 and a connection that fails or ends first resolves it with
 `BackendUnavailable`. The upgrade protocol (upgrade.py) awaits the outcome.
 """
@@ -17,7 +17,7 @@ import h11
 
 from .config import Limits
 from .errors import BackendUnavailable, HandshakeError
-from .handshake import HeadReader, HttpParser, ResponseHead, parse_response_head, response_head
+from .handshake import HeadReader, HttpParser, ResponseHead, response_head, switching_protocols_head
 
 # A backend's refusal is relayed to the client; its body is cut at this size.
 BACKEND_REPLY_BODY_LIMIT = 64 * 1024
@@ -59,16 +59,13 @@ class BackendHandshake(asyncio.Protocol):
             if head is None:
                 return
             self.head = None
-            try:
-                response, after = parse_response_head(head, self.parser)
-            except HandshakeError as exc:
-                self._fail(f"backend sent a malformed response: {exc.reason}")
-                return
-            if response.status_code == 101:
+            switched = switching_protocols_head(head, self.parser)
+            if switched is not None:
+                response, after = switched
                 self.early += after
                 self.outcome.set_result(response)
                 return
-            data = head  # a refusal (or a 1xx first): h11 reads it on, with its body
+            data = head  # h11 reads it: the parser chosen, or a refusal with its body
         self.h11.receive_data(data)
         self._next_events()
 
