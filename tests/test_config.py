@@ -742,6 +742,20 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
     assert "errors.pydantic.dev" not in error.message
 
 
+def test_http_parser_httptools_is_refused_where_it_is_not_installed():
+    # Runs here with httptools installed, and in test_core_collection.py with it blocked.
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError) as caught:
+            parse_config(with_("http_parser", "httptools"))
+        assert caught.value.path == "http_parser"
+        assert "httptools is not installed" in caught.value.message
+        assert parse_config(with_("http_parser", "auto")).http_parser == "auto"
+    else:
+        assert parse_config(with_("http_parser", "httptools")).http_parser == "httptools"
+
+
 @pytest.mark.parametrize(
     ("data", "path", "allowed"),
     [

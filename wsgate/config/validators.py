@@ -7,7 +7,6 @@ points a problem below the value being validated.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -247,8 +246,13 @@ def duration_not_below(value: float, info: ValidationInfo, other: str) -> float:
 
 def installed_parser(value: str) -> str:
     """`httptools` chosen by name must be importable; `auto` falls back to h11 by itself."""
-    if value == "httptools" and importlib.util.find_spec("httptools") is None:
-        raise ValueError("httptools is not installed (pip install httptools), or choose auto or h11")
+    if value == "httptools":
+        try:
+            import httptools  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "httptools is not installed (pip install httptools); choose auto or h11"
+            ) from None
     return value
 
 
