@@ -282,6 +282,7 @@ class Direct(Target):
 
 class Wsgate(Target):
     name = "wsgate"
+    http_parser = "auto"  # httptools, as installed with wsgate
 
     def version(self) -> str:
         return _version([sys.executable, "-m", "wsgate", "--version"])
@@ -301,6 +302,7 @@ class Wsgate(Target):
             "limits: {max_connections: 100000, max_connections_per_ip: 100000, max_message_size: 0}\n"
             "shutdown: {drain_period: 1s, grace_period: 2s}\n"
             "log: {level: info, format: text}\n"
+            f"http_parser: {self.http_parser}\n"
         )
         self.proc = Proc(self.name, [sys.executable, "-m", "wsgate", "run", "-c", str(config)], workdir)
         self.port = self.proc.wait_for_port()
@@ -319,6 +321,16 @@ class WsgateTls(Wsgate):
         certs = self._certs()
         return (f"{super().listener()}    tls:\n"
                 f"      cert: {json.dumps(str(certs.cert))}\n      key: {json.dumps(str(certs.key))}\n")
+
+
+class WsgateH11(Wsgate):
+    """wsgate parsing the handshakes' heads with h11, the reference, to set beside httptools."""
+
+    name = "wsgate-h11"
+    http_parser = "h11"
+
+    def version(self) -> str:
+        return f"{super().version()} (http_parser: h11)"
 
 
 class Naive(Target):
@@ -442,10 +454,11 @@ class Caddy(Target):
 
 
 ALL_TARGETS: dict[str, type[Target]] = {
-    cls.name: cls for cls in (Wsgate, WsgateTls, Nginx, NginxTls, Haproxy, Caddy, Naive, Direct)
+    cls.name: cls
+    for cls in (Wsgate, WsgateTls, WsgateH11, Nginx, NginxTls, Haproxy, Caddy, Naive, Direct)
 }
-# What runs without --targets: all but nginx-tls, the TLS peer, which is opt-in (each
-# target adds about a sixth to the run's length).
-DEFAULT_TARGETS = tuple(name for name in ALL_TARGETS if name != "nginx-tls")
+# What runs without --targets: all but nginx-tls, the TLS peer, and wsgate-h11, the other
+# head parser, which are opt-in (each target adds about a sixth to the run's length).
+DEFAULT_TARGETS = tuple(name for name in ALL_TARGETS if name not in ("nginx-tls", "wsgate-h11"))
 # The proxies wsgate is compared with ("best peer" picks among these).
 PEERS = ("nginx", "haproxy", "caddy", "aiohttp-naive")
