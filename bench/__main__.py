@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         logs.mkdir(exist_ok=True)
         for log in workdir.glob("*.log"):
             shutil.copy(log, logs / log.name)
-        for config in ("wsgate.yaml", "wsgate-tls.yaml", "haproxy.cfg", "Caddyfile", "nginx/nginx.conf",
-                       "nginx/error.log", "nginx-tls/nginx.conf", "nginx-tls/error.log"):
+        for config in ("wsgate.yaml", "wsgate-tls.yaml", "wsgate-h11.yaml", "haproxy.cfg", "Caddyfile",
+                       "nginx/nginx.conf", "nginx/error.log", "nginx-tls/nginx.conf", "nginx-tls/error.log"):
             if (workdir / config).exists():
                 shutil.copy(workdir / config, logs / config.replace("/", "-"))
         shutil.rmtree(workdir, ignore_errors=True)

@@ -287,6 +287,9 @@ class Wsgate(Target):
     name = "wsgate"
     # The checkout whose wsgate runs: this one, or another for a same-run before/after.
     tree = REPO
+    # None leaves the config's default (auto: httptools where installed), which an older
+    # checkout, without the setting, also runs with.
+    http_parser: str | None = None
 
     def version(self) -> str:
         return _version([sys.executable, "-m", "wsgate", "--version"])
@@ -306,6 +309,7 @@ class Wsgate(Target):
             "limits: {max_connections: 100000, max_connections_per_ip: 100000, max_message_size: 0}\n"
             "shutdown: {drain_period: 1s, grace_period: 2s}\n"
             "log: {level: info, format: text}\n"
+            + (f"http_parser: {self.http_parser}\n" if self.http_parser else "")
         )
         argv = [sys.executable, "-m", "wsgate", "run", "-c", str(config)]
         env = None
@@ -341,6 +345,16 @@ class WsgateTls(Wsgate):
         certs = self._certs()
         return (f"{super().listener()}    tls:\n"
                 f"      cert: {json.dumps(str(certs.cert))}\n      key: {json.dumps(str(certs.key))}\n")
+
+
+class WsgateH11(Wsgate):
+    """wsgate parsing the handshakes' heads with h11, the reference, to set beside httptools."""
+
+    name = "wsgate-h11"
+    http_parser = "h11"
+
+    def version(self) -> str:
+        return f"{super().version()} (http_parser: h11)"
 
 
 class Naive(Target):
@@ -478,12 +492,13 @@ class Caddy(Target):
 
 ALL_TARGETS: dict[str, type[Target]] = {
     cls.name: cls for cls in (
-        Wsgate, WsgateBase, WsgateTls, Nginx, NginxTls, Haproxy, Caddy, Naive, BareRelay, Direct
+        Wsgate, WsgateBase, WsgateTls, WsgateH11, Nginx, NginxTls, Haproxy, Caddy, Naive, BareRelay, Direct
     )
 }
-# What runs without --targets: all but nginx-tls, the TLS peer, wsgate-base, an older wsgate,
-# and bare-relay, the floor, which are opt-in (each target adds about a sixth to the run's length).
-OPT_IN_TARGETS = ("nginx-tls", "wsgate-base", "bare-relay")
+# What runs without --targets: all but nginx-tls, the TLS peer; wsgate-base, an older wsgate;
+# wsgate-h11, the other head parser; and bare-relay, the floor. Those are opt-in (each
+# target adds about a sixth to the run's length).
+OPT_IN_TARGETS = ("nginx-tls", "wsgate-base", "wsgate-h11", "bare-relay")
 DEFAULT_TARGETS = tuple(name for name in ALL_TARGETS if name not in OPT_IN_TARGETS)
 # The proxies wsgate is compared with ("best peer" picks among these).
 PEERS = ("nginx", "haproxy", "caddy", "aiohttp-naive")

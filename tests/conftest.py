@@ -26,6 +26,10 @@ settings.register_profile("ci", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+# The `http_parser` that gateway_config writes; the `http_parser` fixture changes it.
+HEAD_PARSER = ["auto"]
+
+
 def gateway_config(backends: list[str], **sections: Any) -> dict[str, Any]:
     """A config mapping with one listener on an ephemeral port and one route."""
     route = {"name": "test", "backends": [{"url": url} for url in backends]}
@@ -33,6 +37,7 @@ def gateway_config(backends: list[str], **sections: Any) -> dict[str, Any]:
     return {
         "listeners": [{"name": "test", "bind": "127.0.0.1:0"}],
         "routes": [route, *sections.pop("extra_routes", [])],
+        "http_parser": HEAD_PARSER[0],
         **sections,
     }
 
@@ -68,6 +73,16 @@ def scanner_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
         frames.walk_frames = None
     yield request.param
     frames.walk_frames = compiled
+
+
+@pytest.fixture(scope="module", params=["h11", "httptools"])
+def http_parser(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a module's tests with each parser of the handshakes' heads (see gateway_config)."""
+    if request.param == "httptools":
+        pytest.importorskip("httptools")
+    HEAD_PARSER[0] = request.param
+    yield request.param
+    HEAD_PARSER[0] = "auto"
 
 
 @pytest.fixture

@@ -728,6 +728,9 @@ DUP_ROUTES = [
         (with_("workers", "two"), "workers", "expected a whole number or auto, got 'two'"),
         (with_("workers", 1.5), "workers", "expected a whole number or auto, got 1.5"),
         (with_("workers", 0), "workers", "must be"),
+        # http_parser
+        (with_("http_parser", "llhttp"), "http_parser",
+         "expected 'auto', 'h11' or 'httptools', got 'llhttp'"),
     ],
 )
 def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
@@ -739,12 +742,26 @@ def test_validation_rule(data: dict[str, Any], path: str, message: str) -> None:
     assert "errors.pydantic.dev" not in error.message
 
 
+def test_http_parser_httptools_is_refused_where_it_is_not_installed():
+    # Runs here with httptools installed, and in test_core_collection.py with it blocked.
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError) as caught:
+            parse_config(with_("http_parser", "httptools"))
+        assert caught.value.path == "http_parser"
+        assert "httptools is not installed" in caught.value.message
+        assert parse_config(with_("http_parser", "auto")).http_parser == "auto"
+    else:
+        assert parse_config(with_("http_parser", "httptools")).http_parser == "httptools"
+
+
 @pytest.mark.parametrize(
     ("data", "path", "allowed"),
     [
         (with_("bogus", 1), "bogus",
-         "listeners, workers, admin, routes, trusted_proxies, timeouts, heartbeat, limits,"
-         " flow_control, shutdown, discovery, log"),
+         "listeners, workers, http_parser, admin, routes, trusted_proxies, timeouts, heartbeat,"
+         " limits, flow_control, shutdown, discovery, log"),
         (with_("listeners.0.port", 1), "listeners[0].port", "name, bind, tls"),
         (with_("listeners.0.tls", {"cert": "c", "key": "k", "ca": "x"}), "listeners[0].tls.ca",
          "cert, key, sni, min_version, client_ca, client_auth, forward_client_cert, watch_interval"),

@@ -66,6 +66,18 @@ def test_the_cores_tests_are_collected_without_the_shells_dependencies():
     assert collected == set(CORE_TESTS)
 
 
+def test_without_httptools_h11_parses_every_head_and_choosing_httptools_is_refused():
+    command = [
+        sys.executable, "-c", _WITHOUT_SHELL, "httptools", "-q", "-p", "no:cacheprovider", "-rs",
+        "tests/test_handshake.py", "tests/test_handshake_parsers.py",
+        "tests/test_config.py::test_http_parser_httptools_is_refused_where_it_is_not_installed",
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "httptools is not installed" in result.stdout  # its half of test_handshake is skipped
+    assert " passed" in result.stdout
+
+
 def test_a_shell_test_is_not_collected_without_them():
     # The same child, given an end-to-end test module, fails to import it: the block is real.
     result = collect(["tests/test_server.py"])

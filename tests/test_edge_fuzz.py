@@ -25,6 +25,9 @@ from peers import STEP_TIMEOUT, accept_upgrade, proxy_v1_header, proxy_v2_header
 
 from conftest import Backend, gateway_config
 
+# Every test runs with each parser of the handshakes' heads.
+pytestmark = pytest.mark.usefixtures("http_parser")
+
 _DEPTH = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 PROFILE = settings(
     _DEPTH,

@@ -1,7 +1,9 @@
 """Tests of wsgate.handshake (no event loop, no sockets).
 
-Requests and responses are h11 event objects built here; rendered replies are
-parsed back by an h11 client connection, an independent peer.
+Requests and responses are h11 event objects built here, rendered to bytes and
+parsed by the head parser under test (each module-level test runs once with h11
+and once with httptools); rendered replies are parsed back by an h11 client
+connection, an independent peer.
 HYPOTHESIS_PROFILE picks the depth of the property tests (see conftest.py).
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+from collections.abc import Iterator
 
 import h11
 import pytest
@@ -16,15 +19,20 @@ from hypothesis import event, given, reject
 from hypothesis import strategies as st
 
 from wsgate.errors import BackendUnavailable, HandshakeError
+from wsgate import handshake as rules
 from wsgate.handshake import (
     HeadReader,
     Negotiated,
     UpgradeRequest,
     accept_key,
     build_upstream_request,
-    check_backend_response,
-    check_client_request,
+    HttpParser,
+    RequestHead,
+    ResponseHead,
     check_origin,
+    parse_request_head,
+    response_head,
+    switching_protocols_head,
     render_backend_reply,
     render_error,
     render_rejection,
@@ -68,6 +76,67 @@ GATEWAY_SET = [
 HANDSHAKE_CRITICAL = {b"host", b"sec-websocket-key", b"sec-websocket-version"}
 
 # ---------------------------------------------------------------- helpers
+
+# The parser the module's tests read heads with; the `head_parser` fixture sets it.
+PARSER: list[HttpParser] = ["h11"]
+
+
+@pytest.fixture(autouse=True, scope="module", params=["h11", "httptools"])
+def head_parser(request: pytest.FixtureRequest) -> Iterator[HttpParser]:
+    """Runs every test of the module with each parser."""
+    if request.param == "httptools" and rules.httptools is None:
+        pytest.skip("httptools is not installed")
+    PARSER[0] = request.param
+    yield request.param
+    PARSER[0] = "h11"
+
+
+def render_head(event: h11.Request | h11.Response | h11.InformationalResponse) -> bytes:
+    """The bytes of `event`'s head, in any HTTP version (h11 itself only writes 1.1)."""
+    if isinstance(event, h11.Request):
+        start = b"%s %s HTTP/%s" % (event.method, event.target, event.http_version)
+    else:
+        start = b"HTTP/%s %d %s" % (event.http_version, event.status_code, event.reason)
+    lines = [start, *(name + b": " + value for name, value in event.headers.raw_items())]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def parsed_request(event: h11.Request) -> RequestHead:
+    head, after = parse_request_head(render_head(event), PARSER[0])
+    assert after == b""
+    return head
+
+
+def parsed_response(event: h11.Response | h11.InformationalResponse) -> ResponseHead:
+    """The head as the backend leg reads it: httptools' fast path, or else an h11 client."""
+    head = render_head(event)
+    fast = switching_protocols_head(head, PARSER[0])
+    if fast is not None:
+        assert fast[1] == b""
+        return fast[0]
+    return response_head(read_head(head))
+
+
+def read_head(head: bytes) -> h11.InformationalResponse | h11.Response:
+    """`head` read by an h11 client connection that sent an upgrade request."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(request())
+    client.send(h11.EndOfMessage())
+    client.receive_data(head)
+    event = client.next_event()
+    assert isinstance(event, (h11.InformationalResponse, h11.Response))
+    return event
+
+
+def check_client_request(event: h11.Request) -> UpgradeRequest:
+    """`handshake.check_client_request` of `event`, as the parser under test reads it."""
+    return rules.check_client_request(parsed_request(event))
+
+
+def check_backend_response(event: h11.InformationalResponse, sent: h11.Request) -> Negotiated:
+    """`handshake.check_backend_response` of `event`, as the parser under test reads it."""
+    return rules.check_backend_response(parsed_response(event), sent)
+
 
 
 def request(

@@ -34,6 +34,9 @@ from wsgate.gateway import Gateway
 from wsgate.handshake import accept_key
 from wsgate.workers import bind_listener
 
+# Every test runs with each parser of the handshakes' heads.
+pytestmark = pytest.mark.usefixtures("http_parser")
+
 SIZES = [0, 125, 126, 65535, 65536, 4 * 1024 * 1024]
 
 

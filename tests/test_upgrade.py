@@ -25,6 +25,9 @@ from wsgate.metrics import Metrics
 from wsgate.turns import Turns
 from wsgate.upgrade import UpgradeProtocol
 
+# Every test runs with each parser of the handshakes' heads.
+pytestmark = pytest.mark.usefixtures("http_parser")
+
 PEER = ("203.0.113.5", 40000)
 
 

@@ -1,9 +1,12 @@
 """Sans-I/O rules of the RFC 6455 opening handshake, on both legs.
 
-`HeadReader` collects a request or response head and refuses, before h11 sees
-it, what is too large, too long or ambiguous. The client's request then arrives
-as an `h11.Request`; `check_client_request` either returns an `UpgradeRequest`
-or raises `HandshakeError` carrying the HTTP reply.
+`HeadReader` collects a request or response head and refuses, before a parser
+sees it, what is too large, too long or ambiguous. `parse_request_head` turns a
+complete head into a `RequestHead`, and `switching_protocols_head` or
+`response_head` a backend's into a `ResponseHead`, with h11 or, on its fast
+path, httptools (see `HttpParser`).
+`check_client_request` either returns an `UpgradeRequest` or raises
+`HandshakeError` carrying the HTTP reply.
 `build_upstream_request` turns it into the request sent to a backend, and
 `check_backend_response` decides whether the backend's 101 may be relayed.
 Replies are rendered here by hand so that a rejection can be sent whatever
@@ -19,11 +22,17 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from http import HTTPStatus
+from typing import Literal
 from urllib.parse import parse_qs
 
 import h11
 
 from .errors import BackendUnavailable, HandshakeError
+
+try:
+    import httptools
+except ImportError:  # h11 parses every head where httptools does not install
+    httptools = None
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SUPPORTED_VERSION = b"13"
@@ -160,6 +169,146 @@ class HeadReader:
             raise HandshakeError(414, f"request target longer than {self.max_target_size} bytes")
 
 
+# Which parser reads the heads (the `http_parser` setting): "auto" is httptools where it
+# is importable. h11 is the reference: httptools only parses what h11 would parse the same.
+HttpParser = Literal["auto", "h11", "httptools"]
+
+# The head grammar h11 enforces (RFC 9110 5, 9112 3-5), as one regex per head: a head it
+# matches, with no Host, Content-Length or Transfer-Encoding rule at stake, h11 parses to
+# the same fields. Anything else goes to h11, whose answer (fields or error) is the one used.
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_FIELD_CHAR = rb"[^\x00\s]"  # a visible byte or obs-text, as h11 allows in a value
+_HEADER_LINE = _TOKEN + rb":[ \t]*(?:" + _FIELD_CHAR + rb"+(?:[ \t]+" + _FIELD_CHAR + rb"+)*)?[ \t]*\r\n"
+_VERSION = rb"HTTP/([0-9]\.[0-9])"
+_REQUEST_HEAD = re.compile(
+    rb"(" + _TOKEN + rb") ([\x21-\x7e]+) " + _VERSION + rb"\r\n(?:" + _HEADER_LINE + rb")*\r\n"
+)
+_RESPONSE_HEAD = re.compile(
+    _VERSION + rb" ([0-9]{3})(?: ((?:[ \t]|" + _FIELD_CHAR + rb")*))?\r\n(?:" + _HEADER_LINE + rb")*\r\n"
+)
+# Headers whose count or framing h11 rules on: a head with them is left to h11 whole.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A parsed request head: the same fields from h11 and from httptools."""
+
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: Headers  # as sent: names in their case, values without surrounding whitespace
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """A parsed response head: the same fields from h11 and from httptools."""
+
+    status_code: int
+    reason: bytes
+    http_version: bytes
+    headers: Headers
+
+
+class _HeaderFields:
+    """httptools' callbacks for one head: its header fields, and whether it ended."""
+
+    __slots__ = ("headers", "complete")
+
+    def __init__(self) -> None:
+        self.headers: Headers = []
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value.rstrip(b" \t")))  # llhttp keeps trailing whitespace
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def _fast_headers(parser_type: type, head: bytes, end: int) -> Headers | None:
+    """The header fields httptools reads from `head[:end]`, or None where h11 must decide."""
+    fields = _HeaderFields()
+    try:
+        parser_type(fields).feed_data(head[:end])
+    except httptools.HttpParserUpgrade:
+        pass
+    except httptools.HttpParserError:
+        pass  # a 101 without Upgrade headers pauses llhttp too: `complete` says if the head was read
+    if not fields.complete:
+        return None
+    hosts = 0
+    for name, _ in fields.headers:
+        lower = name.lower()
+        if lower == b"host":
+            hosts += 1
+        elif lower in _FRAMING:
+            return None
+    if parser_type is httptools.HttpRequestParser and hosts != 1:
+        return None
+    return fields.headers
+
+
+def parse_request_head(head: bytes, parser: HttpParser) -> tuple[RequestHead, bytes]:
+    """Parse a complete request head from `HeadReader`; return it and the bytes after it.
+
+    Raises `HandshakeError` with h11's status (400, 431 or 501) for a malformed head.
+    """
+    end = head.find(b"\r\n\r\n") + 4
+    assert end >= 4, "HeadReader returns complete heads only"
+    if parser != "h11" and httptools is not None:
+        line = _REQUEST_HEAD.fullmatch(head, 0, end)
+        if line is not None:
+            headers = _fast_headers(httptools.HttpRequestParser, head, end)
+            if headers is not None:
+                method, target, version = line.groups()
+                return RequestHead(method, target, version, headers), head[end:]
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(head)
+    try:
+        event = connection.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise HandshakeError(exc.error_status_hint, _h11_reason(exc)) from None
+    assert isinstance(event, h11.Request), "h11 reads a request from a complete head"
+    request = RequestHead(
+        event.method, event.target, event.http_version, list(event.headers.raw_items())
+    )
+    return request, connection.trailing_data[0]
+
+
+def switching_protocols_head(head: bytes, parser: HttpParser) -> tuple[ResponseHead, bytes] | None:
+    """A backend's 101 read by httptools from a complete head, and the bytes after it.
+
+    None when h11 must read the head: h11 is the parser chosen, or the head is not a
+    101 that h11 would read the same. The backend leg's own h11 connection then reads
+    it, as it reads a refusal's body, and `response_head` gives the same fields.
+    """
+    if parser == "h11" or httptools is None:
+        return None
+    end = head.find(b"\r\n\r\n") + 4
+    assert end >= 4, "HeadReader returns complete heads only"
+    line = _RESPONSE_HEAD.fullmatch(head, 0, end)
+    if line is None or line.group(2) != b"101":
+        return None
+    headers = _fast_headers(httptools.HttpResponseParser, head, end)
+    if headers is None:
+        return None
+    version, status, reason = line.groups()
+    return ResponseHead(int(status), reason or b"", version, headers), head[end:]
+
+
+def response_head(event: h11.Response | h11.InformationalResponse) -> ResponseHead:
+    """The fields of a response h11 has read."""
+    return ResponseHead(
+        event.status_code, event.reason, event.http_version, list(event.headers.raw_items())
+    )
+
+
+def _h11_reason(exc: h11.RemoteProtocolError) -> str:
+    if exc.error_status_hint == 431:
+        return "request header block too large"
+    return f"malformed request: {exc}"
+
+
 def accept_key(key: bytes) -> bytes:
     """The Sec-WebSocket-Accept value that answers `key`."""
     return base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
@@ -213,9 +362,9 @@ class UpgradeRequest:
     origin: str | None
 
 
-def check_client_request(request: h11.Request) -> UpgradeRequest:
+def check_client_request(request: RequestHead) -> UpgradeRequest:
     """Validate an upgrade request against RFC 6455 4.2.1, or raise `HandshakeError`."""
-    headers: Headers = list(request.headers.raw_items())
+    headers = request.headers
     if request.method != b"GET":
         raise HandshakeError(405, "WebSocket upgrades must use GET", [("Allow", "GET")])
     if request.http_version != b"1.1":
@@ -262,13 +411,13 @@ def check_client_request(request: h11.Request) -> UpgradeRequest:
     )
 
 
-def plain_get(request: h11.Request) -> tuple[str, str] | None:
+def plain_get(request: RequestHead) -> tuple[str, str] | None:
     """(host, path) of a plain HTTP/1.1 GET (no upgrade) that a route's `static` files may answer.
 
     None for anything else. The target rules of an upgrade hold: one Host header, an
     origin-form (or matching absolute-form) target, and no `.` or `..` segment.
     """
-    headers: Headers = list(request.headers.raw_items())
+    headers = request.headers
     host_values = _header_values(headers, b"host")
     if request.method != b"GET" or request.http_version != b"1.1" or len(host_values) != 1:
         return None
@@ -422,11 +571,9 @@ class Negotiated:
         return b"permessage-deflate" in self.extensions
 
 
-def check_backend_response(
-    response: h11.InformationalResponse, sent: h11.Request
-) -> Negotiated:
+def check_backend_response(response: ResponseHead, sent: h11.Request) -> Negotiated:
     """Check a backend's 101 against the request it answers; raise `BackendUnavailable` (502)."""
-    headers: Headers = list(response.headers.raw_items())
+    headers = response.headers
     sent_headers: Headers = list(sent.headers.raw_items())
     if response.status_code != 101:
         raise BackendUnavailable(502, f"backend answered {response.status_code} to an upgrade")

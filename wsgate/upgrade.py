@@ -26,11 +26,14 @@ from .config import Listener, format_host_port
 from .errors import BackendUnavailable, HandshakeError, ProxyHeaderError
 from .handshake import (
     HeadReader,
+    RequestHead,
+    ResponseHead,
     affinity_key,
     build_upstream_request,
     check_backend_response,
     check_client_request,
     check_origin,
+    parse_request_head,
     plain_get,
     render_backend_reply,
     render_error,
@@ -122,7 +125,7 @@ class UpgradeProtocol(asyncio.Protocol):
         self.client_cert: str | None = None  # the verified client certificate's subject
         # Raw bytes (the ClientHello) read before start_tls takes the transport over.
         self.tls_early: bytearray | None = None
-        # h11 gets the head only once it is complete and within the limits.
+        # The parser gets the head only once it is complete and within the limits.
         self.head = HeadReader(limits.max_header_bytes, limits.max_headers, limits.max_target_bytes)
         self.lingering = False  # answered; what the client still sends is read and dropped
         # The PROXY protocol header received so far, while one is awaited.
@@ -344,24 +347,16 @@ class UpgradeProtocol(asyncio.Protocol):
 
     def _next_request_event(self, head: bytes) -> None:
         """Parse a complete request head (with what followed it) and start its upgrade."""
-        limit = self.books.config.limits.max_header_bytes
-        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-        parser.receive_data(head)
         try:
-            event = parser.next_event()
-        except h11.RemoteProtocolError as exc:
-            self._reject(HandshakeError(exc.error_status_hint, _h11_reason(exc)))
+            request, after = parse_request_head(head, self.books.config.http_parser)
+        except HandshakeError as exc:
+            self._reject(exc)
             return
-        if isinstance(event, h11.Request):
-            if self.timer is not None:
-                self.timer.cancel()
-            self.early[:0] = parser.trailing_data[0]
-            request_at = time.perf_counter()
-            self.task = asyncio.get_running_loop().create_task(self._proxy(event, request_at))
-            return
-        # h11 was given a whole head, so nothing else can come; if it does, drop the client.
-        log.error("conn=%d h11 gave %r for a complete request head", self.conn_id, event)
-        self.transport.close()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.early[:0] = after
+        request_at = time.perf_counter()
+        self.task = asyncio.get_running_loop().create_task(self._proxy(request, request_at))
 
     def _on_handshake_timeout(self) -> None:
         if self.turn_data is not None:
@@ -406,14 +401,14 @@ class UpgradeProtocol(asyncio.Protocol):
             self.client_address, route, backend, self.key, status, duration, reason, self.client_cert
         )
 
-    def _name_client(self, request: h11.Request) -> list[str]:
+    def _name_client(self, request: RequestHead) -> list[str]:
         """Take the client's address from a trusted proxy's headers; the X-Forwarded-For to send on."""
-        client = self.books.trusted_proxies.resolve(self.client_ip, list(request.headers.raw_items()))
+        client = self.books.trusted_proxies.resolve(self.client_ip, request.headers)
         if client.ip != self.client_ip:
             self.client_ip = self.client_address = client.ip
         return client.forwarded_for
 
-    async def _proxy(self, request: h11.Request, request_at: float) -> None:
+    async def _proxy(self, request: RequestHead, request_at: float) -> None:
         try:
             forwarded_for = [self.client_ip]
             if self.counted_ip is None:
@@ -462,7 +457,7 @@ class UpgradeProtocol(asyncio.Protocol):
             self._account(500, "error", "internal error")
             self._reply(render_error(500, "internal error"))
 
-    def _answer_page(self, request: h11.Request) -> bool:
+    def _answer_page(self, request: RequestHead) -> bool:
         """Answer a plain GET with its route's `static` file, if the route has any (see pages.py)."""
         target = plain_get(request)
         pool = None if target is None else self.books.pool_for(*target)
@@ -484,6 +479,7 @@ class UpgradeProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         failure = BackendUnavailable(503, "no backend available")
         metrics = self.books.metrics
+        config = self.books.config
         for member in pool.candidates(key, loop.time()):
             backend_transport: asyncio.Transport | None = None
             self.backend_tried = member.identity
@@ -493,7 +489,7 @@ class UpgradeProtocol(asyncio.Protocol):
                 try:
                     async with asyncio.timeout(self.books.config.timeouts.connect):
                         backend_transport, answer = await loop.create_connection(
-                            lambda: BackendHandshake(upstream, self.books.config.limits),
+                            lambda: BackendHandshake(upstream, config.limits, config.http_parser),
                             member.host,
                             member.port,
                             ssl=member.tls,
@@ -504,7 +500,7 @@ class UpgradeProtocol(asyncio.Protocol):
                     raise BackendUnavailable(504, "backend did not answer in time") from None
                 except OSError as exc:
                     raise BackendUnavailable(502, "backend unreachable") from exc
-                if isinstance(outcome, h11.InformationalResponse):
+                if isinstance(outcome, ResponseHead):
                     negotiated = check_backend_response(outcome, upstream)
             except BackendUnavailable as exc:
                 if backend_transport is not None:
@@ -607,8 +603,3 @@ def _feed_protocol(transport: asyncio.Transport, data: bytes) -> None:
         log.exception("handing early TLS bytes to the TLS layer failed")
         transport.abort()
 
-
-def _h11_reason(exc: h11.RemoteProtocolError) -> str:
-    if exc.error_status_hint == 431:
-        return "request header block too large"
-    return f"malformed request: {exc}"

@@ -1,8 +1,9 @@
 """The backend leg of an upgrade, from its connect until the backend's answer is complete.
 
 `BackendHandshake` sends the rewritten upgrade request (see handshake.py) and
-reads the answer: a 101 resolves `outcome` with the bytes that followed it
-kept in `early`, anything else resolves it with the response and its body,
+reads the answer: a 101 resolves `outcome` with its `ResponseHead` (read by
+httptools on its fast path, else by h11) and the bytes that followed it kept
+in `early`; anything else resolves it with the response and its body,
 and a connection that fails or ends first resolves it with
 `BackendUnavailable`. The upgrade protocol (upgrade.py) awaits the outcome.
 """
@@ -16,7 +17,7 @@ import h11
 
 from .config import Limits
 from .errors import BackendUnavailable, HandshakeError
-from .handshake import HeadReader
+from .handshake import HeadReader, HttpParser, ResponseHead, response_head, switching_protocols_head
 
 # A backend's refusal is relayed to the client; its body is cut at this size.
 BACKEND_REPLY_BODY_LIMIT = 64 * 1024
@@ -25,12 +26,13 @@ BACKEND_REPLY_BODY_LIMIT = 64 * 1024
 class BackendHandshake(asyncio.Protocol):
     """The backend leg until its answer to the upgrade is complete."""
 
-    def __init__(self, request: h11.Request, limits: Limits) -> None:
+    def __init__(self, request: h11.Request, limits: Limits, parser: HttpParser) -> None:
         self.request = request
+        self.parser: HttpParser = parser
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=limits.max_header_bytes)
         # The first head (the 101, or a refusal) is checked as a client's would be.
         self.head: HeadReader | None = HeadReader(limits.max_header_bytes, limits.max_headers)
-        self.outcome: asyncio.Future[h11.InformationalResponse | h11.Response] = (
+        self.outcome: asyncio.Future[ResponseHead | h11.Response] = (
             asyncio.get_running_loop().create_future()
         )
         self.response: h11.Response | None = None
@@ -57,7 +59,13 @@ class BackendHandshake(asyncio.Protocol):
             if head is None:
                 return
             self.head = None
-            data = head
+            switched = switching_protocols_head(head, self.parser)
+            if switched is not None:
+                response, after = switched
+                self.early += after
+                self.outcome.set_result(response)
+                return
+            data = head  # h11 reads it: the parser chosen, or a refusal with its body
         self.h11.receive_data(data)
         self._next_events()
 
@@ -90,7 +98,7 @@ class BackendHandshake(asyncio.Protocol):
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 101:
                         self.early += self.h11.trailing_data[0]
-                        self.outcome.set_result(event)
+                        self.outcome.set_result(response_head(event))
                 elif isinstance(event, h11.Response):
                     self.response = event
                 elif isinstance(event, h11.Data):

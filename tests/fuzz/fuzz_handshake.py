@@ -2,9 +2,10 @@
 
 Not part of the test suite; see tests/fuzz/README.md. The steps are the ones a
 connection goes through before anything is sent to a backend: the PROXY header
-(on a listener that requires one), the head reader's limits, h11, and the upgrade
-rules. The input's first byte picks the listener kind, the rest is cut into reads
-where the next bytes say. Only the documented errors may come out.
+(on a listener that requires one), the head reader's limits, the head parsers,
+and the upgrade rules. The input's first byte picks the listener kind, the rest is
+cut into reads where the next bytes say. Only the documented errors may come out,
+and h11 and httptools (where installed) must come to the same head or refusal.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    import h11
-
     from wsgate.errors import HandshakeError, ProxyHeaderError
-    from wsgate.handshake import HeadReader, check_client_request
+    from wsgate.handshake import HeadReader, check_client_request, httptools, parse_request_head
     from wsgate.proxy_protocol import NEED_MORE, parse_proxy_header
 
 _VERSIONS = (None, "v1", "v2", "any")
@@ -38,7 +37,6 @@ def test_one_input(data: bytes) -> None:
     versions = _VERSIONS[data[0] % len(_VERSIONS)]
     proxy = bytearray() if versions is not None else None
     head = HeadReader(16 * 1024, 100, 8 * 1024)
-    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     try:
         for read in _reads(data[1:]):
             if proxy is not None:
@@ -50,13 +48,20 @@ def test_one_input(data: bytes) -> None:
             complete = head.receive_data(read)
             if complete is None:
                 continue
-            parser.receive_data(complete)
-            event = parser.next_event()
-            if isinstance(event, h11.Request):
-                check_client_request(event)
+            reference = _outcome(complete, "h11")
+            if httptools is not None:
+                assert _outcome(complete, "httptools") == reference, complete
             return
-    except (ProxyHeaderError, HandshakeError, h11.RemoteProtocolError):
+    except (ProxyHeaderError, HandshakeError):
         return
+
+
+def _outcome(head: bytes, parser: str) -> object:
+    try:
+        request, after = parse_request_head(head, parser)  # type: ignore[arg-type]
+        return request, after, check_client_request(request)
+    except HandshakeError as exc:
+        return exc.status, exc.reason
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from .units import KiB, MiB, format_size, parse_host_port, parse_rate
 from .validators import (
     Duration, HostPort, Network, NonEmpty, PositiveDuration, Size, WholeNumber, at_least, between,
     check_backend_url, check_dns_target, check_hash_key, check_match_host, check_origin, check_path_prefix,
-    check_upstream_host, duration_not_below, error_at, lowercase, none_as_empty, positive, size_between,
-    tls_version, worker_count,
+    check_upstream_host, duration_not_below, error_at, installed_parser, lowercase, none_as_empty, positive,
+    size_between, tls_version, worker_count,
 )
 
 class _Model(BaseModel):
@@ -375,6 +375,10 @@ class Config(_Model):
     listeners: list[Listener] = Field(min_length=1)
     # Worker processes sharing the listeners; "auto" = one per CPU.
     workers: Annotated[WholeNumber, BeforeValidator(worker_count), between(1, 256)] = 1
+    # What parses the handshakes' HTTP heads: "auto" is httptools where it is installed, else h11.
+    http_parser: Annotated[
+        Literal["auto", "h11", "httptools"], BeforeValidator(lowercase), AfterValidator(installed_parser)
+    ] = "auto"
     admin: _Section[Admin] = Admin()
     routes: list[Route] = Field(min_length=1)
     # Peers whose X-Forwarded-For and Forwarded headers are believed.

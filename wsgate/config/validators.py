@@ -244,6 +244,18 @@ def duration_not_below(value: float, info: ValidationInfo, other: str) -> float:
     return value
 
 
+def installed_parser(value: str) -> str:
+    """`httptools` chosen by name must be importable; `auto` falls back to h11 by itself."""
+    if value == "httptools":
+        try:
+            import httptools  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "httptools is not installed (pip install httptools); choose auto or h11"
+            ) from None
+    return value
+
+
 def worker_count(value: object) -> object:
     if value == "auto":
         return os.cpu_count() or 1
