@@ -122,7 +122,8 @@ async def _echo_backend(host: str, port: int, name: str) -> None:
         raise ListenError.from_os_error("--port", format_host_port(host, port), exc) from exc
     stop = stop_on_signals()
     bound_host, bound_port = runner.addresses[0][:2]
-    print(f"wsgate echo-backend {name}: listening on ws://{format_host_port(bound_host, bound_port)}", flush=True)
+    address = format_host_port(bound_host, bound_port)
+    print(f"wsgate echo-backend {name}: listening on ws://{address}", flush=True)
     try:
         await stop.wait()
     finally:

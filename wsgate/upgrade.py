@@ -530,7 +530,9 @@ class UpgradeProtocol(asyncio.Protocol):
                     self.conn_id, member.identity, outcome.status_code,
                 )
                 backend_transport.close()
-                self._account(outcome.status_code, "backend_refused", "backend refused the upgrade", member.identity)
+                self._account(
+                    outcome.status_code, "backend_refused", "backend refused the upgrade", member.identity
+                )
                 self._reply(render_backend_reply(outcome, bytes(answer.body)))
                 return
             self.transport.write(render_switching_protocols(negotiated))
