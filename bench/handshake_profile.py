@@ -59,7 +59,7 @@ EVENTS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         ("gateway.py", ""),
     )),
     ("parse", "the head read and parsed (HeadReader, h11)", (
-        ("h11/", ""), ("handshake.py", "receive_data"), ("handshake.py", "_check_target"),
+        ("h11/", ""), ("heads.py", ""),
         ("upgrade.py", "data_received"), ("upgrade.py", "_receive_head"),
         ("upgrade.py", "_next_request_event"), ("turns.py", ""),
     )),

@@ -20,23 +20,26 @@ from hypothesis import strategies as st
 
 from wsgate.errors import BackendUnavailable, HandshakeError
 from wsgate import handshake as rules
+from wsgate import heads
 from wsgate.handshake import (
-    HeadReader,
     Negotiated,
     UpgradeRequest,
     accept_key,
     build_upstream_request,
-    HttpParser,
-    RequestHead,
-    ResponseHead,
     check_origin,
-    parse_request_head,
-    response_head,
-    switching_protocols_head,
     render_backend_reply,
     render_error,
     render_rejection,
     render_switching_protocols,
+)
+from wsgate.heads import (
+    HeadReader,
+    HttpParser,
+    RequestHead,
+    ResponseHead,
+    parse_request_head,
+    response_head,
+    switching_protocols_head,
 )
 
 # The example of RFC 6455 section 1.3.
@@ -84,7 +87,7 @@ PARSER: list[HttpParser] = ["h11"]
 @pytest.fixture(autouse=True, scope="module", params=["h11", "httptools"])
 def head_parser(request: pytest.FixtureRequest) -> Iterator[HttpParser]:
     """Runs every test of the module with each parser."""
-    if request.param == "httptools" and rules.httptools is None:
+    if request.param == "httptools" and heads.httptools is None:
         pytest.skip("httptools is not installed")
     PARSER[0] = request.param
     yield request.param

@@ -17,12 +17,11 @@ from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
 from wsgate.errors import HandshakeError
-from wsgate.handshake import (
+from wsgate.handshake import accept_key, check_client_request
+from wsgate.heads import (
     HeadReader,
     RequestHead,
     ResponseHead,
-    accept_key,
-    check_client_request,
     parse_request_head,
     response_head,
     switching_protocols_head,

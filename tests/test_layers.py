@@ -27,6 +27,7 @@ CORE = {
     "wsgate.frames",
     "wsgate._speedups",  # the compiled fast path of frames
     "wsgate.handshake",
+    "wsgate.heads",
     "wsgate.hashring",
     "wsgate.health",
     "wsgate.routing",

@@ -25,21 +25,18 @@ from .closing import Cause, gateway_close
 from .config import Listener, format_host_port
 from .errors import BackendUnavailable, HandshakeError, ProxyHeaderError
 from .handshake import (
-    HeadReader,
-    RequestHead,
-    ResponseHead,
     affinity_key,
     build_upstream_request,
     check_backend_response,
     check_client_request,
     check_origin,
-    parse_request_head,
     plain_get,
     render_backend_reply,
     render_error,
     render_rejection,
     render_switching_protocols,
 )
+from .heads import HeadReader, RequestHead, ResponseHead, parse_request_head
 from .member import Member
 from .pages import below_prefix, static_reply
 from .proxy_protocol import NEED_MORE, parse_proxy_header

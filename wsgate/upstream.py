@@ -17,7 +17,7 @@ import h11
 
 from .config import Limits
 from .errors import BackendUnavailable, HandshakeError
-from .handshake import HeadReader, HttpParser, ResponseHead, response_head, switching_protocols_head
+from .heads import HeadReader, HttpParser, ResponseHead, response_head, switching_protocols_head
 
 # A backend's refusal is relayed to the client; its body is cut at this size.
 BACKEND_REPLY_BODY_LIMIT = 64 * 1024

@@ -16,7 +16,8 @@ import atheris
 
 with atheris.instrument_imports():
     from wsgate.errors import HandshakeError, ProxyHeaderError
-    from wsgate.handshake import HeadReader, check_client_request, httptools, parse_request_head
+    from wsgate.handshake import check_client_request
+    from wsgate.heads import HeadReader, httptools, parse_request_head
     from wsgate.proxy_protocol import NEED_MORE, parse_proxy_header
 
 _VERSIONS = (None, "v1", "v2", "any")
