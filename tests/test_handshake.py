@@ -464,6 +464,13 @@ def test_client_request_protocols_extensions_origin() -> None:
     assert result.origin == "https://chat.example.com"
 
 
+def test_client_request_index_by_lower_cased_name() -> None:
+    result = handshake((b"X-Tag", b"a"), (b"Cookie", b"c=1"), (b"x-TAG", b"b"))
+    assert result.by_name[b"x-tag"] == [b"a", b"b"]
+    assert result.by_name[b"host"] == [b"chat.example.com"]
+    assert sum(map(len, result.by_name.values())) == len(result.headers)
+
+
 # ---------------------------------------------------------------- HeadReader
 
 HEAD = (
