@@ -3,8 +3,9 @@
 The heads themselves are read in `heads`.
 `check_client_request` either returns an `UpgradeRequest` or raises
 `HandshakeError` carrying the HTTP reply.
-`build_upstream_request` turns it into the request sent to a backend, and
-`check_backend_response` decides whether the backend's 101 may be relayed.
+`build_upstream_request` turns it into the bytes of the request sent to a
+backend and the `Offer` they make, and `check_backend_response` decides
+whether the backend's 101 may be relayed.
 Replies are rendered here by hand so that a rejection can be sent whatever
 state h11 is in after a malformed request.
 """
@@ -59,6 +60,9 @@ _FORWARDING_SET = frozenset(
 
 # What a request never passes on, whatever its Connection header names.
 _ALWAYS_DROPPED = _HOP_BY_HOP | _FORWARDING_SET
+# h11's field-value (RFC 9110 5.5, with h11's leniency for other control characters): no NUL,
+# CR, LF or other whitespace but SP and HTAB between visible bytes.
+_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
 
 # Schemes of an absolute-form target (RFC 6455 4.1 names http and https).
 _ABSOLUTE_SCHEMES = frozenset({b"http", b"https", b"ws", b"wss"})
@@ -281,6 +285,15 @@ def check_origin(handshake: UpgradeRequest, allowed: list[str] | None) -> None:
         raise HandshakeError(403, "origin not allowed")
 
 
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """What the request sent to a backend offered, for its 101 to be checked against."""
+
+    key: bytes  # the Sec-WebSocket-Key, without surrounding whitespace
+    protocols: list[bytes]  # the subprotocols, in order
+    extensions: list[bytes]  # the extension names, lower-cased
+
+
 def build_upstream_request(
     handshake: UpgradeRequest,
     *,
@@ -290,41 +303,64 @@ def build_upstream_request(
     host: str | None = None,
     strip_extensions: bool = False,
     client_cert_subject: str | None = None,
-) -> h11.Request:
-    """The request to send a backend: end-to-end headers kept, forwarding headers set.
+) -> tuple[bytes, Offer]:
+    """The request to send a backend, as bytes, and what it offers.
 
+    End-to-end headers are kept in their order and case, forwarding headers set.
     `forwarded_for` is the X-Forwarded-For chain, client first (see `forwarding`);
     the client's own forwarding headers are never passed on. By default it is the
-    client alone.
+    client alone. Raises `ValueError` when a value the gateway sets (the Host
+    override, a forwarding header, the client certificate's subject) is no valid
+    header value.
     """
     named_in_connection = _header_tokens(handshake.by_name, b"connection")
     drop = _ALWAYS_DROPPED.union(named_in_connection).difference(_NEVER_STRIPPED)
     if strip_extensions:
         drop = drop | {b"sec-websocket-extensions"}
-    original_host = b""
-    headers: Headers = []
+    upstream_host = None if host is None else host.encode("latin-1")
+    original_host = host_line = b""
+    lines = [b"GET " + handshake.target + b" HTTP/1.1"]
     for name, value in handshake.headers:
         lower = name.lower()
-        if lower.startswith(b"proxy-") or lower in drop:
+        if lower in drop or lower.startswith(b"proxy-"):
             continue
         if lower == b"host":
             original_host = value
-            if host is not None:
-                value = host.encode("latin-1")
-        headers.append((name, value))
-    chain = [client_ip] if forwarded_for is None else forwarded_for
-    headers += [
-        (b"Connection", b"Upgrade"),
-        (b"Upgrade", b"websocket"),
-        (b"X-Forwarded-For", ", ".join(chain).encode("ascii")),
-        (b"X-Forwarded-Proto", scheme.encode("ascii")),
-        (b"X-Forwarded-Host", original_host),
-        (b"X-Real-IP", client_ip.encode("ascii")),
+            host_line = name + b": " + (value if upstream_host is None else upstream_host)
+        else:
+            lines.append(name + b": " + value)
+    assert host_line, "check_client_request lets through exactly one Host"
+    # Host goes first, as RFC 9112 3.2 asks of a client (and as h11 would write it).
+    lines.insert(1, host_line)
+    forwarded = ", ".join([client_ip] if forwarded_for is None else forwarded_for).encode("ascii")
+    real_ip = client_ip.encode("ascii")
+    proto = scheme.encode("ascii")
+    lines += [
+        b"Connection: Upgrade",
+        b"Upgrade: websocket",
+        b"X-Forwarded-For: " + forwarded,
+        b"X-Forwarded-Proto: " + proto,
+        b"X-Forwarded-Host: " + original_host,
+        b"X-Real-IP: " + real_ip,
     ]
+    # The client's own headers were held to h11's grammar when its head was read; these were not.
+    # A subject or Host with a CR, LF or NUL would otherwise split a header or end the head.
+    set_here = [forwarded, proto, real_ip]
+    if upstream_host is not None:
+        set_here.append(upstream_host)
     if client_cert_subject is not None:
-        # h11 refuses control characters, so a hostile subject cannot split the header.
-        headers.append((b"X-Client-Cert-Subject", client_cert_subject.encode("utf-8")))
-    return h11.Request(method=b"GET", target=handshake.target, headers=headers)
+        subject = client_cert_subject.encode("utf-8")
+        set_here.append(subject)
+        lines.append(b"X-Client-Cert-Subject: " + subject)
+    for value in set_here:
+        if _FIELD_VALUE.fullmatch(value) is None:
+            raise ValueError(f"a header the gateway sets would have an invalid value: {value!r}")
+    offer = Offer(
+        key=handshake.key,
+        protocols=[] if b"sec-websocket-protocol" in drop else handshake.protocols,
+        extensions=[] if b"sec-websocket-extensions" in drop else handshake.extensions,
+    )
+    return b"\r\n".join(lines) + b"\r\n\r\n", offer
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,8 +377,8 @@ class Negotiated:
         return b"permessage-deflate" in self.extensions
 
 
-def check_backend_response(response: ResponseHead, sent: h11.Request) -> Negotiated:
-    """Check a backend's 101 against the request it answers; raise `BackendUnavailable` (502)."""
+def check_backend_response(response: ResponseHead, offer: Offer) -> Negotiated:
+    """Check a backend's 101 against what the request offered; raise `BackendUnavailable` (502)."""
     if response.status_code != 101:
         raise BackendUnavailable(502, f"backend answered {response.status_code} to an upgrade")
     headers = response.headers
@@ -355,18 +391,14 @@ def check_backend_response(response: ResponseHead, sent: h11.Request) -> Negotia
     connection = _header_tokens(by_name, b"connection")
     if b"upgrade" not in connection:
         raise BackendUnavailable(502, "backend 101 lacks 'Connection: upgrade'")
-    sent_by_name = _header_index(list(sent.headers.raw_items()))
-    (key,) = sent_by_name[b"sec-websocket-key"]
-    if by_name.get(b"sec-websocket-accept") != [accept_key(key.strip())]:
+    if by_name.get(b"sec-websocket-accept") != [accept_key(offer.key)]:
         raise BackendUnavailable(502, "backend sent a wrong or missing Sec-WebSocket-Accept")
     chosen = _header_tokens(by_name, b"sec-websocket-protocol", case_sensitive=True)
-    offered_protocols = _header_tokens(sent_by_name, b"sec-websocket-protocol", case_sensitive=True)
-    if len(chosen) > 1 or (chosen and chosen[0] not in offered_protocols):
+    if len(chosen) > 1 or (chosen and chosen[0] not in offer.protocols):
         raise BackendUnavailable(502, "backend chose a subprotocol the client did not offer")
-    offered = _extension_names(_header_tokens(sent_by_name, b"sec-websocket-extensions"))
     accepted = _extension_names(_header_tokens(by_name, b"sec-websocket-extensions"))
     for name in accepted:
-        if name not in offered:
+        if name not in offer.extensions:
             raise BackendUnavailable(
                 502, f"backend accepted extension {name.decode('latin-1')!r} the client did not offer"
             )
