@@ -69,7 +69,8 @@ EVENTS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         ("handshake.py", "_origin_form"), ("handshake.py", "_has_dot_segment"),
         ("handshake.py", "_extension_names"), ("handshake.py", "check_origin"),
         ("handshake.py", "check_backend_response"), ("handshake.py", "accept_key"),
-        ("handshake.py", "end_to_end"), ("base64.py", ""), ("handshake.py", "__init__"),
+        ("handshake.py", "end_to_end"), ("handshake.py", "_without_hops"), ("base64.py", ""),
+        ("handshake.py", "__init__"),
         ("handshake.py", "<"),  # the comprehensions of the header helpers
     )),
     ("route", "the route and the affinity key", (

@@ -23,6 +23,7 @@ from wsgate import handshake as rules
 from wsgate import heads
 from wsgate.handshake import (
     Negotiated,
+    Offer,
     UpgradeRequest,
     accept_key,
     build_upstream_request,
@@ -136,9 +137,9 @@ def check_client_request(event: h11.Request) -> UpgradeRequest:
     return rules.check_client_request(parsed_request(event))
 
 
-def check_backend_response(event: h11.InformationalResponse, sent: h11.Request) -> Negotiated:
+def check_backend_response(event: h11.InformationalResponse, offer: Offer) -> Negotiated:
     """`handshake.check_backend_response` of `event`, as the parser under test reads it."""
-    return rules.check_backend_response(parsed_response(event), sent)
+    return rules.check_backend_response(parsed_response(event), offer)
 
 
 
@@ -180,8 +181,32 @@ def tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
-def upstream(*extra: tuple[bytes, bytes], target: bytes = b"/chat", **kwargs) -> h11.Request:
+def received(built: tuple[bytes, Offer]) -> h11.Request:
+    """The request a backend reads from the bytes `build_upstream_request` made, read by h11."""
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(built[0])
+    event = server.next_event()
+    assert isinstance(event, h11.Request)
+    assert isinstance(server.next_event(), h11.EndOfMessage)
+    assert server.next_event() is h11.PAUSED  # an upgrade: h11 reads no further
+    assert server.trailing_data == (b"", False)  # the head is all that was sent
+    return event
+
+
+def upstream_request(
+    *extra: tuple[bytes, bytes], target: bytes = b"/chat", **kwargs
+) -> tuple[bytes, Offer]:
     return build_upstream_request(handshake(*extra, target=target), client_ip=CLIENT_IP, **kwargs)
+
+
+def upstream(*extra: tuple[bytes, bytes], target: bytes = b"/chat", **kwargs) -> h11.Request:
+    """The request a backend reads when the client sent BASE and `extra`."""
+    return received(upstream_request(*extra, target=target, **kwargs))
+
+
+def offer_of(*extra: tuple[bytes, bytes], **kwargs) -> Offer:
+    """What the request sent to a backend offers when the client sent BASE and `extra`."""
+    return upstream_request(*extra, **kwargs)[1]
 
 
 def switching(
@@ -441,7 +466,7 @@ def test_dots_that_are_not_segments_pass(target: bytes) -> None:
 def test_absolute_form_for_the_host_becomes_origin_form(target: bytes, origin_form: bytes) -> None:
     result = check_client_request(request(target=target))
     assert (result.target, result.path) == (origin_form, origin_form.partition(b"?")[0].decode())
-    assert build_upstream_request(result, client_ip=CLIENT_IP).target == origin_form
+    assert received(build_upstream_request(result, client_ip=CLIENT_IP)).target == origin_form
 
 
 def test_client_request_protocols_extensions_origin() -> None:
@@ -462,6 +487,13 @@ def test_client_request_protocols_extensions_origin() -> None:
         b"permessage-deflate",
     ]
     assert result.origin == "https://chat.example.com"
+
+
+def test_client_request_index_by_lower_cased_name() -> None:
+    result = handshake((b"X-Tag", b"a"), (b"Cookie", b"c=1"), (b"x-TAG", b"b"))
+    assert result.by_name[b"x-tag"] == [b"a", b"b"]
+    assert result.by_name[b"host"] == [b"chat.example.com"]
+    assert sum(map(len, result.by_name.values())) == len(result.headers)
 
 
 # ---------------------------------------------------------------- HeadReader
@@ -660,7 +692,7 @@ def test_upstream_end_to_end_headers_kept_in_order() -> None:
 
 
 def test_upstream_header_name_case_preserved() -> None:
-    sent = build_upstream_request(
+    sent = received(build_upstream_request(
         check_client_request(
             request(
                 [
@@ -675,7 +707,7 @@ def test_upstream_header_name_case_preserved() -> None:
         ),
         client_ip=CLIENT_IP,
         host="chat.internal",
-    )
+    ))
     assert raw(sent)[:4] == [
         (b"hOsT", b"chat.internal"),
         (b"sec-websocket-key", KEY),
@@ -710,7 +742,7 @@ def test_upstream_transfer_encoding_removed() -> None:
     base = handshake()
     chunked = dataclasses.replace(base, headers=[*base.headers, (b"Transfer-Encoding", b"chunked")])
     assert b"transfer-encoding" not in lower_names(
-        raw(build_upstream_request(chunked, client_ip=CLIENT_IP))
+        raw(received(build_upstream_request(chunked, client_ip=CLIENT_IP)))
     )
 
 
@@ -773,7 +805,7 @@ def test_upstream_x_forwarded_for_is_the_chain_given(
 
 
 def test_upstream_x_forwarded_for_ipv6() -> None:
-    sent = build_upstream_request(handshake(), client_ip="2001:db8::7")
+    sent = received(build_upstream_request(handshake(), client_ip="2001:db8::7"))
     assert values(raw(sent), b"x-forwarded-for") == [b"2001:db8::7"]
     assert values(raw(sent), b"x-real-ip") == [b"2001:db8::7"]
 
@@ -806,7 +838,7 @@ def test_upstream_forwarding_headers_replace_client_values(scheme: str) -> None:
 )
 def test_upstream_host(client_host: bytes, override: str | None, sent_host: bytes) -> None:
     result = check_client_request(request(replaced(b"host", client_host)))
-    headers = raw(build_upstream_request(result, client_ip=CLIENT_IP, host=override))
+    headers = raw(received(build_upstream_request(result, client_ip=CLIENT_IP, host=override)))
     assert headers[0] == (b"Host", sent_host)  # same place as the client's
     assert values(headers, b"host") == [sent_host]
     assert values(headers, b"x-forwarded-host") == [client_host]
@@ -820,11 +852,84 @@ def test_upstream_strip_extensions(strip: bool) -> None:
     assert (b"Sec-WebSocket-Protocol", b"chat") in headers
 
 
+@pytest.mark.parametrize("strip", [False, True])
+def test_upstream_offer(strip: bool) -> None:
+    offer = offer_of(
+        (b"Sec-WebSocket-Protocol", b"chat.v1, Chat.V2"),
+        (b"Sec-WebSocket-Extensions", b"permessage-deflate; client_max_window_bits, X-Webkit-Deflate-Frame"),
+        strip_extensions=strip,
+    )
+    assert offer.key == KEY
+    assert offer.protocols == [b"chat.v1", b"Chat.V2"]
+    assert offer.extensions == ([] if strip else [b"permessage-deflate", b"x-webkit-deflate-frame"])
+
+
+def test_upstream_offer_is_what_was_sent_when_connection_names_the_offers() -> None:
+    # A client that lists them in Connection has them dropped: the backend was offered nothing.
+    extra = (
+        (b"Connection", b"Sec-WebSocket-Protocol, Sec-WebSocket-Extensions"),
+        (b"Sec-WebSocket-Protocol", b"chat"),
+        (b"Sec-WebSocket-Extensions", b"permessage-deflate"),
+    )
+    names = lower_names(raw(upstream(*extra)))
+    assert b"sec-websocket-protocol" not in names and b"sec-websocket-extensions" not in names
+    offer = offer_of(*extra)
+    assert (offer.protocols, offer.extensions) == ([], [])
+    answers = [(b"Sec-WebSocket-Protocol", b"chat"), (b"Sec-WebSocket-Extensions", b"permessage-deflate")]
+    for answer in answers:
+        with pytest.raises(BackendUnavailable):
+            check_backend_response(switching(answer), offer)
+
+
+def _h11_refuses(value: bytes) -> bool:
+    try:
+        h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"h"), (b"X-Value", value)])
+    except h11.LocalProtocolError:
+        return True
+    return False
+
+
+SET_VALUES = [
+    "CN=alice,O=Example Corp",
+    "CN=a\tb",
+    "CN=a\x01b",
+    "CN=a\x1fb",
+    "CN=\u00e9l\u00e8ve",
+    "CN=a\r\nX-Injected: 1",
+    "CN=a\nX-Injected: 1",
+    "CN=a\rb",
+    "CN=a\x00b",
+    "CN=a\x0bb",
+    "CN=a\x0cb",
+    " CN=a",
+    "CN=a ",
+    "",
+]
+
+
+@pytest.mark.parametrize("value", SET_VALUES)
+def test_upstream_values_set_here_are_held_to_h11s_grammar(value: str) -> None:
+    # The gateway once sent the request through h11, which refused what could split a header;
+    # the values the gateway adds are refused in the same cases, with ValueError.
+    for where, name, encoding in [
+        ("client_cert_subject", b"x-client-cert-subject", "utf-8"),
+        ("host", b"host", "latin-1"),  # the config refuses an empty one
+    ]:
+        refused = _h11_refuses(value.encode(encoding))
+        try:
+            built, _ = upstream_request(**{where: value})
+        except ValueError:
+            assert refused, (where, value)
+            continue
+        assert not refused, (where, value)
+        assert values(raw(received((built, offer_of()))), name) == [value.encode(encoding)]
+
+
 # ---------------------------------------------------------------- check_backend_response
 
 
 def test_backend_minimal() -> None:
-    negotiated = check_backend_response(switching(), upstream())
+    negotiated = check_backend_response(switching(), offer_of())
     assert negotiated.subprotocol is None
     assert negotiated.extensions == []
     assert not negotiated.deflate
@@ -839,7 +944,7 @@ def test_backend_token_case() -> None:
             (b"sec-websocket-accept", ACCEPT),
         ],
     )
-    assert check_backend_response(response, upstream()).subprotocol is None
+    assert check_backend_response(response, offer_of()).subprotocol is None
 
 
 @pytest.mark.parametrize(
@@ -914,14 +1019,14 @@ def test_backend_token_case() -> None:
 )
 def test_backend_response_rejected(response: h11.InformationalResponse, offer: Headers) -> None:
     with pytest.raises(BackendUnavailable) as caught:
-        check_backend_response(response, upstream(*offer))
+        check_backend_response(response, offer_of(*offer))
     assert caught.value.status == 502
     assert caught.value.reason
 
 
 def test_backend_extension_after_strip_rejected() -> None:
     # compression: strip removed the client's offer; a backend that compresses anyway is broken.
-    sent = upstream((b"Sec-WebSocket-Extensions", b"permessage-deflate"), strip_extensions=True)
+    sent = offer_of((b"Sec-WebSocket-Extensions", b"permessage-deflate"), strip_extensions=True)
     with pytest.raises(BackendUnavailable):
         check_backend_response(
             switching((b"Sec-WebSocket-Extensions", b"permessage-deflate")), sent
@@ -941,7 +1046,7 @@ def test_backend_subprotocol(
 ) -> None:
     extra = [(b"Sec-WebSocket-Protocol", chosen)] if chosen is not None else []
     negotiated = check_backend_response(
-        switching(*extra), upstream((b"Sec-WebSocket-Protocol", offered))
+        switching(*extra), offer_of((b"Sec-WebSocket-Protocol", offered))
     )
     assert negotiated.subprotocol == subprotocol
     assert values(negotiated.headers, b"sec-websocket-protocol") == ([chosen] if chosen else [])
@@ -973,7 +1078,7 @@ def test_backend_extensions(
 ) -> None:
     extra = [(b"Sec-WebSocket-Extensions", accepted)] if accepted is not None else []
     negotiated = check_backend_response(
-        switching(*extra), upstream((b"Sec-WebSocket-Extensions", offered))
+        switching(*extra), offer_of((b"Sec-WebSocket-Extensions", offered))
     )
     assert negotiated.extensions == extensions
     assert negotiated.deflate is (b"permessage-deflate" in extensions)
@@ -1006,7 +1111,7 @@ def test_backend_relayed_headers() -> None:
             (b"Proxy-Connection", b"keep-alive"),
         ],
     )
-    negotiated = check_backend_response(response, upstream())
+    negotiated = check_backend_response(response, offer_of())
     assert negotiated.headers == [
         (b"Sec-WebSocket-Accept", ACCEPT),
         (b"Set-Cookie", b"a=1; Path=/"),
@@ -1022,7 +1127,7 @@ def test_backend_relayed_headers() -> None:
 
 def test_render_switching_protocols_parses() -> None:
     response = switching((b"Sec-WebSocket-Protocol", b"chat"), (b"Set-Cookie", b"a=1"))
-    negotiated = check_backend_response(response, upstream((b"Sec-WebSocket-Protocol", b"chat")))
+    negotiated = check_backend_response(response, offer_of((b"Sec-WebSocket-Protocol", b"chat")))
     events, body, client = read_reply(render_switching_protocols(negotiated) + b"\x81\x02hi")
     (event,) = events
     assert isinstance(event, h11.InformationalResponse)
@@ -1187,9 +1292,10 @@ def test_property_upstream_headers(
 ) -> None:
     headers = data.draw(st.permutations([*BASE, *extra]))
     result = check_client_request(request(headers))
-    sent = build_upstream_request(
+    built, offer = build_upstream_request(
         result, client_ip=client_ip, scheme=scheme, host=host, strip_extensions=strip
     )
+    sent = received((built, offer))
     out = raw(sent)
     names = lower_names(out)
 
@@ -1218,9 +1324,31 @@ def test_property_upstream_headers(
         for n, v in headers
         if n.lower() not in drop and not n.lower().startswith(b"proxy-")
     ]
-    assert out[: -len(GATEWAY_SET)] == kept
+    # Host goes first on the wire (RFC 9112 3.2).
+    assert out[: -len(GATEWAY_SET)] == sorted(kept, key=lambda header: header[0].lower() != b"host")
 
     assert values(out, b"x-forwarded-for") == [client_ip.encode()]
+
+    # Byte for byte what h11 writes for the same request, as the gateway once sent it through h11.
+    gateway_set = [
+        (b"Connection", b"Upgrade"),
+        (b"Upgrade", b"websocket"),
+        (b"X-Forwarded-For", client_ip.encode()),
+        (b"X-Forwarded-Proto", scheme.encode()),
+        (b"X-Forwarded-Host", values(headers, b"host")[0]),
+        (b"X-Real-IP", client_ip.encode()),
+    ]
+    reference = h11.Request(method=b"GET", target=result.target, headers=[*kept, *gateway_set])
+    assert built == h11.Connection(h11.CLIENT).send(reference)
+
+    # The offer is what the request says.
+    assert offer.key == KEY
+    assert offer.protocols == [
+        t.strip() for v in values(out, b"sec-websocket-protocol") for t in v.split(b",") if t.strip()
+    ]
+    assert offer.extensions == [
+        t.split(b";")[0].strip() for v in values(out, b"sec-websocket-extensions") for t in tokens(v)
+    ]
 
     # The backend gets a valid upgrade with the client's key.
     again = check_client_request(sent)
@@ -1314,11 +1442,11 @@ def test_property_mutated_requests(
     assert len(base64.b64decode(result.key, validate=True)) == 16
     assert result.path.startswith("/")
     # Whatever passed makes a valid upgrade for the backend, with the same key.
-    sent = build_upstream_request(result, client_ip=CLIENT_IP)
+    sent = received(build_upstream_request(result, client_ip=CLIENT_IP))
     assert check_client_request(sent).key == result.key
 
 
 def test_backend_subprotocol_compares_case_sensitively() -> None:
-    sent = upstream((b"Sec-WebSocket-Protocol", b"chat"))
+    sent = offer_of((b"Sec-WebSocket-Protocol", b"chat"))
     with pytest.raises(BackendUnavailable):
         check_backend_response(switching((b"Sec-WebSocket-Protocol", b"Chat")), sent)

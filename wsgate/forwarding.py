@@ -45,6 +45,8 @@ class TrustedProxies:
 
     def includes(self, ip: str) -> bool:
         """True when `ip` (as a socket reports it) is in one of the trusted networks."""
+        if not self._networks:
+            return False  # the default, asked of every connection: no address to parse
         address = _address(ip)
         return address is not None and self._trusts(address)
 

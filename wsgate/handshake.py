@@ -3,8 +3,9 @@
 The heads themselves are read in `heads`.
 `check_client_request` either returns an `UpgradeRequest` or raises
 `HandshakeError` carrying the HTTP reply.
-`build_upstream_request` turns it into the request sent to a backend, and
-`check_backend_response` decides whether the backend's 101 may be relayed.
+`build_upstream_request` turns it into the bytes of the request sent to a
+backend and the `Offer` they make, and `check_backend_response` decides
+whether the backend's 101 may be relayed.
 Replies are rendered here by hand so that a rejection can be sent whatever
 state h11 is in after a malformed request.
 """
@@ -57,6 +58,12 @@ _FORWARDING_SET = frozenset(
 )
 
 
+# What a request never passes on, whatever its Connection header names.
+_ALWAYS_DROPPED = _HOP_BY_HOP | _FORWARDING_SET
+# h11's field-value (RFC 9110 5.5, with h11's leniency for other control characters): no NUL,
+# CR, LF or other whitespace but SP and HTAB between visible bytes.
+_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
+
 # Schemes of an absolute-form target (RFC 6455 4.1 names http and https).
 _ABSOLUTE_SCHEMES = frozenset({b"http", b"https", b"ws", b"wss"})
 # Where a backend might see a segment break: "/", and what some servers decode or treat as one.
@@ -68,25 +75,38 @@ def accept_key(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
 
 
-def _tokens(value: bytes) -> list[bytes]:
-    """Comma-separated tokens of a header value, empty ones dropped."""
-    return [t for t in (part.strip() for part in value.split(b",")) if t]
+ByName = dict[bytes, list[bytes]]
 
 
-def _header_tokens(headers: Headers, name: bytes, *, case_sensitive: bool = False) -> list[bytes]:
-    """Tokens of every occurrence of header `name` (lowercase), in order.
+def _header_index(headers: Headers) -> ByName:
+    """The values of each header under its lower-cased name, in order.
+
+    Built once per head, so that each rule looks a name up instead of lowering every name again.
+    """
+    by_name: ByName = {}
+    for name, value in headers:
+        lower = name.lower()
+        values = by_name.get(lower)
+        if values is None:
+            by_name[lower] = [value]
+        else:
+            values.append(value)
+    return by_name
+
+
+def _header_tokens(by_name: ByName, name: bytes, *, case_sensitive: bool = False) -> list[bytes]:
+    """Comma-separated tokens of every occurrence of header `name` (lowercase), in order, none empty.
 
     Most tokens compare case-insensitively; subprotocol names do not (RFC 6455 4.1).
     """
-    found: list[bytes] = []
-    for key, value in headers:
-        if key.lower() == name:
-            found.extend(_tokens(value))
-    return found if case_sensitive else [t.lower() for t in found]
-
-
-def _header_values(headers: Headers, name: bytes) -> list[bytes]:
-    return [value for key, value in headers if key.lower() == name]
+    values = by_name.get(name)
+    if values is None:
+        return []
+    # Several occurrences of a list header are one list (RFC 9110 5.3).
+    joined = b",".join(values)
+    if not case_sensitive:
+        joined = joined.lower()
+    return [token for token in map(bytes.strip, joined.split(b",")) if token]
 
 
 def _extension_names(offers: list[bytes]) -> list[bytes]:
@@ -111,6 +131,7 @@ class UpgradeRequest:
     host: str
     key: bytes
     headers: Headers
+    by_name: ByName  # the headers' values by lower-cased name, for the rules to look up
     protocols: list[bytes]
     extensions: list[bytes]
     origin: str | None
@@ -118,49 +139,48 @@ class UpgradeRequest:
 
 def check_client_request(request: RequestHead) -> UpgradeRequest:
     """Validate an upgrade request against RFC 6455 4.2.1, or raise `HandshakeError`."""
-    headers = request.headers
     if request.method != b"GET":
         raise HandshakeError(405, "WebSocket upgrades must use GET", [("Allow", "GET")])
     if request.http_version != b"1.1":
         raise HandshakeError(400, "WebSocket upgrades need HTTP/1.1")
-    if b"websocket" not in _header_tokens(headers, b"upgrade"):
+    by_name = _header_index(request.headers)
+    if b"websocket" not in _header_tokens(by_name, b"upgrade"):
         raise HandshakeError(
             426,
             "this endpoint only serves WebSocket upgrades",
             [("Upgrade", "websocket"), ("Connection", "Upgrade")],
         )
-    if b"upgrade" not in _header_tokens(headers, b"connection"):
+    if b"upgrade" not in _header_tokens(by_name, b"connection"):
         raise HandshakeError(400, "Connection header must contain 'upgrade'")
-    versions = _header_values(headers, b"sec-websocket-version")
+    versions = by_name.get(b"sec-websocket-version")
     if not versions:
         raise HandshakeError(400, "missing Sec-WebSocket-Version")
     if versions != [SUPPORTED_VERSION]:
         raise HandshakeError(
             426, "unsupported WebSocket version", [("Sec-WebSocket-Version", "13")]
         )
-    keys = _header_values(headers, b"sec-websocket-key")
+    keys = by_name.get(b"sec-websocket-key", [])
     if len(keys) != 1 or not _is_valid_key(keys[0]):
         raise HandshakeError(400, "Sec-WebSocket-Key must be base64 of 16 bytes")
-    if _header_values(headers, b"content-length") not in ([], [b"0"]) or _header_values(
-        headers, b"transfer-encoding"
-    ):
+    if by_name.get(b"content-length", [b"0"]) != [b"0"] or b"transfer-encoding" in by_name:
         raise HandshakeError(400, "an upgrade request has no body")
-    host_values = _header_values(headers, b"host")
+    host_values = by_name.get(b"host", [])
     if len(host_values) != 1 or not host_values[0].strip():
         raise HandshakeError(400, "exactly one Host header is required")
     target = _origin_form(request.target, host_values[0])
     path = target.split(b"?", 1)[0].decode("latin-1")
     if _has_dot_segment(path):
         raise HandshakeError(400, "the path has a '.' or '..' segment")
-    origins = _header_values(headers, b"origin")
+    origins = by_name.get(b"origin")
     return UpgradeRequest(
         target=target,
         path=path,
         host=_split_host(host_values[0]),
         key=keys[0].strip(),
-        headers=headers,
-        protocols=_header_tokens(headers, b"sec-websocket-protocol", case_sensitive=True),
-        extensions=_extension_names(_header_tokens(headers, b"sec-websocket-extensions")),
+        headers=request.headers,
+        by_name=by_name,
+        protocols=_header_tokens(by_name, b"sec-websocket-protocol", case_sensitive=True),
+        extensions=_extension_names(_header_tokens(by_name, b"sec-websocket-extensions")),
         origin=origins[0].decode("latin-1") if origins else None,
     )
 
@@ -171,11 +191,11 @@ def plain_get(request: RequestHead) -> tuple[str, str] | None:
     None for anything else. The target rules of an upgrade hold: one Host header, an
     origin-form (or matching absolute-form) target, and no `.` or `..` segment.
     """
-    headers = request.headers
-    host_values = _header_values(headers, b"host")
+    by_name = _header_index(request.headers)
+    host_values = by_name.get(b"host", [])
     if request.method != b"GET" or request.http_version != b"1.1" or len(host_values) != 1:
         return None
-    if b"websocket" in _header_tokens(headers, b"upgrade"):
+    if b"websocket" in _header_tokens(by_name, b"upgrade"):
         return None  # an upgrade, refused for another reason
     try:
         target = _origin_form(request.target, host_values[0])
@@ -229,11 +249,11 @@ def affinity_key(handshake: UpgradeRequest, spec: str, client_ip: str) -> bytes 
         return handshake.path.encode("latin-1")
     kind, _, name = spec.partition(":")
     if kind == "header":
-        values = _header_values(handshake.headers, name.lower().encode("latin-1"))
+        values = handshake.by_name.get(name.lower().encode("latin-1"))
         return values[0].strip() if values else None
     if kind == "cookie":
         wanted = name.encode("latin-1")
-        for header in _header_values(handshake.headers, b"cookie"):
+        for header in handshake.by_name.get(b"cookie", []):
             for pair in header.split(b";"):
                 cookie, sep, value = pair.strip().partition(b"=")
                 if sep and cookie == wanted:
@@ -265,6 +285,15 @@ def check_origin(handshake: UpgradeRequest, allowed: list[str] | None) -> None:
         raise HandshakeError(403, "origin not allowed")
 
 
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """What the request sent to a backend offered, for its 101 to be checked against."""
+
+    key: bytes  # the Sec-WebSocket-Key, without surrounding whitespace
+    protocols: list[bytes]  # the subprotocols, in order
+    extensions: list[bytes]  # the extension names, lower-cased
+
+
 def build_upstream_request(
     handshake: UpgradeRequest,
     *,
@@ -274,41 +303,64 @@ def build_upstream_request(
     host: str | None = None,
     strip_extensions: bool = False,
     client_cert_subject: str | None = None,
-) -> h11.Request:
-    """The request to send a backend: end-to-end headers kept, forwarding headers set.
+) -> tuple[bytes, Offer]:
+    """The request to send a backend, as bytes, and what it offers.
 
+    End-to-end headers are kept in their order and case, forwarding headers set.
     `forwarded_for` is the X-Forwarded-For chain, client first (see `forwarding`);
     the client's own forwarding headers are never passed on. By default it is the
-    client alone.
+    client alone. Raises `ValueError` when a value the gateway sets (the Host
+    override, a forwarding header, the client certificate's subject) is no valid
+    header value.
     """
-    named_in_connection = set(_header_tokens(handshake.headers, b"connection"))
-    drop = (_HOP_BY_HOP | named_in_connection | _FORWARDING_SET) - _NEVER_STRIPPED
+    named_in_connection = _header_tokens(handshake.by_name, b"connection")
+    drop = _ALWAYS_DROPPED.union(named_in_connection).difference(_NEVER_STRIPPED)
     if strip_extensions:
         drop = drop | {b"sec-websocket-extensions"}
-    original_host = b""
-    headers: Headers = []
+    upstream_host = None if host is None else host.encode("latin-1")
+    original_host = host_line = b""
+    lines = [b"GET " + handshake.target + b" HTTP/1.1"]
     for name, value in handshake.headers:
         lower = name.lower()
-        if lower.startswith(b"proxy-") or lower in drop:
+        if lower in drop or lower.startswith(b"proxy-"):
             continue
         if lower == b"host":
             original_host = value
-            if host is not None:
-                value = host.encode("latin-1")
-        headers.append((name, value))
-    chain = [client_ip] if forwarded_for is None else forwarded_for
-    headers += [
-        (b"Connection", b"Upgrade"),
-        (b"Upgrade", b"websocket"),
-        (b"X-Forwarded-For", ", ".join(chain).encode("ascii")),
-        (b"X-Forwarded-Proto", scheme.encode("ascii")),
-        (b"X-Forwarded-Host", original_host),
-        (b"X-Real-IP", client_ip.encode("ascii")),
+            host_line = name + b": " + (value if upstream_host is None else upstream_host)
+        else:
+            lines.append(name + b": " + value)
+    assert host_line, "check_client_request lets through exactly one Host"
+    # Host goes first, as RFC 9112 3.2 asks of a client (and as h11 would write it).
+    lines.insert(1, host_line)
+    forwarded = ", ".join([client_ip] if forwarded_for is None else forwarded_for).encode("ascii")
+    real_ip = client_ip.encode("ascii")
+    proto = scheme.encode("ascii")
+    lines += [
+        b"Connection: Upgrade",
+        b"Upgrade: websocket",
+        b"X-Forwarded-For: " + forwarded,
+        b"X-Forwarded-Proto: " + proto,
+        b"X-Forwarded-Host: " + original_host,
+        b"X-Real-IP: " + real_ip,
     ]
+    # The client's own headers were held to h11's grammar when its head was read; these were not.
+    # A subject or Host with a CR, LF or NUL would otherwise split a header or end the head.
+    set_here = [forwarded, proto, real_ip]
+    if upstream_host is not None:
+        set_here.append(upstream_host)
     if client_cert_subject is not None:
-        # h11 refuses control characters, so a hostile subject cannot split the header.
-        headers.append((b"X-Client-Cert-Subject", client_cert_subject.encode("utf-8")))
-    return h11.Request(method=b"GET", target=handshake.target, headers=headers)
+        subject = client_cert_subject.encode("utf-8")
+        set_here.append(subject)
+        lines.append(b"X-Client-Cert-Subject: " + subject)
+    for value in set_here:
+        if _FIELD_VALUE.fullmatch(value) is None:
+            raise ValueError(f"a header the gateway sets would have an invalid value: {value!r}")
+    offer = Offer(
+        key=handshake.key,
+        protocols=[] if b"sec-websocket-protocol" in drop else handshake.protocols,
+        extensions=[] if b"sec-websocket-extensions" in drop else handshake.extensions,
+    )
+    return b"\r\n".join(lines) + b"\r\n\r\n", offer
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,35 +377,32 @@ class Negotiated:
         return b"permessage-deflate" in self.extensions
 
 
-def check_backend_response(response: ResponseHead, sent: h11.Request) -> Negotiated:
-    """Check a backend's 101 against the request it answers; raise `BackendUnavailable` (502)."""
-    headers = response.headers
-    sent_headers: Headers = list(sent.headers.raw_items())
+def check_backend_response(response: ResponseHead, offer: Offer) -> Negotiated:
+    """Check a backend's 101 against what the request offered; raise `BackendUnavailable` (502)."""
     if response.status_code != 101:
         raise BackendUnavailable(502, f"backend answered {response.status_code} to an upgrade")
-    if _header_values(headers, b"content-length") or _header_values(headers, b"transfer-encoding"):
+    headers = response.headers
+    by_name = _header_index(headers)
+    if b"content-length" in by_name or b"transfer-encoding" in by_name:
         # A 101 has no body (RFC 9110 8.6, 6.1): a length is a confused or smuggling backend.
         raise BackendUnavailable(502, "backend 101 carries Content-Length or Transfer-Encoding")
-    if b"websocket" not in _header_tokens(headers, b"upgrade"):
+    if b"websocket" not in _header_tokens(by_name, b"upgrade"):
         raise BackendUnavailable(502, "backend 101 lacks 'Upgrade: websocket'")
-    if b"upgrade" not in _header_tokens(headers, b"connection"):
+    connection = _header_tokens(by_name, b"connection")
+    if b"upgrade" not in connection:
         raise BackendUnavailable(502, "backend 101 lacks 'Connection: upgrade'")
-    (key,) = _header_values(sent_headers, b"sec-websocket-key")
-    accepts = _header_values(headers, b"sec-websocket-accept")
-    if accepts != [accept_key(key.strip())]:
+    if by_name.get(b"sec-websocket-accept") != [accept_key(offer.key)]:
         raise BackendUnavailable(502, "backend sent a wrong or missing Sec-WebSocket-Accept")
-    chosen = _header_tokens(headers, b"sec-websocket-protocol", case_sensitive=True)
-    offered_protocols = _header_tokens(sent_headers, b"sec-websocket-protocol", case_sensitive=True)
-    if len(chosen) > 1 or (chosen and chosen[0] not in offered_protocols):
+    chosen = _header_tokens(by_name, b"sec-websocket-protocol", case_sensitive=True)
+    if len(chosen) > 1 or (chosen and chosen[0] not in offer.protocols):
         raise BackendUnavailable(502, "backend chose a subprotocol the client did not offer")
-    offered = _extension_names(_header_tokens(sent_headers, b"sec-websocket-extensions"))
-    accepted = _extension_names(_header_tokens(headers, b"sec-websocket-extensions"))
+    accepted = _extension_names(_header_tokens(by_name, b"sec-websocket-extensions"))
     for name in accepted:
-        if name not in offered:
+        if name not in offer.extensions:
             raise BackendUnavailable(
                 502, f"backend accepted extension {name.decode('latin-1')!r} the client did not offer"
             )
-    relayed = end_to_end(headers)
+    relayed = _without_hops(headers, connection)
     relayed += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
     return Negotiated(
         headers=relayed, subprotocol=chosen[0] if chosen else None, extensions=accepted
@@ -362,7 +411,11 @@ def check_backend_response(response: ResponseHead, sent: h11.Request) -> Negotia
 
 def end_to_end(headers: Headers) -> Headers:
     """`headers` without the hop-by-hop ones and those named in Connection."""
-    drop = _HOP_BY_HOP | set(_header_tokens(headers, b"connection"))
+    return _without_hops(headers, _header_tokens(_header_index(headers), b"connection"))
+
+
+def _without_hops(headers: Headers, connection: list[bytes]) -> Headers:
+    drop = _HOP_BY_HOP.union(connection)
     return [(n, v) for n, v in headers if n.lower() not in drop]
 
 

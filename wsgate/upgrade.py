@@ -25,6 +25,7 @@ from .closing import Cause, gateway_close
 from .config import Listener, format_host_port
 from .errors import BackendUnavailable, HandshakeError, ProxyHeaderError
 from .handshake import (
+    Offer,
     affinity_key,
     build_upstream_request,
     check_backend_response,
@@ -431,7 +432,7 @@ class UpgradeProtocol(asyncio.Protocol):
             if tls is not None and tls.client_ca is not None:
                 self.client_cert = peer_subject(self.transport.get_extra_info)
             subject = self.client_cert if tls is not None and tls.forward_client_cert else None
-            upstream = build_upstream_request(
+            upstream, offer = build_upstream_request(
                 handshake,
                 client_ip=self.client_ip,
                 forwarded_for=forwarded_for,
@@ -441,7 +442,7 @@ class UpgradeProtocol(asyncio.Protocol):
                 client_cert_subject=subject,
             )
             await self.books.handshake_turns.step()
-            await self._connect_backend(pool, key, upstream, request_at)
+            await self._connect_backend(pool, key, upstream, offer, request_at)
         except HandshakeError as exc:
             if exc.status == 426 and self._answer_page(request):
                 return
@@ -470,7 +471,7 @@ class UpgradeProtocol(asyncio.Protocol):
         return True
 
     async def _connect_backend(
-        self, pool: Pool, key: bytes, upstream: h11.Request, request_at: float
+        self, pool: Pool, key: bytes, upstream: bytes, offer: Offer, request_at: float
     ) -> None:
         """Try the key's backends in order until one answers; relay its answer."""
         loop = asyncio.get_running_loop()
@@ -498,7 +499,7 @@ class UpgradeProtocol(asyncio.Protocol):
                 except OSError as exc:
                     raise BackendUnavailable(502, "backend unreachable") from exc
                 if isinstance(outcome, ResponseHead):
-                    negotiated = check_backend_response(outcome, upstream)
+                    negotiated = check_backend_response(outcome, offer)
             except BackendUnavailable as exc:
                 if backend_transport is not None:
                     backend_transport.close()
