@@ -475,7 +475,7 @@ class UpgradeProtocol(asyncio.Protocol):
     ) -> None:
         """Try the key's backends in order until one answers; relay its answer."""
         loop = asyncio.get_running_loop()
-        failure = BackendUnavailable(503, "no backend available")
+        failure: BackendUnavailable | None = None  # made only when no backend answers
         metrics = self.books.metrics
         config = self.books.config
         for member in pool.candidates(key, loop.time()):
@@ -539,7 +539,7 @@ class UpgradeProtocol(asyncio.Protocol):
             metrics.series(metrics.connections, pool.route.name, "upgraded").inc()
             self._hand_off(backend_transport, answer, negotiated.deflate, pool, member, key)
             return
-        raise failure
+        raise failure or BackendUnavailable(503, "no backend available")
 
     def _hand_off(
         self,
