@@ -282,14 +282,14 @@ class Books:
         metrics.flush_relays((relay,))
         duration = time.perf_counter() - relay.started_at
         side = relay.closed_by or GATEWAY
-        metrics.series(metrics.close_frames, close_code_label(relay.close_code), side).inc()
-        metrics.series(metrics.connection_duration, relay.route_name).observe(duration)
+        metrics.close_frames.inc(close_code_label(relay.close_code), side)
+        metrics.connection_duration.observe(relay.route_name, duration)
         if relay.dead_side:
-            metrics.series(metrics.heartbeat_timeouts, relay.dead_side).inc()
+            metrics.heartbeat_timeouts.inc(relay.dead_side)
         elif relay.close_reason == "idle timeout":
-            metrics.series(metrics.idle_timeouts, relay.route_name).inc()
+            metrics.idle_timeouts.inc(relay.route_name)
         if relay.limit_exceeded:
-            metrics.series(metrics.limit_closes, relay.limit_exceeded).inc()
+            metrics.limit_closes.inc(relay.limit_exceeded)
         self.log_access(
             client, relay.route_name, member.identity, relay.key, 101, duration, relay.close_reason,
             client_cert,
