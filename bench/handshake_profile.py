@@ -101,8 +101,8 @@ EVENTS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     )),
     ("log", "the access line", (
         ("logging/", ""), ("runtime.py", ""), ("books.py", "log_access"), ("books.py", "key_hash"),
-        ("books.py", "write_entry"), ("books.py", "iso_time"), ("books.py", "_direct_access_handler"),
-        ("books.py", "_close_entry"),
+        ("books.py", "write_line"), ("books.py", "iso_time"), ("books.py", "_direct_access_handler"),
+        ("books.py", "_close_entry"), ("books.py", "_json_close"), ("books.py", "access_"),
         ("json/", ""), ("hashlib", ""),
     )),
     ("metrics", "prometheus-client children and counts", (

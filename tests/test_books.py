@@ -1,4 +1,5 @@
-"""The connection books on their own: admission, reloads, the reload race and spread closes.
+"""The connection books on their own: admission, reloads, the reload race, spread closes and
+the access line.
 
 No listener and no socket: the books are the narrow interface the upgrade
 protocols and the gateway share, and their rules hold without either.
@@ -10,15 +11,19 @@ import asyncio
 import json
 import logging
 from collections.abc import Iterator
+from datetime import datetime, timezone
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from conftest import gateway_config
+from hypothesis import given
+from hypothesis import strategies as st
 from peers import STEP_TIMEOUT
 from prometheus_client import CollectorRegistry
 
 from wsgate.balancer import Pool
-from wsgate.books import Books
+from wsgate.books import Books, access_entry, access_line, iso_time
 from wsgate.config import Config, parse_config
 from wsgate.frames import CloseCode
 from wsgate.metrics import Metrics
@@ -111,7 +116,7 @@ async def test_spread_closes_close_each_relay_once_within_the_drain_period(count
     handles = books.spread_closes(relays, CloseCode.SERVICE_RESTART, "backend removed")  # type: ignore
     assert len(handles) == count
     latest = max(handle.when() for handle in handles)
-    assert latest <= loop.time() + 0.05
+    assert latest <= loop.time() + 0.05 + 1e-9  # when() is a float sum: allow its rounding
     async with asyncio.timeout(STEP_TIMEOUT):
         await done.wait()
     assert closed == [(CloseCode.SERVICE_RESTART, "backend removed")] * count
@@ -152,16 +157,37 @@ def access_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def finished_relay(
+    code: int | None = CloseCode.NORMAL_CLOSURE,
+    to_client: tuple[int | None, str] | None = (CloseCode.NORMAL_CLOSURE, "backend"),
+    to_backend: tuple[int | None, str] | None = None,
+    closed_by: str = "backend",
+) -> Any:
+    """What the access line reads of a relay that ended: its legs' counts and its closes."""
+    def leg(received: int, messages: int, close_written: tuple[int | None, str] | None) -> Any:
+        return SimpleNamespace(
+            bytes_received=received, scanner=SimpleNamespace(messages=messages), close_written=close_written
+        )
+
+    return SimpleNamespace(
+        client=leg(7, 1, to_client), backend=leg(1 << 40, 3, to_backend), close_code=code, closed_by=closed_by
+    )
+
+
 async def test_the_access_line_is_written_without_a_log_record_in_the_same_json(made_records, capsys):
     books = make_books(make_config())
     as_run()
-    books.log_access("127.0.0.1:5000", "r", "b", b"k", 101, 1.23456, "client closed", None, bytes_in=7)
+    books.log_access(
+        "127.0.0.1:5000", "r", "b", b"k", 101, 1.23456, "client closed", None, finished_relay()
+    )
     logging.getLogger("wsgate.access").info("", extra={"access": {"status": 101}})
     direct, through_logging = access_lines(capsys.readouterr().out)
     assert len(made_records) == 1  # only the line logged by hand made a record
     assert list(direct) == ["time", "client", "route", "backend", "key_hash", "status", "duration",
-                            "bytes_in", "reason", "client_cert"]
+                            "bytes_in", "bytes_out", "messages_in", "messages_out", "close_code",
+                            "closed_by", "close_to_client", "close_to_backend", "reason", "client_cert"]
     assert direct["duration"] == 1.235 and direct["bytes_in"] == 7 and direct["client_cert"] is None
+    assert direct["close_to_client"] == {"code": 1000, "by": "backend"} and direct["close_to_backend"] is None
     # The same time format on both paths: 2026-01-02T03:04:05.678+00:00.
     assert len(direct["time"]) == len(through_logging["time"]) == 29
     assert direct["time"].endswith("+00:00") and through_logging["time"].endswith("+00:00")
@@ -188,3 +214,51 @@ async def test_no_access_line_and_no_record_while_the_access_log_is_off(made_rec
     as_run(access_log=False)
     make_books(make_config()).log_access("127.0.0.1:5000", "r", "b", b"", 101, 0.0, "done", None)
     assert capsys.readouterr().out == "" and made_records == []
+
+
+def reference_iso_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [0.0, 1.0, 1_700_000_000.0, 1_700_000_000.0005, 1_700_000_000.9994999, 1_700_000_000.9995,
+     1_700_000_000.9999995, 1_700_000_000.99999949, 1_700_000_001.0000004, 1_700_000_000.123,
+     -1.5, -0.0000004, -86_400.9999996, 4_102_444_799.9999999],
+)
+def test_iso_time_reads_as_datetime_writes_it_at_the_edges_of_a_millisecond(timestamp):
+    assert iso_time(timestamp) == reference_iso_time(timestamp)
+
+
+@given(st.lists(st.floats(min_value=-1e9, max_value=4.1e9), min_size=1, max_size=20))
+def test_iso_time_reads_as_datetime_writes_it_whichever_second_came_before(timestamps):
+    # Each call may reuse the previous one's formatted second, or must not.
+    for timestamp in timestamps:
+        assert iso_time(timestamp) == reference_iso_time(timestamp)
+        assert iso_time(timestamp + 1.0) == reference_iso_time(timestamp + 1.0)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ("127.0.0.1:5000", "chat", "ws://10.0.0.1:80", b"room-1", 101, 1.23456, "client closed", None),
+        ("[2001:db8::1]:443", "", "", b"", 404, 0, "no route for this host and path", None),
+        ("127.0.0.1:5000", "r", "b", b"k", 502, 0.0004999, 'a "quoted" \\ reason\n',
+         "CN=caf\u00e9 \U0001f600"),
+        ("127.0.0.1:5000", "r\u00e9", "b", b"\xff\x00", 101, 12345.6789, "done", "\ud800 lone surrogate"),
+    ],
+)
+@pytest.mark.parametrize(
+    "relay",
+    [
+        None,
+        finished_relay(),
+        finished_relay(code=None, to_client=None, to_backend=(None, "gateway"), closed_by=""),
+        finished_relay(code=4321, to_client=(CloseCode.GOING_AWAY, "gateway"), to_backend=(1001, "gateway")),
+    ],
+    ids=["handshake only", "relayed", "no codes", "private code"],
+)
+def test_the_direct_access_line_is_json_dumps_of_the_record_s_entry(fields, relay):
+    timestamp = 1_700_000_000.25
+    direct = access_line(timestamp, *fields, relay)
+    assert direct == json.dumps({"time": iso_time(timestamp), **access_entry(*fields, relay)})

@@ -327,6 +327,62 @@ async def test_the_periodic_flush_updates_the_registry_without_a_scrape(start_ad
             ) == 1
 
 
+async def test_a_handshake_s_counts_are_in_the_registry_as_it_happens_without_a_flush(
+    start_admin, ws_backend, access_records, monkeypatch
+):
+    # Counted in plain dicts that the registry reads: neither the periodic flush nor a scrape
+    # (which flushes first) is needed for what a handshake and a connection's end count.
+    monkeypatch.setattr(wsgate.gateway, "METRICS_FLUSH_INTERVAL", 3600.0)
+    admin = await start_admin(gateway_config([ws_backend.url]))
+    registry = admin.gateway.registry
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    on_backend = {"route": "test", "backend": ws_backend.url}
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with connect(admin.ws_url) as ws:
+            await echo_messages(ws, 1)
+            assert value("wsgate_active_connections", **on_backend) == 1
+            assert value("wsgate_connections_total", route="test", outcome="upgraded") == 1
+            assert value("wsgate_handshake_duration_seconds_count", route="test") == 1
+            assert value("wsgate_backend_connect_duration_seconds_count", route="test") == 1
+            assert value("wsgate_handshake_duration_seconds_bucket", route="test", le="+Inf") == 1
+        await access_records.next()
+    ended = {
+        ("wsgate_active_connections", frozenset(on_backend.items())): 0,
+        ("wsgate_close_frames_total", frozenset({("code", "1000"), ("side", "client")})): 1,
+        ("wsgate_connection_duration_seconds_count", frozenset({("route", "test")})): 1,
+        ("wsgate_messages_total", frozenset({("route", "test"), ("direction", UP)})): 1,
+    }
+    scraped = await admin.scrape()
+    for (name, labels), expected in ended.items():
+        assert value(name, **dict(labels)) == expected, name
+        assert scraped.value(name, **dict(labels)) == expected, name
+
+
+async def test_the_connections_a_shutdown_closes_are_counted(ws_backend, access_records):
+    gateway = Gateway(parse_config(gateway_config([ws_backend.url])))
+    await gateway.start()
+    host, port = gateway.addresses[0]
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            async with connect(f"ws://{host}:{port}") as ws:
+                await echo_messages(ws, 2)
+                await gateway.close()
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await ws.recv()
+    finally:
+        await gateway.close()  # again, if the test failed before it
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert (await access_records.next())["close_code"] == 1001
+    value = gateway.registry.get_sample_value
+    assert value("wsgate_close_frames_total", {"code": "1001", "side": "gateway"}) == 1
+    assert value("wsgate_connection_duration_seconds_count", {"route": "test"}) == 1
+    assert value("wsgate_messages_total", {"route": "test", "direction": DOWN}) == 2
+    assert value("wsgate_active_connections", {"route": "test", "backend": ws_backend.url}) == 0
+
+
 # -- 3. /healthz, /readyz, /status ------------------------------------------------------
 
 

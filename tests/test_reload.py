@@ -448,6 +448,32 @@ async def test_post_reload_reports_the_new_version_and_status_shows_it(
     assert metrics.value("wsgate_backend_up", route="test", backend=aiohttp_backend.url) == 1
 
 
+async def test_counts_from_before_a_reload_stay_and_go_on_after_it(
+    tmp_path, start_admin, ws_backend, access_records
+):
+    path = tmp_path / "wsgate.yaml"
+    admin = await started_from_file(start_admin, path, gateway_config([ws_backend.url]))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(admin.ws_url) as held:
+            assert await ask(held, "before") == "before"
+            async with websockets.connect(admin.ws_url) as ws:
+                assert await ask(ws, "before") == "before"
+            await access_records.next()
+            await reload_with(admin, path, gateway_config([ws_backend.url], timeouts={"idle": "60s"}))
+            assert await ask(held, "across") == "across"
+            async with websockets.connect(admin.ws_url) as ws:
+                assert await ask(ws, "after") == "after"
+            await access_records.next()
+        await access_records.next()
+        metrics = await admin.scrape()
+    assert metrics.value("wsgate_config_reloads_total", result="success") == 1
+    assert metrics.value("wsgate_connections_total", route="test", outcome="upgraded") == 3
+    assert metrics.value("wsgate_handshake_duration_seconds_count", route="test") == 3
+    assert metrics.value("wsgate_connection_duration_seconds_count", route="test") == 3
+    assert metrics.value("wsgate_close_frames_total", code="1000", side="client") == 3
+    assert metrics.value("wsgate_messages_total", route="test", direction="client_to_backend") == 4
+
+
 def checked_and_ejecting(backends: list[str], interval: str | None, ejecting_check: bool = False) -> dict[str, Any]:
     """Route "checked" probes its backends every `interval` (none if None); route "ejecting"
     ejects a backend for a minute after one failed connect."""

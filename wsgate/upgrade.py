@@ -224,7 +224,7 @@ class UpgradeProtocol(asyncio.Protocol):
             self.conn_id, self.client_address, reason, detail,
         )
         metrics = self.books.metrics
-        metrics.series(metrics.proxy_protocol_errors, self.listener.name, reason).inc()
+        metrics.proxy_protocol_errors.inc(self.listener.name, reason)
         self.proxy_buffer = None
         self.lingering = True  # drop whatever still arrives before the close takes effect
         self.transport.close()
@@ -247,7 +247,7 @@ class UpgradeProtocol(asyncio.Protocol):
             # Routine on a public port (scanners, plain HTTP, bad clients): count, don't shout.
             self.books.tls_handshake_failures += 1
             metrics = self.books.metrics
-            metrics.series(metrics.tls_handshake_failures, self.listener.name).inc()
+            metrics.tls_handshake_failures.inc(self.listener.name)
             log.debug("conn=%d %s TLS handshake failed: %r", self.conn_id, self.client_ip, exc)
             self.transport.close()
             self._finish()
@@ -260,7 +260,7 @@ class UpgradeProtocol(asyncio.Protocol):
         level = logging.WARNING if refusal.label == "limit" else logging.INFO
         log.log(level, "conn=%d refused %s: %s", self.conn_id, self.client_ip, error.reason)
         metrics = self.books.metrics
-        metrics.series(metrics.handshake_rejections, refusal.label).inc()
+        metrics.handshake_rejections.inc(refusal.label)
         self._account(error.status, "rejected", error.reason)
         if tls:
             self.transport.close()  # no HTTP can be spoken before TLS; spend no handshake on it
@@ -363,7 +363,7 @@ class UpgradeProtocol(asyncio.Protocol):
         if self.task is None:
             log.info("conn=%d %s sent no complete request in time", self.conn_id, self.client_ip)
             metrics = self.books.metrics
-            metrics.series(metrics.handshake_rejections, "timeout").inc()
+            metrics.handshake_rejections.inc("timeout")
             self._account(408, "rejected", "request timeout")
             self._reply(render_error(408, "request timeout"))
 
@@ -385,7 +385,7 @@ class UpgradeProtocol(asyncio.Protocol):
         log.info("conn=%d %s rejected: %d %s", self.conn_id, self.client_ip, error.status, error.reason)
         label = label or _REJECTION_REASONS.get(error.status, "other")
         metrics = self.books.metrics
-        metrics.series(metrics.handshake_rejections, label).inc()
+        metrics.handshake_rejections.inc(label)
         self._account(error.status, "rejected", error.reason)
         self._reply(render_rejection(error))
 
@@ -393,7 +393,7 @@ class UpgradeProtocol(asyncio.Protocol):
         """Count a handshake that ended without a relay, and log its access line."""
         route = self.route_name
         metrics = self.books.metrics
-        metrics.series(metrics.connections, route, outcome).inc()
+        metrics.connections.inc(route, outcome)
         duration = time.perf_counter() - self.accepted_at
         self.books.log_access(
             self.client_address, route, backend, self.key, status, duration, reason, self.client_cert
@@ -518,8 +518,8 @@ class UpgradeProtocol(asyncio.Protocol):
             finally:
                 member.connecting -= 1
             pool.on_connected(member)
-            metrics.series(metrics.backend_connect_duration, pool.route.name).observe(
-                time.perf_counter() - attempt_started
+            metrics.backend_connect_duration.observe(
+                pool.route.name, time.perf_counter() - attempt_started
             )
             if isinstance(outcome, h11.Response):
                 # The backend answered: its refusal is the client's answer, not a failure.
@@ -535,8 +535,8 @@ class UpgradeProtocol(asyncio.Protocol):
                 return
             self.transport.write(render_switching_protocols(negotiated))
             handshake_seconds = time.perf_counter() - request_at
-            metrics.series(metrics.handshake_duration, pool.route.name).observe(handshake_seconds)
-            metrics.series(metrics.connections, pool.route.name, "upgraded").inc()
+            metrics.handshake_duration.observe(pool.route.name, handshake_seconds)
+            metrics.connections.inc(pool.route.name, "upgraded")
             self._hand_off(backend_transport, answer, negotiated.deflate, pool, member, key)
             return
         raise failure or BackendUnavailable(503, "no backend available")
