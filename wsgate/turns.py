@@ -19,6 +19,9 @@ class Turns:
         self.left = per_turn
         self.waiting: collections.deque[Callable[[], object]] = collections.deque()
         self.armed = False
+        # The loop of the first turn asked for: asked once, as get_running_loop() makes a
+        # system call (its process id check) each time. Turns serve one loop.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def take(self) -> bool:
         """Take a step in this turn if it has room and nothing waits; else False."""
@@ -37,14 +40,20 @@ class Turns:
         """Return once a turn has room for one more step."""
         if self.take():
             return
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self._loop().create_future()
         self.later(lambda: waiter.done() or waiter.set_result(None))
         await waiter
 
     def _arm(self) -> None:
         if not self.armed:
             self.armed = True
-            asyncio.get_running_loop().call_soon(self._next_turn)
+            self._loop().call_soon(self._next_turn)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        return loop
 
     def _next_turn(self) -> None:
         self.armed = False

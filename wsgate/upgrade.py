@@ -71,6 +71,7 @@ class UpgradeProtocol(asyncio.Protocol):
 
     # Thousands can be in their handshake at once (a burst of reconnects): slots keep it small.
     __slots__ = (
+        "loop",
         "books",
         "listener",
         "transport",
@@ -135,6 +136,8 @@ class UpgradeProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # Asked once: each get_running_loop() checks the process id with a system call.
+        self.loop = asyncio.get_running_loop()
         # TCP_NODELAY needs no call here: uvloop and asyncio set it on every TCP transport.
         # Durations use perf_counter: uvloop's loop clock has only millisecond steps.
         self.accepted_at = time.perf_counter()
@@ -177,7 +180,7 @@ class UpgradeProtocol(asyncio.Protocol):
         # still arrive first are kept in tls_early and handed to the TLS layer.
         self.tls_early = bytearray()
         self.transport.pause_reading()
-        self.tls_task = asyncio.get_running_loop().create_task(self._start_tls(tls))
+        self.tls_task = self.loop.create_task(self._start_tls(tls))
         return True
 
     def _expect_proxy_header(self) -> None:
@@ -186,7 +189,7 @@ class UpgradeProtocol(asyncio.Protocol):
             self._drop_proxy("untrusted", "the peer is not in proxy_protocol_from")
             return
         self.proxy_buffer = bytearray()
-        self.timer = asyncio.get_running_loop().call_later(
+        self.timer = self.loop.call_later(
             self.books.config.timeouts.handshake, self._on_proxy_timeout
         )
 
@@ -230,7 +233,7 @@ class UpgradeProtocol(asyncio.Protocol):
         self.transport.close()
 
     async def _start_tls(self, tls: ListenerTls) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         early, self.tls_early = self.tls_early, None
         if early:
             # start_tls installs its protocol before it first waits; this runs after that.
@@ -268,7 +271,7 @@ class UpgradeProtocol(asyncio.Protocol):
             self._reply(render_rejection(error), linger=False)
 
     def _start_request_timer(self) -> None:
-        self.timer = asyncio.get_running_loop().call_later(
+        self.timer = self.loop.call_later(
             self.books.config.timeouts.handshake, self._on_handshake_timeout
         )
 
@@ -354,7 +357,7 @@ class UpgradeProtocol(asyncio.Protocol):
             self.timer.cancel()
         self.early[:0] = after
         request_at = time.perf_counter()
-        self.task = asyncio.get_running_loop().create_task(self._proxy(request, request_at))
+        self.task = self.loop.create_task(self._proxy(request, request_at))
 
     def _on_handshake_timeout(self) -> None:
         if self.turn_data is not None:
@@ -379,7 +382,7 @@ class UpgradeProtocol(asyncio.Protocol):
         self.lingering = True
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
+        self.timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     def _reject(self, error: HandshakeError, label: str | None = None) -> None:
         log.info("conn=%d %s rejected: %d %s", self.conn_id, self.client_ip, error.status, error.reason)
@@ -474,7 +477,7 @@ class UpgradeProtocol(asyncio.Protocol):
         self, pool: Pool, key: bytes, upstream: bytes, offer: Offer, request_at: float
     ) -> None:
         """Try the key's backends in order until one answers; relay its answer."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         failure: BackendUnavailable | None = None  # made only when no backend answers
         metrics = self.books.metrics
         config = self.books.config
