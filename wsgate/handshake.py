@@ -60,6 +60,8 @@ _FORWARDING_SET = frozenset(
 
 # What a request never passes on, whatever its Connection header names.
 _ALWAYS_DROPPED = _HOP_BY_HOP | _FORWARDING_SET
+assert not _ALWAYS_DROPPED & _NEVER_STRIPPED
+_STRIP_EXTENSIONS = _ALWAYS_DROPPED | {b"sec-websocket-extensions"}
 # h11's field-value (RFC 9110 5.5, with h11's leniency for other control characters): no NUL,
 # CR, LF or other whitespace but SP and HTAB between visible bytes.
 _FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
@@ -314,9 +316,11 @@ def build_upstream_request(
     header value.
     """
     named_in_connection = _header_tokens(handshake.by_name, b"connection")
-    drop = _ALWAYS_DROPPED.union(named_in_connection).difference(_NEVER_STRIPPED)
-    if strip_extensions:
-        drop = drop | {b"sec-websocket-extensions"}
+    drop = _STRIP_EXTENSIONS if strip_extensions else _ALWAYS_DROPPED
+    # Connection most often names only what is dropped anyway ("upgrade", "keep-alive"):
+    # then no set is built for this request.
+    if not drop.issuperset(named_in_connection):
+        drop = drop.union(named_in_connection).difference(_NEVER_STRIPPED)
     upstream_host = None if host is None else host.encode("latin-1")
     original_host = host_line = b""
     lines = [b"GET " + handshake.target + b" HTTP/1.1"]
