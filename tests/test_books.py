@@ -23,7 +23,7 @@ from peers import STEP_TIMEOUT
 from prometheus_client import CollectorRegistry
 
 from wsgate.balancer import Pool
-from wsgate.books import Books, access_entry, access_line, iso_time
+from wsgate.books import Access, Books, access_entry, access_line, iso_time
 from wsgate.config import Config, parse_config
 from wsgate.frames import CloseCode
 from wsgate.metrics import Metrics
@@ -260,5 +260,6 @@ def test_iso_time_reads_as_datetime_writes_it_whichever_second_came_before(times
 )
 def test_the_direct_access_line_is_json_dumps_of_the_record_s_entry(fields, relay):
     timestamp = 1_700_000_000.25
-    direct = access_line(timestamp, *fields, relay)
-    assert direct == json.dumps({"time": iso_time(timestamp), **access_entry(*fields, relay)})
+    access = Access(*fields, relay)
+    direct = access_line(timestamp, access)
+    assert direct == json.dumps({"time": iso_time(timestamp), **access_entry(access)})
