@@ -142,6 +142,16 @@ def access_entry(access: Access) -> dict[str, object]:
     return entry
 
 
+def spread_delays(count: int, period: float) -> list[float]:
+    """When each of `count` closes happens, in order, within `period` seconds.
+
+    One slot per connection and a random moment within each: clients do not all
+    reconnect at the same instant, and the last close lands within the period.
+    """
+    slot = period / max(1, count)
+    return [min(period, i * slot + random.uniform(0, slot)) for i in range(count)]
+
+
 class AccessLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes access entries as JSON lines, `{"time": ..., **entry}`.
 
@@ -361,17 +371,18 @@ class Books:
             self.all_closed.set()
         self.release(counted_ip)
 
-    def spread_closes(self, relays: list[Relay], code: int, reason: str) -> list[asyncio.TimerHandle]:
-        """Close `relays` spread evenly, with jitter, over `shutdown.drain_period`."""
+    def spread_closes(self, relays: list[Relay], code: int, reason: str) -> list[asyncio.Handle]:
+        """Close `relays` spread evenly, with jitter, over `shutdown.drain_period`.
+
+        The handles only cancel: uvloop runs a delay under a millisecond as `call_soon`.
+        """
         loop = asyncio.get_running_loop()
         relays = list(relays)
         random.shuffle(relays)
-        # One slot per connection, a random moment within each: clients do not all
-        # reconnect at the same instant, and the last close lands within the period.
-        slot = self.config.shutdown.drain_period / max(1, len(relays))
+        delays = spread_delays(len(relays), self.config.shutdown.drain_period)
         return [
-            loop.call_later(i * slot + random.uniform(0, slot), relay.close, code, reason)
-            for i, relay in enumerate(relays)
+            loop.call_later(delay, relay.close, code, reason)
+            for relay, delay in zip(relays, delays, strict=True)
         ]
 
     # -- what a finished connection leaves behind ----------------------------
