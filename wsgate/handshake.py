@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 import h11
 
 from .errors import BackendUnavailable, HandshakeError
-from .heads import Headers, RequestHead, ResponseHead
+from .heads import Headers, RequestHead, ResponseHead, is_field_value
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SUPPORTED_VERSION = b"13"
@@ -62,9 +62,6 @@ _FORWARDING_SET = frozenset(
 _ALWAYS_DROPPED = _HOP_BY_HOP | _FORWARDING_SET
 assert not _ALWAYS_DROPPED & _NEVER_STRIPPED
 _STRIP_EXTENSIONS = _ALWAYS_DROPPED | {b"sec-websocket-extensions"}
-# h11's field-value (RFC 9110 5.5, with h11's leniency for other control characters): no NUL,
-# CR, LF or other whitespace but SP and HTAB between visible bytes.
-_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
 
 # Schemes of an absolute-form target (RFC 6455 4.1 names http and https).
 _ABSOLUTE_SCHEMES = frozenset({b"http", b"https", b"ws", b"wss"})
@@ -357,7 +354,7 @@ def build_upstream_request(
         set_here.append(subject)
         lines.append(b"X-Client-Cert-Subject: " + subject)
     for value in set_here:
-        if _FIELD_VALUE.fullmatch(value) is None:
+        if not is_field_value(value):
             raise ValueError(f"a header the gateway sets would have an invalid value: {value!r}")
     offer = Offer(
         key=handshake.key,

@@ -131,7 +131,9 @@ HttpParser = Literal["auto", "h11", "httptools"]
 # the same fields. Anything else goes to h11, whose answer (fields or error) is the one used.
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _FIELD_CHAR = rb"[^\x00\s]"  # a visible byte or obs-text, as h11 allows in a value
-_HEADER_LINE = _TOKEN + rb":[ \t]*(?:" + _FIELD_CHAR + rb"+(?:[ \t]+" + _FIELD_CHAR + rb"+)*)?[ \t]*\r\n"
+# A field value: no NUL, CR, LF or other whitespace but SP and HTAB between visible bytes.
+_FIELD_VALUE = rb"(?:" + _FIELD_CHAR + rb"+(?:[ \t]+" + _FIELD_CHAR + rb"+)*)?"
+_HEADER_LINE = _TOKEN + rb":[ \t]*" + _FIELD_VALUE + rb"[ \t]*\r\n"
 _VERSION = rb"HTTP/([0-9]\.[0-9])"
 _REQUEST_HEAD = re.compile(
     rb"(" + _TOKEN + rb") ([\x21-\x7e]+) " + _VERSION + rb"\r\n(?:" + _HEADER_LINE + rb")*\r\n"
@@ -139,6 +141,14 @@ _REQUEST_HEAD = re.compile(
 _RESPONSE_HEAD = re.compile(
     _VERSION + rb" ([0-9]{3})(?: ((?:[ \t]|" + _FIELD_CHAR + rb")*))?\r\n(?:" + _HEADER_LINE + rb")*\r\n"
 )
+_FIELD_VALUE_WHOLE = re.compile(_FIELD_VALUE)
+
+
+def is_field_value(value: bytes) -> bool:
+    """True when `value` may be sent as a header's value: what h11 accepts, and reads back."""
+    return _FIELD_VALUE_WHOLE.fullmatch(value) is not None
+
+
 # Headers whose count or framing h11 rules on: a head with them is left to h11 whole.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
