@@ -117,10 +117,9 @@ class CloseState(enum.IntEnum):
     LOST = 4  # its connection is gone
 
 
+# A StrEnum: a str's hash is computed in C, a plain Enum member's in Python, at every move.
 class CloseEvent(enum.StrEnum):
     """What moves a leg's close state."""
-
-    # A str's hash is computed in C; a plain Enum member's runs in Python, for every move.
 
     RECEIVE_CLOSE = "receive close"  # a Close frame arrived from the leg's peer
     SEND_CLOSE = "send close"  # a Close frame was written (or queued) to the leg
