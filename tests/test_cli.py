@@ -56,6 +56,9 @@ BROKEN = [
     pytest.param(VALID + "tiemouts: {}\n", "tiemouts: unknown key", id="unknown-key"),
     pytest.param(VALID + "timeouts: {connect: 5 seconds}\n", "timeouts.connect: expected a duration", id="bad-duration"),
     pytest.param(VALID.replace("ws://127.0.0.1:9", "http://x"), "routes[0].backends[0].url: expected a ws:// or wss:// URL", id="bad-url"),
+    # YAML's "\0" is a NUL, which would split the request sent upstream.
+    pytest.param(VALID + '    upstream_host: "chat\\0internal"\n', "routes[0].upstream_host: expected a Host header",
+                 id="nul-in-upstream-host"),
 ]
 
 

@@ -158,7 +158,9 @@ def check_origin(value: str) -> str:
 
 
 def check_upstream_host(value: str) -> str:
-    if not value or any(c.isspace() for c in value) or "/" in value:
+    # ASCII printable only: a control character (a NUL too) would split the request sent upstream,
+    # and a name beyond ASCII goes in the Host header as its punycode (xn--...) form.
+    if not value or not (value.isascii() and value.isprintable()) or " " in value or "/" in value:
         raise ValueError(
             "expected a Host header value such as chat.internal or chat.internal:8000,"
             f" got {show_value(value)}"
