@@ -603,6 +603,8 @@ DUP_ROUTES = [
          "tls applies to wss:// backends; use a wss:// URL"),
         (with_("routes.0.backends.0", {"url": "wss://x", "tls": {"cert": "c.pem"}}),
          "routes[0].backends[0].tls", "a client certificate needs both cert and key"),
+        (with_("routes.0.backends.0", {"url": "wss://x", "tls": {"server_name": "b\u00e4ckend.internal"}}),
+         "routes[0].backends[0].tls.server_name", "expected a Host header value such as chat.internal"),
         (with_("listeners.0.tls", {"cert": "c", "key": "k", "min_version": 1.1}),
          "listeners[0].tls.min_version", "expected '1.2' or '1.3', got '1.1'"),
         (with_("listeners.0.tls", {"cert": "c", "key": "k", "sni": [{"names": [], "cert": "c", "key": "k"}]}),
