@@ -26,6 +26,7 @@ from wsgate.balancer import Pool
 from wsgate.books import Access, Books, access_entry, access_line, iso_time, spread_delays
 from wsgate.config import Config, parse_config
 from wsgate.frames import CloseCode
+from wsgate.handshake import PlainGet
 from wsgate.metrics import Metrics
 from wsgate.runtime import setup_logging
 
@@ -84,7 +85,7 @@ async def test_a_reload_refills_the_rate_buckets_only_when_the_rate_changed():
 
 async def test_a_backend_is_removed_when_the_route_s_current_pool_no_longer_has_it():
     books = make_books(make_config())
-    chosen = books.pool_for("gateway.test", "/")
+    chosen = books.pool_for("gateway.test", "/", PlainGet("gateway.test", "/", b"/", {}))
     assert chosen is books.pools["test"]
     kept, dropped = chosen.members
     assert not books.backend_removed(chosen, dropped)

@@ -803,7 +803,8 @@ def test_non_string_key() -> None:
 def test_unknown_key_suggests_the_closest_name() -> None:
     error = config_error(with_("routes.0.match.pathprefix", "/"))
     assert error.message == (
-        "unknown key; expected one of: host, path_prefix, path_prefix_raw (did you mean 'path_prefix'?)"
+        "unknown key; expected one of: host, path_prefix, path_prefix_raw, subprotocol, headers, query"
+        " (did you mean 'path_prefix'?)"
     )
 
 

@@ -130,3 +130,85 @@ def test_match_route_same_rules_first_listed_wins() -> None:
     second = Route("second", Match("*.example.com", "/ws"))
     assert match_route([first, second], "a.example.com", "/ws") is first
     assert match_route([second, first], "a.example.com", "/ws") is second
+
+
+# -- conditions beyond host and path, and shaping (config routes, no event loop) ------
+
+from wsgate.config import parse_config  # noqa: E402
+from wsgate.errors import HandshakeError  # noqa: E402
+from wsgate.handshake import PlainGet  # noqa: E402
+from wsgate.routing import Router  # noqa: E402
+
+
+def _routes(*routes: dict) -> list:
+    backends = [{"url": "ws://127.0.0.1:9"}]
+    config = parse_config(
+        {"listeners": [{"bind": "127.0.0.1:0"}], "routes": [{"backends": backends, **r} for r in routes]}
+    )
+    return config.routes
+
+
+def _request(target: bytes = b"/", headers: dict | None = None, protocols: tuple = ()) -> PlainGet:
+    by_name = {name.encode(): [value.encode()] for name, value in (headers or {}).items()}
+    return PlainGet("a", target.split(b"?")[0].decode(), target, by_name, protocols)
+
+
+def test_every_condition_must_hold_and_the_first_matching_route_wins() -> None:
+    router = Router(_routes(
+        {"name": "mqtt", "match": {"subprotocol": "mqtt"}},
+        {"name": "user", "match": {"headers": {"X-User": {"regex": "a[0-9]+"}}}},
+        {"name": "room", "match": {"query": {"room": "1"}, "headers": {"x-tier": "gold"}}},
+        {"name": "rest"},
+    ))
+    def chosen(request: PlainGet) -> str:
+        route = router.route_for("a", request.path, request)
+        assert route is not None
+        return route.name
+
+    assert chosen(_request(protocols=(b"graphql-transport-ws", b"mqtt"))) == "mqtt"
+    assert chosen(_request(headers={"x-user": "a12"})) == "user"
+    assert chosen(_request(headers={"x-user": "a12x"})) == "rest"  # anchored: the whole value
+    assert chosen(_request(b"/?room=1", {"x-tier": "gold"})) == "room"
+    assert chosen(_request(b"/?room=1")) == "rest"  # one condition of two is not enough
+    assert chosen(_request(b"/?room=%31", {"x-tier": "gold"})) == "room"  # percent-decoded
+
+
+def test_verdicts_say_why_each_earlier_route_did_not_match() -> None:
+    router = Router(_routes(
+        {"name": "b", "match": {"host": "b.example"}},
+        {"name": "mqtt", "match": {"subprotocol": "mqtt"}},
+        {"name": "user", "match": {"headers": {"x-user": "x"}}},
+        {"name": "rest"},
+    ))
+    verdicts = router.verdicts("a", "/", _request())
+    assert [(v.route.name, v.failed) for v in verdicts] == [
+        ("b", "host a != b.example"),
+        ("mqtt", "subprotocol mqtt not offered (offered: none)"),
+        ("user", "header x-user missing"),
+        ("rest", None),
+    ]
+
+
+def test_shaping_strips_then_rewrites_the_path_and_keeps_the_query() -> None:
+    (route,) = _routes({
+        "name": "r", "strip_prefix": "/api",
+        "rewrite": {"regex": "^/old/(.*)$", "replacement": "/new/\\1"},
+    })
+    shaping = Router([route]).shaping["r"]
+    assert shaping.target(b"/api/old/x?room=1") == b"/new/x?room=1"
+    assert shaping.target(b"/api?q") == b"/?q"  # an empty path becomes /
+    assert shaping.target(b"/other") == b"/other"
+
+
+def test_a_rewrite_that_makes_an_invalid_path_is_a_500() -> None:
+    (route,) = _routes({"name": "r", "rewrite": {"regex": "^/(.*)$", "replacement": "\\1"}})
+    with pytest.raises(HandshakeError) as caught:
+        Router([route]).shaping["r"].target(b"/x")
+    assert caught.value.status == 500
+
+
+def test_subprotocols_are_filtered_in_the_clients_order() -> None:
+    (route,) = _routes({"name": "r", "subprotocols": ["b", "a"]})
+    shaping = Router([route]).shaping["r"]
+    assert shaping.offered([b"a", b"c", b"b"]) == [b"a", b"b"]
+    assert shaping.offered([b"c"]) == []

@@ -125,7 +125,7 @@ class FakeBooks:
     def release(self, ip: str | None) -> None:
         self.released.append(ip)
 
-    def pool_for(self, host: str, path: str) -> None:
+    def pool_for(self, host: str, path: str, request: object) -> None:
         self.routes_asked.append((host, path))
         return None  # no route: the tests here end before any backend
 

@@ -25,13 +25,13 @@ from typing import NamedTuple, Protocol
 
 from .balancer import Pool
 from .member import Member
-from .config import Config, Limits
+from .config import Config, Limits, Route
 from .errors import HandshakeError
 from .forwarding import TrustedProxies
 from .metrics import Metrics, close_code_label
 from .ratelimit import TokenBuckets
 from .relay import BULK_LEGS_PER_TURN, GATEWAY, Relay, RelaySettings, Sweeper, sweep_timing
-from .routing import match_route
+from .routing import RequestFacts, Router, Shaping
 from .tls import ListenerTls
 from .turns import Turns
 
@@ -211,19 +211,40 @@ class OpenHandshake(Protocol):
     def transport(self) -> asyncio.BaseTransport: ...
 
 
-def relay_settings(config: Config) -> RelaySettings:
+def relay_settings(config: Config, route: Route | None = None) -> RelaySettings:
+    """The relays' settings: the global ones, or with `route`'s overrides applied."""
     frame_rate = config.limits.max_frames_per_second
+    if route is None:
+        timeouts, heartbeat = config.timeouts, config.heartbeat
+        max_message_size, flow = config.limits.max_message_size, config.flow_control
+    else:
+        timeouts, heartbeat, max_message_size, flow = config.route_settings(route)
     return RelaySettings(
-        high_water=config.flow_control.high_water,
-        low_water=config.flow_control.low_water,
-        max_message_size=config.limits.max_message_size,
-        close_timeout=config.timeouts.close,
-        heartbeat_interval=config.heartbeat.interval,
-        heartbeat_timeout=config.heartbeat.timeout,
-        idle_timeout=config.timeouts.idle,
+        high_water=flow.high_water,
+        low_water=flow.low_water,
+        max_message_size=max_message_size,
+        close_timeout=timeouts.close,
+        heartbeat_interval=heartbeat.interval,
+        heartbeat_timeout=heartbeat.timeout,
+        idle_timeout=timeouts.idle,
         frame_rate=frame_rate.rate if frame_rate else 0.0,
         frame_burst=frame_rate.burst_size if frame_rate else 0,
     )
+
+
+def route_relay_settings(config: Config, default: RelaySettings) -> dict[str, RelaySettings]:
+    """Each route's relay settings, computed once per config; `default` where a route overrides none."""
+    settings = {}
+    for route in config.routes:
+        own = relay_settings(config, route)
+        settings[route.name] = default if own == default else own
+    return settings
+
+
+def sweep_timing_for(settings: list[RelaySettings]) -> tuple[float, float]:
+    """One sweeper for every route: the finest tick and the shortest recheck any route needs."""
+    timings = [sweep_timing(each) for each in settings]
+    return min(tick for tick, _ in timings), min(recheck for _, recheck in timings)
 
 
 def key_hash(key: bytes) -> str:
@@ -265,10 +286,10 @@ class Books:
         self.config = config
         self.tls = tls
         self.pools = pools
-        self.relay_settings = relay_settings(config)
+        self._route_rules(config)
         self.trusted_proxies = TrustedProxies(config.trusted_proxies)
         self.proxy_senders = _proxy_senders(config)
-        self.sweeper = Sweeper(*sweep_timing(self.relay_settings))
+        self.sweeper = Sweeper(*sweep_timing_for([self.relay_settings, *self.route_settings.values()]))
         self.handshake_turns = Turns(HANDSHAKE_STEPS_PER_TURN)
         self.bulk_turns = Turns(BULK_LEGS_PER_TURN)
         self.handshakes: set[OpenHandshake] = set()
@@ -288,12 +309,24 @@ class Books:
         """Swap in a reloaded config: new connections follow it, open ones keep their settings."""
         old_limits = self.config.limits
         self.config, self.tls, self.pools = config, tls, pools
-        self.relay_settings = relay_settings(config)
+        self._route_rules(config)
         self.trusted_proxies = TrustedProxies(config.trusted_proxies)
         self.proxy_senders = _proxy_senders(config)
         if config.limits.new_connections_per_ip != old_limits.new_connections_per_ip:
             self._new_connections = _new_connection_buckets(config.limits)  # every bucket full
-        self.sweeper.retime(*sweep_timing(self.relay_settings), asyncio.get_running_loop().time())
+        # Open relays keep the settings they started with, so the old routes' timings still count.
+        timings = {id(r.settings): r.settings for r in self.relays}
+        timings.update((id(each), each) for each in (self.relay_settings, *self.route_settings.values()))
+        self.sweeper.retime(*sweep_timing_for(list(timings.values())), asyncio.get_running_loop().time())
+
+    def _route_rules(self, config: Config) -> None:
+        """What each route needs on every handshake, computed once per config."""
+        self.relay_settings = relay_settings(config)
+        self.route_settings = route_relay_settings(config, self.relay_settings)
+        self.connect_timeouts = {
+            route.name: config.route_settings(route).timeouts.connect for route in config.routes
+        }
+        self.router: Router[Route] = Router(config.routes)
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -343,9 +376,12 @@ class Books:
 
     # -- routes and relays ---------------------------------------------------
 
-    def pool_for(self, host: str, path: str) -> Pool | None:
-        route = match_route(self.config.routes, host, path)
+    def pool_for(self, host: str, path: str, request: RequestFacts) -> Pool | None:
+        route = self.router.route_for(host, path, request)
         return None if route is None else self.pools[route.name]
+
+    def shaping(self, route_name: str) -> Shaping:
+        return self.router.shaping[route_name]
 
     def backend_removed(self, pool: Pool, member: Member) -> bool:
         """Whether a reload removed `member` from its route since `pool` was chosen."""

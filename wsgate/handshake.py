@@ -62,6 +62,20 @@ _FORWARDING_SET = frozenset(
 _ALWAYS_DROPPED = _HOP_BY_HOP | _FORWARDING_SET
 assert not _ALWAYS_DROPPED & _NEVER_STRIPPED
 _STRIP_EXTENSIONS = _ALWAYS_DROPPED | {b"sec-websocket-extensions"}
+# What a route's request_headers may not set or remove: the gateway's own rules decide
+# these (framing, the handshake, forwarding), or another key does (upstream_host, subprotocols).
+ROUTE_CANNOT_EDIT_REQUEST = _ALWAYS_DROPPED | _NEVER_STRIPPED | {
+    b"content-length",
+    b"sec-websocket-protocol",
+    b"sec-websocket-extensions",
+}
+# What a route's response_headers may not set or remove on the 101: what makes it a valid 101.
+ROUTE_CANNOT_EDIT_RESPONSE = _HOP_BY_HOP | {
+    b"content-length",
+    b"sec-websocket-accept",
+    b"sec-websocket-protocol",
+    b"sec-websocket-extensions",
+}
 
 # Schemes of an absolute-form target (RFC 6455 4.1 names http and https).
 _ABSOLUTE_SCHEMES = frozenset({b"http", b"https", b"ws", b"wss"})
@@ -184,8 +198,19 @@ def check_client_request(request: RequestHead) -> UpgradeRequest:
     )
 
 
-def plain_get(request: RequestHead) -> tuple[str, str] | None:
-    """(host, path) of a plain HTTP/1.1 GET (no upgrade) that a route's `static` files may answer.
+@dataclass(frozen=True, slots=True)
+class PlainGet:
+    """A plain GET, with what routing looks at (it offers no subprotocol)."""
+
+    host: str
+    path: str
+    target: bytes
+    by_name: ByName
+    protocols: tuple[bytes, ...] = ()
+
+
+def plain_get(request: RequestHead) -> PlainGet | None:
+    """The plain HTTP/1.1 GET (no upgrade) that a route's `static` files may answer.
 
     None for anything else. The target rules of an upgrade hold: one Host header, an
     origin-form (or matching absolute-form) target, and no `.` or `..` segment.
@@ -203,7 +228,7 @@ def plain_get(request: RequestHead) -> tuple[str, str] | None:
     path = target.split(b"?", 1)[0].decode("latin-1")
     if _has_dot_segment(path):
         return None
-    return _split_host(host_values[0]), path
+    return PlainGet(_split_host(host_values[0]), path, target, by_name)
 
 
 def _origin_form(target: bytes, host_header: bytes) -> bytes:
@@ -226,6 +251,17 @@ def _origin_form(target: bytes, host_header: bytes) -> bytes:
         raise HandshakeError(400, "the request target names another host than Host")
     origin = rest[authority_end:]
     return origin if origin.startswith(b"/") else b"/" + origin
+
+
+# What a path the gateway writes itself (a route's rewrite) may hold: visible ASCII, no query or fragment.
+_PLAIN_PATH = re.compile(r"/[\x21-\x7e]*")
+
+
+def is_sendable_path(path: str) -> bool:
+    """Whether a path made by the gateway may go upstream: one a client could have sent and passed."""
+    return _PLAIN_PATH.fullmatch(path) is not None and "?" not in path and "#" not in path and (
+        not _has_dot_segment(path)
+    )
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -302,6 +338,10 @@ def build_upstream_request(
     host: str | None = None,
     strip_extensions: bool = False,
     client_cert_subject: str | None = None,
+    target: bytes | None = None,
+    route_drop: frozenset[bytes] = frozenset(),
+    route_set: Headers | tuple[tuple[bytes, bytes], ...] = (),
+    protocols: list[bytes] | None = None,
 ) -> tuple[bytes, Offer]:
     """The request to send a backend, as bytes, and what it offers.
 
@@ -311,6 +351,12 @@ def build_upstream_request(
     client alone. Raises `ValueError` when a value the gateway sets (the Host
     override, a forwarding header, the client certificate's subject) is no valid
     header value.
+
+    A route's shaping comes in already decided: the `target` to send, the header
+    names it drops (`route_drop`, lower-case: those it removes and those it sets),
+    the headers it sets (`route_set`, added after the client's), and the `protocols`
+    offered instead of the client's list (None: the client's, as sent). The gateway's
+    own headers still come last; the config refuses routes that would name them.
     """
     named_in_connection = _header_tokens(handshake.by_name, b"connection")
     drop = _STRIP_EXTENSIONS if strip_extensions else _ALWAYS_DROPPED
@@ -318,9 +364,13 @@ def build_upstream_request(
     # then no set is built for this request.
     if not drop.issuperset(named_in_connection):
         drop = drop.union(named_in_connection).difference(_NEVER_STRIPPED)
+    if route_drop:
+        drop = drop | route_drop
+    if protocols is not None:
+        drop = drop | {b"sec-websocket-protocol"}
     upstream_host = None if host is None else host.encode("latin-1")
     original_host = host_line = b""
-    lines = [b"GET " + handshake.target + b" HTTP/1.1"]
+    lines = [b"GET " + (handshake.target if target is None else target) + b" HTTP/1.1"]
     for name, value in handshake.headers:
         lower = name.lower()
         if lower in drop or lower.startswith(b"proxy-"):
@@ -333,6 +383,10 @@ def build_upstream_request(
     assert host_line, "check_client_request lets through exactly one Host"
     # Host goes first, as RFC 9112 3.2 asks of a client (and as h11 would write it).
     lines.insert(1, host_line)
+    if protocols:
+        lines.append(b"Sec-WebSocket-Protocol: " + b", ".join(protocols))
+    for name, value in route_set:
+        lines.append(name + b": " + value)
     forwarded = ", ".join([client_ip] if forwarded_for is None else forwarded_for).encode("ascii")
     real_ip = client_ip.encode("ascii")
     proto = scheme.encode("ascii")
@@ -358,7 +412,8 @@ def build_upstream_request(
             raise ValueError(f"a header the gateway sets would have an invalid value: {value!r}")
     offer = Offer(
         key=handshake.key,
-        protocols=[] if b"sec-websocket-protocol" in drop else handshake.protocols,
+        protocols=protocols if protocols is not None
+        else [] if b"sec-websocket-protocol" in drop else handshake.protocols,
         extensions=[] if b"sec-websocket-extensions" in drop else handshake.extensions,
     )
     return b"\r\n".join(lines) + b"\r\n\r\n", offer

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from functools import partial
 from typing import cast
 
@@ -42,6 +43,7 @@ from .member import Member
 from .pages import below_prefix, static_reply
 from .proxy_protocol import NEED_MORE, parse_proxy_header
 from .relay import Relay
+from .routing import Shaping
 from .tls import ListenerTls, peer_subject
 from .upstream import BackendHandshake
 
@@ -59,6 +61,7 @@ _REJECTION_REASONS = {
     426: "upgrade_required",
     429: "rate_limit",  # the cap of open connections per address passes "ip_limit" itself
     431: "headers_too_large",
+    500: "rewrite",  # a route's rewrite made a path that may not be sent
     503: "limit",
 }
 
@@ -421,10 +424,11 @@ class UpgradeProtocol(asyncio.Protocol):
                     return
                 self.counted_ip = self.client_ip
             handshake = check_client_request(request)
-            pool = self.books.pool_for(handshake.host, handshake.path)
+            pool = self.books.pool_for(handshake.host, handshake.path, handshake)
             if pool is None:
                 raise HandshakeError(404, "no route for this host and path")
             route = pool.route
+            shaping = self.books.shaping(route.name)
             self.route_name = route.name
             check_origin(handshake, route.allowed_origins)
             key = affinity_key(handshake, route.hash_key, self.client_ip)
@@ -443,9 +447,13 @@ class UpgradeProtocol(asyncio.Protocol):
                 host=route.upstream_host,
                 strip_extensions=route.compression == "strip",
                 client_cert_subject=subject,
+                target=shaping.target(handshake.target) if shaping.changes_target else None,
+                route_drop=shaping.request_drop,
+                route_set=shaping.request_set,
+                protocols=shaping.offered(handshake.protocols),
             )
             await self.books.handshake_turns.step()
-            await self._connect_backend(pool, key, upstream, offer, request_at)
+            await self._connect_backend(pool, key, upstream, offer, request_at, shaping)
         except HandshakeError as exc:
             if exc.status == 426 and self._answer_page(request):
                 return
@@ -461,12 +469,12 @@ class UpgradeProtocol(asyncio.Protocol):
     def _answer_page(self, request: RequestHead) -> bool:
         """Answer a plain GET with its route's `static` file, if the route has any (see pages.py)."""
         target = plain_get(request)
-        pool = None if target is None else self.books.pool_for(*target)
+        pool = None if target is None else self.books.pool_for(target.host, target.path, target)
         if pool is None or pool.route.static is None:
             return False
         assert target is not None
         match = pool.route.match
-        relative = below_prefix(target[1], match.path_prefix_raw or match.path_prefix)
+        relative = below_prefix(target.path, match.path_prefix_raw or match.path_prefix)
         status, reply = static_reply(pool.route.static, relative)
         self.route_name = pool.route.name
         self._account(status, "page", "static file" if status == 200 else "no such file")
@@ -474,13 +482,15 @@ class UpgradeProtocol(asyncio.Protocol):
         return True
 
     async def _connect_backend(
-        self, pool: Pool, key: bytes, upstream: bytes, offer: Offer, request_at: float
+        self, pool: Pool, key: bytes, upstream: bytes, offer: Offer, request_at: float, shaping: Shaping
     ) -> None:
         """Try the key's backends in order until one answers; relay its answer."""
         loop = self.loop
         failure: BackendUnavailable | None = None  # made only when no backend answers
         metrics = self.books.metrics
         config = self.books.config
+        # A reload since the route was chosen may have removed it: then the global timeout.
+        connect_timeout = self.books.connect_timeouts.get(pool.route.name, config.timeouts.connect)
         for member in pool.candidates(key, loop.time()):
             backend_transport: asyncio.Transport | None = None
             self.backend_tried = member.identity
@@ -488,7 +498,7 @@ class UpgradeProtocol(asyncio.Protocol):
             member.connecting += 1
             try:
                 try:
-                    async with asyncio.timeout(self.books.config.timeouts.connect):
+                    async with asyncio.timeout(connect_timeout):
                         backend_transport, answer = await loop.create_connection(
                             lambda: BackendHandshake(upstream, config.limits, config.http_parser),
                             member.host,
@@ -536,6 +546,8 @@ class UpgradeProtocol(asyncio.Protocol):
                 )
                 self._reply(render_backend_reply(outcome, bytes(answer.body)))
                 return
+            if shaping.response_drop or shaping.response_set:
+                negotiated = replace(negotiated, headers=shaping.response_headers(negotiated.headers))
             self.transport.write(render_switching_protocols(negotiated))
             handshake_seconds = time.perf_counter() - request_at
             metrics.handshake_duration.observe(pool.route.name, handshake_seconds)
@@ -570,7 +582,7 @@ class UpgradeProtocol(asyncio.Protocol):
         relay = Relay(
             self.transport,
             backend_transport,
-            books.relay_settings,
+            books.route_settings.get(pool.route.name, books.relay_settings),
             member=member,
             deflate=deflate,
             conn_id=self.conn_id,

@@ -8,6 +8,7 @@ pair that goes together).
 from __future__ import annotations
 
 import math
+import re
 import typing
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -23,12 +24,14 @@ from pydantic import (
     model_validator,
 )
 
+from ..handshake import ROUTE_CANNOT_EDIT_REQUEST, ROUTE_CANNOT_EDIT_RESPONSE
 from .units import KiB, MiB, format_size, parse_host_port, parse_rate
 from .validators import (
     Duration, HostPort, Network, NonEmpty, PositiveDuration, Size, WholeNumber, at_least, between,
-    check_backend_url, check_dns_target, check_hash_key, check_match_host, check_origin, check_path_prefix,
-    check_upstream_host, duration_not_below, error_at, installed_parser, lowercase, none_as_empty, positive,
-    size_between, tls_version, worker_count,
+    check_backend_url, check_dns_target, check_field_value, check_hash_key, check_header_name,
+    check_match_host, check_origin, check_path_prefix, check_replacement, check_token, check_upstream_host,
+    compile_regex, duration_not_below, error_at, installed_parser, lowercase, none_as_empty, positive,
+    size_between, tls_version, value_match, worker_count,
 )
 
 class _Model(BaseModel):
@@ -142,20 +145,56 @@ class Admin(_Bound):
         return self
 
 
+HeaderName = Annotated[str, AfterValidator(check_header_name)]
+# An exact string, or `{regex: ...}` that must match the whole value (re.fullmatch).
+ValueMatch = Annotated[str | re.Pattern[str], BeforeValidator(value_match)]
+Regex = Annotated[re.Pattern[str], BeforeValidator(compile_regex)]
+
+
 class Match(_Model):
-    """Which handshakes a route takes: by Host header and path prefix."""
+    """Which handshakes a route takes: all of its conditions must hold."""
 
     host: Annotated[str, AfterValidator(check_match_host)] | None = None
     # Whole segments: /chat takes /chat and /chat/x, not /chatroom.
     path_prefix: Annotated[str, AfterValidator(check_path_prefix)] = "/"
     # A plain string prefix, for the rare route that wants /chatroom under /chat.
     path_prefix_raw: Annotated[str, AfterValidator(check_path_prefix)] | None = None
+    # One of the subprotocols the client offers in Sec-WebSocket-Protocol (case-sensitive).
+    subprotocol: Annotated[str, AfterValidator(check_token)] | None = None
+    # Header name (any case) to the value one of its occurrences must have.
+    headers: dict[HeaderName, ValueMatch] = {}
+    # Query parameter name to the value (percent-decoded) one of its occurrences must have.
+    query: dict[NonEmpty, ValueMatch] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _header_names_once(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("headers"), dict):
+            seen: dict[str, str] = {}
+            for name in data["headers"]:
+                if isinstance(name, str) and seen.setdefault(name.lower(), name) != name:
+                    raise error_at(
+                        ("headers", name), f"the same header as {seen[name.lower()]!r} (names ignore case)"
+                    )
+        return data
 
     @model_validator(mode="after")
     def _one_path_prefix(self) -> Match:
         if self.path_prefix_raw is not None and "path_prefix" in self.model_fields_set:
             raise ValueError("give path_prefix or path_prefix_raw, not both")
         return self
+
+    @property
+    def conditions(self) -> tuple[object, ...]:
+        """What this match asks beyond host and path, comparable between routes."""
+        def shown(value: str | re.Pattern[str]) -> object:
+            return ("regex", value.pattern) if isinstance(value, re.Pattern) else value
+
+        return (
+            self.subprotocol,
+            tuple(sorted((name, shown(value)) for name, value in self.headers.items())),
+            tuple(sorted((name, shown(value)) for name, value in self.query.items())),
+        )
 
 
 class Backend(_Model):
@@ -232,6 +271,92 @@ class Rebalance(_Model):
     period: PositiveDuration = 60.0
 
 
+class RouteTimeouts(_Model):
+    """A route's own timeouts; those it leaves out are the global ones."""
+
+    connect: PositiveDuration | None = None
+    idle: Duration | None = None
+    close: PositiveDuration | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_handshake(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "handshake" in data:
+            raise error_at(
+                ("handshake",),
+                "applies to the whole gateway only (set it under the top-level timeouts):"
+                " the route is not known until the request head is read",
+            )
+        return data
+
+
+class RouteHeartbeat(_Model):
+    """A route's own heartbeat; what it leaves out is the global one."""
+
+    interval: Duration | None = None
+    timeout: PositiveDuration | None = None
+
+
+class RouteLimits(_Model):
+    """The limits a route may set for itself; the others are the gateway's."""
+
+    max_message_size: Size | None = None
+
+
+class RouteFlowControl(_Model):
+    """A route's own watermarks; what it leaves out is the global one."""
+
+    high_water: Annotated[Size, AfterValidator(positive)] | None = None
+    low_water: Size | None = None
+
+
+class Rewrite(_Model):
+    """The path's first match of `regex` replaced by `replacement` (re.sub, `\\1` for groups)."""
+
+    regex: Regex
+    replacement: str
+
+    @model_validator(mode="after")
+    def _valid_replacement(self) -> Rewrite:
+        check_replacement(self.regex, self.replacement)
+        return self
+
+
+class _HeaderEdits(_Model):
+    """Headers a route sets (replacing any of that name) or removes."""
+
+    set: dict[HeaderName, Annotated[str, AfterValidator(check_field_value)]] = {}
+    remove: list[HeaderName] = []
+
+    forbidden: typing.ClassVar[frozenset[bytes]] = frozenset()
+    why: typing.ClassVar[str] = ""
+
+    @model_validator(mode="after")
+    def _allowed_names(self) -> _HeaderEdits:
+        for name in self.set:
+            if name.encode("latin-1") in self.forbidden or name.startswith("proxy-"):
+                raise error_at(("set", name), f"{name} cannot be set by a route: {self.why}")
+        for i, name in enumerate(self.remove):
+            if name.encode("latin-1") in self.forbidden or name.startswith("proxy-"):
+                raise error_at(("remove", i), f"{name} cannot be removed by a route: {self.why}")
+            if name in self.set:
+                raise error_at(("remove", i), f"{name} is also under set; set already replaces it")
+        return self
+
+
+class RequestHeaders(_HeaderEdits):
+    forbidden: typing.ClassVar[frozenset[bytes]] = ROUTE_CANNOT_EDIT_REQUEST
+    why: typing.ClassVar[str] = (
+        "the gateway sets it (hop-by-hop, the handshake, X-Forwarded-*); see upstream_host,"
+        " subprotocols and compression"
+    )
+
+
+class ResponseHeaders(_HeaderEdits):
+    forbidden: typing.ClassVar[frozenset[bytes]] = ROUTE_CANNOT_EDIT_RESPONSE
+    why: typing.ClassVar[str] = "the 101's own headers come from the handshake"
+
+
 class Route(_Model):
     """A set of backends and the handshakes that go to them."""
 
@@ -254,6 +379,18 @@ class Route(_Model):
     # A directory whose files answer a plain GET (no Upgrade) on this route's paths;
     # without it such a request gets 426, as a WebSocket-only endpoint should answer.
     static: str | None = None
+    # Overrides of the global sections, key by key.
+    timeouts: RouteTimeouts | None = None
+    heartbeat: RouteHeartbeat | None = None
+    limits: RouteLimits | None = None
+    flow_control: RouteFlowControl | None = None
+    # Request shaping toward the backend, in this order: strip_prefix, rewrite, request_headers.
+    strip_prefix: Annotated[str, AfterValidator(check_path_prefix)] | None = None
+    rewrite: Rewrite | None = None
+    request_headers: RequestHeaders | None = None
+    response_headers: ResponseHeaders | None = None
+    # The subprotocols offered to the backend: the client's, filtered to these.
+    subprotocols: list[Annotated[str, AfterValidator(check_token)]] | None = None
 
     @field_validator("backends")
     @classmethod
@@ -369,6 +506,22 @@ class Log(_Model):
     access: bool = True
 
 
+class RouteSettings(typing.NamedTuple):
+    """The global settings a route may override, with its overrides applied."""
+
+    timeouts: Timeouts
+    heartbeat: Heartbeat
+    max_message_size: int
+    flow_control: FlowControl
+
+
+def _overridden(base: _M, override: BaseModel | None) -> _M:
+    if override is None:
+        return base
+    changes = {key: value for key, value in override if value is not None}
+    return base.model_copy(update=changes) if changes else base
+
+
 class Config(_Model):
     """The whole configuration file."""
 
@@ -425,14 +578,45 @@ class Config(_Model):
                 )
             match = route.match
             key = (match.host, match.path_prefix, match.path_prefix_raw)
-            if matches.setdefault(key, i) != i:
-                first = routes[matches[key]].name
+            unconditional = key + ((None, (), ()),)
+            shadowing = matches.get(unconditional, matches.get(key + (match.conditions,)))
+            if shadowing is not None:
+                first = routes[shadowing].name
+                what = "path_prefix_raw" if match.path_prefix_raw else "path_prefix"
                 raise error_at(
                     (i, "match"),
-                    f"same host and {'path_prefix_raw' if match.path_prefix_raw else 'path_prefix'}"
-                    f" as route {first!r}, so this route would never be used",
+                    f"same host and {what} as route {first!r}"
+                    f"{'' if shadowing == matches.get(unconditional) else ' and the same conditions'},"
+                    " so this route would never be used",
                 )
+            matches.setdefault(key + (match.conditions,), i)
         return routes
+
+    @model_validator(mode="after")
+    def _route_watermarks(self) -> Config:
+        for i, route in enumerate(self.routes):
+            if route.flow_control is None:
+                continue
+            flow = self.route_settings(route).flow_control
+            if flow.low_water >= flow.high_water:
+                key = "low_water" if route.flow_control.low_water is not None else "high_water"
+                raise error_at(
+                    ("routes", i, "flow_control", key),
+                    f"low_water ({format_size(flow.low_water)}) must be lower than high_water"
+                    f" ({format_size(flow.high_water)}); a value the route leaves out is the global one",
+                )
+        return self
+
+    def route_settings(self, route: Route) -> RouteSettings:
+        """The settings in force on `route`: its own overrides over the global sections."""
+        return RouteSettings(
+            _overridden(self.timeouts, route.timeouts),
+            _overridden(self.heartbeat, route.heartbeat),
+            self.limits.max_message_size
+            if route.limits is None or route.limits.max_message_size is None
+            else route.limits.max_message_size,
+            _overridden(self.flow_control, route.flow_control),
+        )
 
     @model_validator(mode="after")
     def _admin_port_free(self) -> Config:

@@ -8,12 +8,14 @@ points a problem below the value being validated.
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, ValidationInfo
 from pydantic_core import PydanticCustomError
 
+from ..heads import is_field_value
 from .units import (
     HOSTNAME_RE, format_duration, format_size, is_ipv6, parse_duration, parse_host_port, parse_network,
     parse_size, show_value,
@@ -264,3 +266,68 @@ def worker_count(value: object) -> object:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected a whole number or auto, got {show_value(value)}")
     return value
+
+
+# RFC 9110 5.6.2: a header name, or a subprotocol name, is a token.
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def check_header_name(value: str) -> str:
+    if not _TOKEN_RE.fullmatch(value):
+        raise ValueError(f"expected a header name such as X-User, got {show_value(value)}")
+    return value.lower()
+
+
+def check_token(value: str) -> str:
+    if not _TOKEN_RE.fullmatch(value):
+        raise ValueError(f"expected a token (letters, digits, -._~ and such), got {show_value(value)}")
+    return value
+
+
+def check_field_value(value: str) -> str:
+    """A header value the gateway sends as written: the same grammar as the clients' heads."""
+    try:
+        encoded = value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"a header value must be Latin-1 text, got {show_value(value)}") from None
+    if not is_field_value(encoded):
+        raise ValueError(
+            f"not a valid header value (no control characters, no leading or trailing space),"
+            f" got {show_value(value)}"
+        )
+    return value
+
+
+def compile_regex(value: object) -> re.Pattern[str]:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a regular expression as a string, got {show_value(value)}")
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+
+
+def value_match(value: object) -> str | re.Pattern[str]:
+    """A match's expected value: a string compared exactly, or `{regex: ...}` matched whole."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # `room: 1` in YAML means the text "1"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and set(value) == {"regex"}:
+        return compile_regex(value["regex"])
+    raise ValueError(f"expected a string or {{regex: ...}}, got {show_value(value)}")
+
+
+def check_replacement(pattern: re.Pattern[str], replacement: str) -> None:
+    """Refuse a replacement naming a group the pattern lacks, at load rather than per request."""
+    # The template compiler is private; where a Python lacks it, re.sub reports it at run time.
+    compile_template = getattr(re, "_compile_template", None) or getattr(re, "_compile_repl", None)
+    if compile_template is None:
+        return
+    try:
+        if compile_template is getattr(re, "_compile_template", None):
+            compile_template(pattern, replacement)
+        else:
+            compile_template(replacement, pattern)
+    except (re.error, IndexError) as exc:
+        raise error_at(("replacement",), f"invalid replacement {replacement!r}: {exc}") from None
