@@ -331,17 +331,31 @@ class _HeaderEdits(_Model):
     forbidden: typing.ClassVar[frozenset[bytes]] = frozenset()
     why: typing.ClassVar[str] = ""
 
-    @model_validator(mode="after")
-    def _allowed_names(self) -> _HeaderEdits:
-        for name in self.set:
-            if name.encode("latin-1") in self.forbidden or name.startswith("proxy-"):
-                raise error_at(("set", name), f"{name} cannot be set by a route: {self.why}")
-        for i, name in enumerate(self.remove):
-            if name.encode("latin-1") in self.forbidden or name.startswith("proxy-"):
-                raise error_at(("remove", i), f"{name} cannot be removed by a route: {self.why}")
-            if name in self.set:
+    @model_validator(mode="before")
+    @classmethod
+    def _allowed_names(cls, data: Any) -> Any:
+        # Before validation, so that an error's key path spells the name as the file does.
+        if not isinstance(data, dict):
+            return data
+        set_ = data.get("set") if isinstance(data.get("set"), dict) else {}
+        remove = data.get("remove") if isinstance(data.get("remove"), list) else []
+        setting = {name.lower() for name in set_ if isinstance(name, str)}
+        for name in set_:
+            if isinstance(name, str) and cls._gateway_owned(name):
+                raise error_at(("set", name), f"{name} cannot be set by a route: {cls.why}")
+        for i, name in enumerate(remove):
+            if not isinstance(name, str):
+                continue
+            if cls._gateway_owned(name):
+                raise error_at(("remove", i), f"{name} cannot be removed by a route: {cls.why}")
+            if name.lower() in setting:
                 raise error_at(("remove", i), f"{name} is also under set; set already replaces it")
-        return self
+        return data
+
+    @classmethod
+    def _gateway_owned(cls, name: str) -> bool:
+        lower = name.lower()
+        return lower.startswith("proxy-") or lower.encode("latin-1", "replace") in cls.forbidden
 
 
 class RequestHeaders(_HeaderEdits):
