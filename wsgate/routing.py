@@ -213,7 +213,7 @@ def _edits(edits: object) -> tuple[frozenset[bytes], tuple[tuple[bytes, bytes], 
     set_: dict[str, str] = getattr(edits, "set", {})
     remove: list[str] = getattr(edits, "remove", [])
     pairs = tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in set_.items())
-    return frozenset(name.encode("latin-1") for name in [*remove, *set_]), pairs
+    return frozenset(name.lower().encode("latin-1") for name in [*remove, *set_]), pairs
 
 
 def shaping_of(route: object) -> Shaping:

@@ -29,9 +29,9 @@ from .units import KiB, MiB, format_size, parse_host_port, parse_rate
 from .validators import (
     Duration, HostPort, Network, NonEmpty, PositiveDuration, Size, WholeNumber, at_least, between,
     check_backend_url, check_dns_target, check_field_value, check_hash_key, check_header_name,
-    check_match_host, check_origin, check_path_prefix, check_replacement, check_token, check_upstream_host,
-    compile_regex, duration_not_below, error_at, installed_parser, lowercase, none_as_empty, positive,
-    size_between, tls_version, value_match, worker_count,
+    check_header_spelling, check_match_host, check_origin, check_path_prefix, check_replacement,
+    check_token, check_upstream_host, compile_regex, duration_not_below, error_at, installed_parser,
+    lowercase, none_as_empty, positive, size_between, tls_version, value_match, worker_count,
 )
 
 class _Model(BaseModel):
@@ -146,6 +146,7 @@ class Admin(_Bound):
 
 
 HeaderName = Annotated[str, AfterValidator(check_header_name)]
+SpelledHeaderName = Annotated[str, AfterValidator(check_header_spelling)]
 # An exact string, or `{regex: ...}` that must match the whole value (re.fullmatch).
 ValueMatch = Annotated[str | re.Pattern[str], BeforeValidator(value_match)]
 Regex = Annotated[re.Pattern[str], BeforeValidator(compile_regex)]
@@ -325,7 +326,8 @@ class Rewrite(_Model):
 class _HeaderEdits(_Model):
     """Headers a route sets (replacing any of that name) or removes."""
 
-    set: dict[HeaderName, Annotated[str, AfterValidator(check_field_value)]] = {}
+    # Names keep their case here, as they are sent.
+    set: dict[SpelledHeaderName, Annotated[str, AfterValidator(check_field_value)]] = {}
     remove: list[HeaderName] = []
 
     forbidden: typing.ClassVar[frozenset[bytes]] = frozenset()
@@ -339,10 +341,15 @@ class _HeaderEdits(_Model):
             return data
         set_ = data.get("set") if isinstance(data.get("set"), dict) else {}
         remove = data.get("remove") if isinstance(data.get("remove"), list) else []
-        setting = {name.lower() for name in set_ if isinstance(name, str)}
+        setting: dict[str, str] = {}
         for name in set_:
-            if isinstance(name, str) and cls._gateway_owned(name):
+            if not isinstance(name, str):
+                continue
+            if cls._gateway_owned(name):
                 raise error_at(("set", name), f"{name} cannot be set by a route: {cls.why}")
+            if setting.setdefault(name.lower(), name) != name:
+                first = setting[name.lower()]
+                raise error_at(("set", name), f"the same header as {first!r} (names ignore case)")
         for i, name in enumerate(remove):
             if not isinstance(name, str):
                 continue

@@ -272,10 +272,16 @@ def worker_count(value: object) -> object:
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
-def check_header_name(value: str) -> str:
+def check_header_spelling(value: str) -> str:
+    """A header name as it is to be sent: case kept."""
     if not _TOKEN_RE.fullmatch(value):
         raise ValueError(f"expected a header name such as X-User, got {show_value(value)}")
-    return value.lower()
+    return value
+
+
+def check_header_name(value: str) -> str:
+    """A header name to compare with: lower-cased, as names ignore case."""
+    return check_header_spelling(value).lower()
 
 
 def check_token(value: str) -> str:
