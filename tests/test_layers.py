@@ -36,6 +36,7 @@ CORE = {
     "wsgate.ratelimit",
     "wsgate.config",
     "wsgate.closing",
+    "wsgate.explain",
 }
 
 

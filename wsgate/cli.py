@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import socket
 import sys
 from importlib import resources
@@ -17,7 +18,7 @@ from importlib import resources
 from . import __version__
 from .admin import AdminServer
 from .config import Backend, Config, format_host_port, load_config, read_admin_token
-from .errors import ConfigError, ListenError
+from .errors import ConfigError, HandshakeError, ListenError
 from .gateway import Gateway
 from .runtime import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, run, serve, setup_logging, stop_on_signals
 from .tls import check_files
@@ -63,6 +64,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
+    if args.effective:
+        from .config.effective import dump_effective
+
+        print(f"# {args.config}: OK; the settings each route's new connections get")
+        print(dump_effective(config), end="")
+        return EXIT_OK
     routes = ", ".join(f"{r.name} ({len(r.backends)} backends)" for r in config.routes)
     print(f"{args.config}: OK; routes: {routes}")
     return EXIT_OK
@@ -134,9 +141,39 @@ def cmd_echo_backend(args: argparse.Namespace) -> int:
     return run(_echo_backend(args.host, args.port, args.name or socket.gethostname()))
 
 
+def _explain_request(args: argparse.Namespace) -> int:
+    from .explain import explain_request, parse_request, render_explanation
+
+    if args.route or args.key or args.keys:
+        print("wsgate: --request takes no --route, --key or --keys (it finds the route)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        ipaddress.ip_address(args.client_ip)
+        head = parse_request(args.request, args.header or [])
+    except ValueError as exc:
+        print(f"wsgate: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    config = _load(args.config, files=False)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        explanation = explain_request(config, head, args.client_ip)
+    except HandshakeError as exc:
+        print(f"wsgate: the gateway refuses this request before routing: {exc.status} {exc.reason}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    print(render_explanation(explanation), end="")
+    return EXIT_OK if explanation.route is not None else EXIT_FAILURE
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .balancer import Pool
 
+    if args.request is not None:
+        return _explain_request(args)
+    if args.route is None:
+        print("wsgate: give --request (which route a request takes) or --route with --key", file=sys.stderr)
+        return EXIT_CONFIG
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
@@ -187,13 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True, metavar="FILE")
+    check.add_argument(
+        "--effective", action="store_true",
+        help="print each route's effective settings, match and shaping as YAML",
+    )
     check.set_defaults(handler=cmd_check)
 
     explain = commands.add_parser(
-        "explain", help="print which backends a route's keys go to (ignores live health)"
+        "explain", help="print which route a request takes, or which backends a route's keys go to"
     )
     explain.add_argument("-c", "--config", required=True, metavar="FILE")
-    explain.add_argument("--route", required=True, metavar="NAME")
+    explain.add_argument("--request", metavar="'GET /PATH?QUERY'", help="the request line to explain")
+    explain.add_argument(
+        "-H", "--header", action="append", metavar="'NAME: VALUE'", help="a request header (repeatable)"
+    )
+    explain.add_argument(
+        "--client-ip", default="127.0.0.1", metavar="IP", help="the peer the request comes from (127.0.0.1)"
+    )
+    explain.add_argument("--route", metavar="NAME")
     explain.add_argument("--key", action="append", metavar="VALUE", help="a key (repeatable)")
     explain.add_argument("--keys", metavar="FILE", help="a file with one key per line")
     explain.set_defaults(handler=cmd_explain)
