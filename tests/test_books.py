@@ -272,3 +272,32 @@ def test_the_direct_access_line_is_json_dumps_of_the_record_s_entry(fields, rela
     access = Access(*fields, relay)
     direct = access_line(timestamp, access)
     assert direct == json.dumps({"time": iso_time(timestamp), **access_entry(access)})
+
+
+# -- per-route relay settings ---------------------------------------------------------------
+
+
+async def test_a_route_s_settings_are_computed_once_and_shared_when_it_overrides_nothing():
+    config = make_config(
+        timeouts={"idle": "120s", "connect": "3s"},
+        extra_routes=[{"name": "quick", "match": {"path_prefix": "/quick"}, "backends": [{"url": BACKENDS[0]}],
+         "timeouts": {"idle": "5s"}}],
+    )
+    books = make_books(config)
+    assert books.route_settings["test"] is books.relay_settings  # overrides nothing: the global object
+    quick = books.route_settings["quick"]
+    assert quick.idle_timeout == 5.0 and books.relay_settings.idle_timeout == 120.0
+    assert quick.close_timeout == books.relay_settings.close_timeout  # what it leaves out stays global
+    assert books.connect_timeouts == {"test": 3.0, "quick": 3.0}
+
+
+async def test_the_sweeper_ticks_for_the_route_that_needs_it_most_and_follows_a_reload():
+    beating = make_config(extra_routes=[
+        {"name": "beat", "match": {"path_prefix": "/beat"}, "backends": [{"url": BACKENDS[0]}],
+         "heartbeat": {"interval": "100ms"}}
+    ])
+    books = make_books(beating)
+    assert books.sweeper.tick == pytest.approx(0.025)  # a quarter of the route's interval
+    plain = make_config()
+    books.apply(plain, {}, pools(plain))
+    assert books.sweeper.tick == 1.0  # the global timers alone (no relay is open to keep the old one)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import websockets
+import yaml
 from conftest import gateway_config
 from peers import STEP_TIMEOUT, accept_upgrade, client_frame, raw_exchange, read_frame, read_response_head
 from peers import upgrade_request
@@ -397,3 +398,30 @@ def _route_error(route: dict[str, Any]) -> ConfigError:
 def test_route_config_errors_name_their_key(route, path, says):
     error = _route_error(route)
     assert (error.path, says in error.message) == (path, True), str(error)
+
+
+async def test_a_reload_changes_a_route_s_settings_for_new_connections_only(
+    start_gateway_object, backends, tmp_path
+):
+    backend = await backends()
+
+    def config(size: str) -> dict[str, Any]:
+        return routes_config((backend, {"limits": {"max_message_size": size}}))
+
+    gateway = await start_gateway_object(config("1KiB"))
+    host, port = gateway.addresses[0]
+    url = f"ws://{host}:{port}"
+    path = tmp_path / "wsgate.yaml"
+    path.write_text(yaml.safe_dump(config("8KiB")))
+    gateway.config_path = str(path)
+    message = "x" * 4096
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(url, compression=None) as held:
+            assert await gateway.reload() is None
+            async with websockets.connect(url, compression=None) as fresh:
+                await fresh.send(message)
+                assert await fresh.recv() == message
+            await held.send(message)  # opened before the reload: keeps the old limit
+            with pytest.raises(ConnectionClosed):
+                await held.recv()
+    assert held.close_code == 1009
