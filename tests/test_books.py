@@ -280,8 +280,10 @@ def test_the_direct_access_line_is_json_dumps_of_the_record_s_entry(fields, rela
 async def test_a_route_s_settings_are_computed_once_and_shared_when_it_overrides_nothing():
     config = make_config(
         timeouts={"idle": "120s", "connect": "3s"},
-        extra_routes=[{"name": "quick", "match": {"path_prefix": "/quick"}, "backends": [{"url": BACKENDS[0]}],
-         "timeouts": {"idle": "5s"}}],
+        extra_routes=[{
+            "name": "quick", "match": {"path_prefix": "/quick"}, "backends": [{"url": BACKENDS[0]}],
+            "timeouts": {"idle": "5s"},
+        }],
     )
     books = make_books(config)
     assert books.route_settings["test"] is books.relay_settings  # overrides nothing: the global object
