@@ -71,7 +71,6 @@ class Explanation:
     # Set once a route matched:
     refusal: HandshakeError | None = None  # the route refuses the request (origin, rewrite)
     upstream: bytes = b""  # the request head the backend would receive
-    key_spec: str = ""
     key: bytes | None = None  # None: a random key per connection (hash_fallback: random)
     key_fell_back: bool = False
     order: tuple[str, ...] = ()  # the ring's order for the key
@@ -87,11 +86,12 @@ def explain_request(config: Config, head: RequestHead, client_ip: str) -> Explan
     """
     client = TrustedProxies(config.trusted_proxies).resolve(client_ip, head.headers)
     request = check_client_request(head)
-    verdicts = Router(config.routes).verdicts(request.host, request.path, request)
+    router = Router(config.routes)
+    verdicts = router.verdicts(request.host, request.path, request)
     route = verdicts[-1].route if verdicts and verdicts[-1].failed is None else None
     if route is None:
         return Explanation(request, client.ip, verdicts, None)
-    shaping = Router([route]).shaping[route.name]
+    shaping = router.shaping[route.name]
     key = affinity_key(request, route.hash_key, client.ip)
     fell_back = key is None
     if key is None and route.hash_fallback == "ip":
@@ -105,7 +105,7 @@ def explain_request(config: Config, head: RequestHead, client_ip: str) -> Explan
     ring = HashRing(identities, weights)
     order = () if key is None else tuple(ring.identities[i] for i in ring.order(key))
     found = Explanation(
-        request, client.ip, verdicts, route, key_spec=route.hash_key, key=key, key_fell_back=fell_back,
+        request, client.ip, verdicts, route, key=key, key_fell_back=fell_back,
         order=order, tried=min(len(order), route.retries + 1),
         resolved_at_run_time=tuple(backend.dns for backend in route.backends if backend.dns is not None),
     )
