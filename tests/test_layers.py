@@ -35,6 +35,7 @@ CORE = {
     "wsgate.forwarding",
     "wsgate.ratelimit",
     "wsgate.config",
+    "wsgate.extended_connect",
     "wsgate.closing",
 }
 
