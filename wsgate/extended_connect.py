@@ -48,6 +48,8 @@ _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
 )
 _SWITCHING_ONLY = _HOP_BY_HOP | {b"sec-websocket-accept"}
+# A request's pseudo-headers (RFC 9113 8.3.1, RFC 8441 4); any other makes it malformed.
+_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority", b":protocol"})
 
 
 def websocket_key(random16: bytes) -> bytes:
@@ -68,6 +70,8 @@ def request_head(headers: Headers, key: bytes) -> tuple[bytes, bool]:
     cookies: list[bytes] = []
     for name, value in headers:
         if name.startswith(b":"):
+            if name not in _PSEUDO or regular or cookies:
+                raise HandshakeError(400, "an unknown pseudo-header, or one after a header")
             if name in pseudo:
                 raise HandshakeError(400, f"repeated pseudo-header {name.decode('latin-1')}")
             pseudo[name] = value

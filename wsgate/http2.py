@@ -225,7 +225,11 @@ class Http2Session(asyncio.Protocol):
         self.stream_window = min(_MAX_WINDOW, config.flow_control.high_water)
         self.max_streams = listener.http2_max_streams
         self.conn = h2.connection.H2Connection(
-            config=h2.config.H2Configuration(client_side=False, header_encoding=None)
+            # Headers are checked by request_head, as a stream's error: h2's own checks would end
+            # the connection, with every WebSocket on it, for one malformed request.
+            config=h2.config.H2Configuration(
+                client_side=False, header_encoding=None, validate_inbound_headers=False
+            )
         )
         self.conn.local_settings = h2.settings.Settings(
             client=False,
