@@ -329,3 +329,66 @@ async def test_a_message_over_the_size_limit_closes_only_its_stream_with_1009(
         assert (await ws_backend.closes.get())[0] == 1001
     await small.send_message("y" * 1000)
     assert await small.message() == "y" * 1000
+
+
+def ignore_stream_limit(client: H2Client) -> None:
+    """Make the client's h2 forget the gateway's MAX_CONCURRENT_STREAMS, as a bad client would."""
+    client.conn.remote_settings[SETTINGS.MAX_CONCURRENT_STREAMS] = 1000
+    client.conn.remote_settings.acknowledge()
+
+
+async def test_streams_over_the_limit_are_refused_and_the_others_go_on(
+    h2_gateway, client_context, clients, ws_backend
+):
+    gateway = await h2_gateway(listener={"http2_max_streams": 2})
+    client = await connect(gateway, client_context, clients)
+    await until(lambda: client.server_settings.max_concurrent_streams == 2, "the stream limit")
+    kept = [client.websocket("/"), client.websocket("/")]
+    for stream in kept:
+        await stream.headers()
+    ignore_stream_limit(client)
+    extra = client.websocket("/")
+    assert await extra.wait_reset() == h2.errors.ErrorCodes.REFUSED_STREAM
+    assert metric(gateway, "wsgate_handshake_rejections_total", reason="stream_limit") == 1
+    for stream in kept:
+        await stream.send_message("still open")
+        assert await stream.message() == "still open"
+    # A stream that ends makes room for another.
+    await kept[0].send_close(1000)
+    await kept[0].wait_ended()
+    kept[0].end()
+    later = client.websocket("/")
+    assert (await later.headers())[b":status"] == b"200"
+    assert ws_backend.connections == 3
+
+
+async def test_streams_sent_before_the_client_read_the_limit_are_refused_too(
+    h2_gateway, client_context, clients, ws_backend
+):
+    gateway = await h2_gateway(listener={"http2_max_streams": 2})
+    client = await connect(gateway, client_context, clients, read=False)
+    streams = [client.websocket("/") for _ in range(4)]  # the client's h2 knows no limit yet
+    await client.start_reading()
+    for stream in streams[:2]:
+        assert (await stream.headers())[b":status"] == b"200"
+    for stream in streams[2:]:
+        assert await stream.wait_reset() == h2.errors.ErrorCodes.REFUSED_STREAM
+    assert ws_backend.connections == 2
+
+
+async def test_streams_count_as_connections_under_the_per_ip_limit(
+    h2_gateway, client_context, clients, ws_backend
+):
+    # The TCP connection takes one of the address's three; each open stream one more.
+    gateway = await h2_gateway(limits={"max_connections_per_ip": 3})
+    client = await connect(gateway, client_context, clients)
+    first, second = client.websocket("/"), client.websocket("/")
+    for stream in (first, second):
+        assert (await stream.headers())[b":status"] == b"200"
+    third = client.websocket("/")
+    assert (await third.headers())[b":status"] == b"429"
+    await third.wait_ended()
+    await first.send_close(1000)
+    await first.wait_ended()
+    again = client.websocket("/")
+    assert (await again.headers())[b":status"] == b"200"

@@ -37,7 +37,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, SettingsFrame
 
 from .books import Books
 from .config import Listener
@@ -244,9 +244,13 @@ class Http2Session(asyncio.Protocol):
         """Take the connection over: send the server preface, then read what came with the handshake."""
         conn = self.conn
         conn.initiate_connection()
-        # Advertised, and enforced by h2 once the client acknowledges it; a stream over it
-        # before then (the client had not read the SETTINGS yet) is refused here.
-        conn.update_settings({_SETTINGS.MAX_CONCURRENT_STREAMS: self.max_streams})
+        # The stream limit goes in a SETTINGS frame of its own, built here: h2 would enforce a
+        # limit it sent itself with a connection error, ending every stream on the connection,
+        # where RFC 9113 5.1.2 allows refusing only the stream over it, which _on_request does.
+        self.transport.write(
+            conn.data_to_send()
+            + SettingsFrame(0, settings={_SETTINGS.MAX_CONCURRENT_STREAMS: self.max_streams}).serialize()
+        )
         connection_window = min(_MAX_WINDOW, self.stream_window * self.max_streams)
         if connection_window > conn.inbound_flow_control_window:
             conn.increment_flow_control_window(connection_window - conn.inbound_flow_control_window)
