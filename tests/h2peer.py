@@ -6,6 +6,10 @@ and hands each stream its events. `client.websocket(path)` sends an extended
 CONNECT and returns a `ClientStream` whose `send`, `send_message` and `frame`
 speak WebSocket frames as DATA. A stream's reading can be held (`hold()`): its
 DATA is then kept unacknowledged, so no WINDOW_UPDATE tells the gateway it was read.
+
+h2 moves a client's whole connection to CLOSED when a GOAWAY arrives, and then
+refuses the frames of the streams the GOAWAY lets finish (RFC 9113 6.8); after a
+graceful GOAWAY (NO_ERROR) the client here puts the connection back to open.
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ class ClientStream:
         """(opcode, payload) of the next whole frame the gateway sent on this stream."""
         async with asyncio.timeout(STEP_TIMEOUT):
             while (size := frame_size(self.data)) is None:
+                if self.client.error is not None:
+                    raise AssertionError(f"the client's reader failed: {self.client.error!r}")
                 if self.ended.done() or self.reset.done():
                     raise AssertionError(f"stream {self.stream_id} ended amid a frame: {bytes(self.data)!r}")
                 self.arrived.clear()
@@ -161,6 +167,7 @@ class H2Client:
         self.goaway: asyncio.Future[h2.events.ConnectionTerminated] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()  # the server closed the TCP connection
         self.task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None  # what stopped the reader, other than an EOF
 
     @classmethod
     async def connect(cls, port: int, context: ssl.SSLContext, read: bool = True) -> H2Client:
@@ -217,6 +224,8 @@ class H2Client:
                 self.flush()
         except (ConnectionError, ssl.SSLError):
             pass
+        except Exception as exc:
+            self.error = exc
         finally:
             if not self.closed.done():
                 self.closed.set_result(None)
@@ -249,8 +258,11 @@ class H2Client:
         elif isinstance(event, h2.events.WindowUpdated):
             for waiting in (self.streams.values() if stream is None else [stream]):
                 waiting.window_opened.set()
-        elif isinstance(event, h2.events.ConnectionTerminated) and not self.goaway.done():
-            self.goaway.set_result(event)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            if not self.goaway.done():
+                self.goaway.set_result(event)
+            if event.error_code == h2.errors.ErrorCodes.NO_ERROR:
+                self.conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
 
     async def wait_closed(self) -> None:
         async with asyncio.timeout(STEP_TIMEOUT):

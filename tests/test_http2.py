@@ -392,3 +392,104 @@ async def test_streams_count_as_connections_under_the_per_ip_limit(
     await first.wait_ended()
     again = client.websocket("/")
     assert (await again.headers())[b":status"] == b"200"
+
+
+async def test_a_client_end_stream_closes_the_backend_with_1001(h2_gateway, client_context, clients, ws_backend):
+    gateway = await h2_gateway()
+    client = await connect(gateway, client_context, clients)
+    stream = client.websocket("/")
+    await stream.headers()
+    await stream.send_message("bye", )
+    assert await stream.message() == "bye"
+    stream.end()
+    async with asyncio.timeout(STEP_TIMEOUT):
+        assert (await ws_backend.closes.get())[0] == 1001
+    await stream.wait_ended()
+
+
+async def test_drain_closes_every_stream_with_1001_and_sends_goaway(
+    h2_gateway, client_context, clients, ws_backend
+):
+    gateway = await h2_gateway(shutdown={"drain_period": "100ms", "grace_period": "5s"})
+    client = await connect(gateway, client_context, clients)
+    streams = [client.websocket("/") for _ in range(3)]
+    for stream in streams:
+        await stream.headers()
+    draining = asyncio.create_task(gateway.drain())
+    async with asyncio.timeout(STEP_TIMEOUT):
+        goaway = await asyncio.shield(client.goaway)
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    assert goaway.last_stream_id == streams[-1].stream_id  # the open streams go on to their close
+    for stream in streams:
+        assert (await stream.close_frame())[0] == 1001
+        await stream.send_close(1001)
+        await stream.wait_ended()
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await draining
+    for _ in streams:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            assert (await ws_backend.closes.get())[0] == 1001
+    await client.wait_closed()  # the last stream's end closed the connection
+    await until(lambda: not gateway.books.sessions, "the session's end")
+
+
+async def test_the_protocol_label_and_access_log_field_tell_h2_from_http11(
+    h2_gateway, client_context, clients, access_log
+):
+    gateway = await h2_gateway()
+    port = port_of(gateway)
+    client = await connect(gateway, client_context, clients)
+    stream = client.websocket("/")
+    await stream.headers()
+    await stream.send_close(1000)
+    await stream.wait_ended()
+    h2_entry = await access_log.next()
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with websockets.connect(f"wss://127.0.0.1:{port}/", ssl=client_context()) as ws:
+            await ws.send("x")
+            await ws.recv()
+    http11_entry = await access_log.next()
+    assert (h2_entry["status"], h2_entry["protocol"], h2_entry["close_code"]) == (101, "h2", 1000)
+    assert (http11_entry["status"], http11_entry["protocol"]) == (101, "http/1.1")
+    assert h2_entry["client"].startswith("127.0.0.1:")
+    for protocol in ("h2", "http/1.1"):
+        assert metric(gateway, "wsgate_connections_total", route="test", outcome="upgraded",
+                      protocol=protocol) == 1
+    bad = client.websocket("/", [(b"sec-websocket-version", b"8")])
+    assert (await bad.headers())[b":status"] == b"426"
+    rejected = await access_log.next()
+    assert (rejected["status"], rejected["protocol"]) == (426, "h2")
+    # Refused before routing, as over HTTP/1.1: no route.
+    assert metric(gateway, "wsgate_connections_total", route="", outcome="rejected", protocol="h2") == 1
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\x00\x00\x08\x07\x00\x00\x00\x00\x01" + b"\x00" * 8,  # GOAWAY on a stream, not stream 0
+     b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00",  # WINDOW_UPDATE of 0 on the connection
+     # A frame header declaring more than SETTINGS_MAX_FRAME_SIZE: refused on sight, not
+     # once that much has been read (h2 alone would buffer up to 16 MiB to look at it).
+     b"\x00\x40\x01\x00\x00\x00\x00\x00\x01",
+     b"\xff" * 64],
+    ids=["goaway-on-a-stream", "zero-window-update", "overlong-frame", "nonsense"],
+)
+async def test_a_protocol_error_ends_only_that_connection_with_goaway(
+    h2_gateway, client_context, clients, ws_backend, garbage
+):
+    gateway = await h2_gateway()
+    victim = await connect(gateway, client_context, clients)
+    stream = victim.websocket("/")
+    await stream.headers()
+    victim.writer.write(garbage)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        goaway = await asyncio.shield(victim.goaway)
+    assert goaway.error_code in (h2.errors.ErrorCodes.PROTOCOL_ERROR, h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+    await victim.wait_closed()
+    async with asyncio.timeout(STEP_TIMEOUT):
+        assert (await ws_backend.closes.get())[0] == 1001
+    other = await connect(gateway, client_context, clients)
+    fine = other.websocket("/")
+    await fine.headers()
+    await fine.send_message("unharmed")
+    assert await fine.message() == "unharmed"
+    await until(lambda: len(gateway.books.sessions) == 1, "the bad connection's session gone")

@@ -35,6 +35,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame, SettingsFrame
@@ -51,6 +52,20 @@ PROTOCOL = "h2"
 _MAX_WINDOW = 2**31 - 1
 _HEAD_END = b"\r\n\r\n"
 _SETTINGS = h2.settings.SettingCodes
+
+
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, refusing an overlong frame by its header.
+
+    h2 checks a frame's length against SETTINGS_MAX_FRAME_SIZE only once the whole
+    frame has arrived, so a peer declaring 16 MiB would have that much buffered first.
+    """
+
+    def __next__(self) -> Any:
+        data = self._data
+        if len(data) >= 9:
+            self._validate_frame_length(int.from_bytes(data[:3], "big"))
+        return super().__next__()
 
 
 class StreamTransport(asyncio.Transport):
@@ -231,6 +246,7 @@ class Http2Session(asyncio.Protocol):
                 client_side=False, header_encoding=None, validate_inbound_headers=False
             )
         )
+        self.conn.incoming_buffer = _FrameBuffer(server=True)
         self.conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
