@@ -28,6 +28,7 @@ from peers import STEP_TIMEOUT
 
 TEXT, BINARY, CLOSE = 0x1, 0x2, 0x8
 MASK = b"\x0a\x0b\x0c\x0d"
+CONNECTION_WINDOW = 64 * 1024 * 1024
 
 
 def frame_size(buffer: bytes | bytearray) -> int | None:
@@ -180,6 +181,9 @@ class H2Client:
         assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
         client = cls(reader, writer)
         client.conn.initiate_connection()
+        # A large connection window, so that a held stream (its own 64 KiB window full) never
+        # holds up the others on the client's side.
+        client.conn.increment_flow_control_window(CONNECTION_WINDOW)
         client.flush()
         if read:
             await client.start_reading()

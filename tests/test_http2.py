@@ -399,7 +399,7 @@ async def test_a_client_end_stream_closes_the_backend_with_1001(h2_gateway, clie
     client = await connect(gateway, client_context, clients)
     stream = client.websocket("/")
     await stream.headers()
-    await stream.send_message("bye", )
+    await stream.send_message("bye")
     assert await stream.message() == "bye"
     stream.end()
     async with asyncio.timeout(STEP_TIMEOUT):
@@ -493,3 +493,53 @@ async def test_a_protocol_error_ends_only_that_connection_with_goaway(
     await fine.send_message("unharmed")
     assert await fine.message() == "unharmed"
     await until(lambda: len(gateway.books.sessions) == 1, "the bad connection's session gone")
+
+
+async def test_a_stream_whose_client_reads_nothing_is_held_while_another_flows_with_bounded_memory(
+    h2_gateway, client_context, clients, ws_backend
+):
+    high, low = 64 * 1024, 16 * 1024
+    gateway = await h2_gateway(flow_control={"high_water": high, "low_water": low})
+    client = await connect(gateway, client_context, clients)
+    slow, fast = client.websocket("/slow"), client.websocket("/fast")
+    for stream in (slow, fast):
+        await stream.headers()
+    session = next(iter(gateway.books.sessions))
+    slow_transport = session.streams[slow.stream_id]
+    slow.hold()
+    message, count = b"s" * 32 * 1024, 1024  # 32 MiB: more than the sockets on the way hold
+
+    async def flood() -> None:
+        for _ in range(count):
+            await slow.send_message(message)
+
+    flooding = asyncio.create_task(flood())
+    try:
+        # The client's window for the slow stream closed: the gateway stops writing to it, the
+        # relay stops reading its backend, the backend stops reading, the gateway stops reading
+        # the client's stream, and the client's own sending stops for want of window.
+        await until(lambda: slow_transport.writing_paused, "the slow stream's writing paused")
+        await until(lambda: not slow_transport.is_reading(), "the slow stream's reading paused")
+        await until(lambda: slow.client.conn.local_flow_control_window(slow.stream_id) == 0,
+                    "the client's window for the slow stream closed")
+        assert not flooding.done()
+        for i in range(20):
+            await fast.send_message(f"fast {i} " + "f" * 10_000)
+            assert await fast.message() == f"fast {i} " + "f" * 10_000
+        # What the gateway holds for the slow stream is bounded by the watermarks and windows,
+        # not by what the client sent.
+        read_size = 256 * 1024  # the most one read of the backend hands the stream at once
+        assert slow_transport.get_write_buffer_size() <= high + read_size
+        assert sum(length for _, length in slow_transport.received) <= session.stream_window
+        assert not fast_paused(session, fast.stream_id)
+    finally:
+        slow.release()
+    async with asyncio.timeout(STEP_TIMEOUT * 3):
+        await flooding
+        for _ in range(count):
+            assert await slow.message() == message
+
+
+def fast_paused(session: Any, stream_id: int) -> bool:
+    transport = session.streams[stream_id]
+    return transport.writing_paused or not transport.is_reading()
