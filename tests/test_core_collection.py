@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The sans-I/O core's test modules: frames, handshake rules, hashing, health, routing, config...
 CORE_TESTS = [
     "tests/test_config.py",
+    "tests/test_extended_connect.py",
     "tests/test_forwarding.py",
     "tests/test_frames.py",
     "tests/test_frames_fuzz.py",
