@@ -211,7 +211,10 @@ class H2Client:
         return stream
 
     def websocket(
-        self, path: str = "/", extra: list[tuple[bytes, bytes]] | None = None, authority: bytes = b"gateway.test"
+        self,
+        path: str = "/",
+        extra: list[tuple[bytes, bytes]] | None = None,
+        authority: bytes = b"gateway.test",
     ) -> ClientStream:
         """An extended CONNECT for a WebSocket at `path` (RFC 8441 4)."""
         headers = [

@@ -73,7 +73,8 @@ def test_a_101_becomes_200_without_the_upgrade_s_own_headers():
 
 def test_a_refusal_keeps_its_status_and_end_to_end_headers():
     status, headers = response_headers(
-        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: 4\r\n\r\n"
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+        b"Content-Length: 4\r\n\r\n"
     )
     assert status == 404
     assert headers == [(b":status", b"404"), (b"content-type", b"text/plain"), (b"content-length", b"4")]

@@ -145,7 +145,9 @@ async def test_a_listener_without_http2_offers_no_h2(h2_gateway, client_context)
     assert await alpn_selected(port_of(gateway), client_context(), ["h2", "http/1.1"]) == "http/1.1"
 
 
-async def test_the_settings_advertise_extended_connect_and_the_stream_limit(h2_gateway, client_context, clients):
+async def test_the_settings_advertise_extended_connect_and_the_stream_limit(
+    h2_gateway, client_context, clients
+):
     gateway = await h2_gateway(listener={"http2_max_streams": 7}, flow_control={"high_water": "128KiB"})
     client = await connect(gateway, client_context, clients)
     settings = client.server_settings
@@ -306,7 +308,9 @@ async def test_header_injection_is_refused_before_anything_reaches_a_backend(
     assert all("x-injected" not in request for request in ws_backend.requests)
 
 
-async def test_split_cookie_headers_are_joined_for_the_backend(h2_gateway, client_context, clients, ws_backend):
+async def test_split_cookie_headers_are_joined_for_the_backend(
+    h2_gateway, client_context, clients, ws_backend
+):
     gateway = await h2_gateway()
     client = await connect(gateway, client_context, clients)
     stream = client.websocket("/", [(b"cookie", b"a=1"), (b"x-other", b"y"), (b"cookie", b"b=2")])
@@ -394,7 +398,9 @@ async def test_streams_count_as_connections_under_the_per_ip_limit(
     assert (await again.headers())[b":status"] == b"200"
 
 
-async def test_a_client_end_stream_closes_the_backend_with_1001(h2_gateway, client_context, clients, ws_backend):
+async def test_a_client_end_stream_closes_the_backend_with_1001(
+    h2_gateway, client_context, clients, ws_backend
+):
     gateway = await h2_gateway()
     client = await connect(gateway, client_context, clients)
     stream = client.websocket("/")

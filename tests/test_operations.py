@@ -344,7 +344,8 @@ async def test_a_handshake_s_counts_are_in_the_registry_as_it_happens_without_a_
         async with connect(admin.ws_url) as ws:
             await echo_messages(ws, 1)
             assert value("wsgate_active_connections", **on_backend) == 1
-            assert value("wsgate_connections_total", route="test", outcome="upgraded", protocol="http/1.1") == 1
+            assert value("wsgate_connections_total", route="test", outcome="upgraded",
+                         protocol="http/1.1") == 1
             assert value("wsgate_handshake_duration_seconds_count", route="test") == 1
             assert value("wsgate_backend_connect_duration_seconds_count", route="test") == 1
             assert value("wsgate_handshake_duration_seconds_bucket", route="test", le="+Inf") == 1
@@ -590,7 +591,8 @@ async def test_access_log_of_handshakes_that_time_out(start_admin, raw_backend, 
     metrics = await admin.scrape()
     assert metrics.value("wsgate_connections_total", route="", outcome="rejected", protocol="http/1.1") == 1
     assert metrics.value("wsgate_handshake_rejections_total", reason="timeout") == 1
-    assert metrics.value("wsgate_connections_total", route="test", outcome="backend_failed", protocol="http/1.1") == 1
+    assert metrics.value("wsgate_connections_total", route="test", outcome="backend_failed",
+                         protocol="http/1.1") == 1
 
 
 class GatewayProcess:
