@@ -194,7 +194,8 @@ async def test_the_access_line_is_written_without_a_log_record_in_the_same_json(
     assert len(made_records) == 1  # only the line logged by hand made a record
     assert list(direct) == ["time", "client", "route", "backend", "key_hash", "status", "duration",
                             "bytes_in", "bytes_out", "messages_in", "messages_out", "close_code",
-                            "closed_by", "close_to_client", "close_to_backend", "reason", "client_cert"]
+                            "closed_by", "close_to_client", "close_to_backend", "reason", "client_cert",
+                            "protocol"]
     assert direct["duration"] == 1.235 and direct["bytes_in"] == 7 and direct["client_cert"] is None
     assert direct["close_to_client"] == {"code": 1000, "by": "backend"} and direct["close_to_backend"] is None
     # The same time format on both paths: 2026-01-02T03:04:05.678+00:00.

@@ -9,10 +9,16 @@ downloaded. Every wait is a WebDriverWait on a condition, bounded.
 The screenshots are saved as artifacts under pytest's temporary directory, or in
 the directory that WSGATE_SCREENSHOTS names: `WSGATE_SCREENSHOTS=docs
 ./scripts/test.sh tests/test_browser.py` writes the README's two.
+
+The last test runs a gateway in-process with an `http2: true` TLS listener and
+checks that Chromium, given the page over HTTP/2, opens its WebSockets as RFC 8441
+streams of that connection (selenium's blocking calls run in a thread).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import queue
@@ -33,6 +39,8 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     pytest.skip("needs Debian's chromium and chromium-driver (scripts/test.sh installs them)",
                 allow_module_level=True)
 
+import trustme  # noqa: E402
+from conftest import gateway_config  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -273,3 +281,105 @@ def test_rooms_share_a_backend_fail_over_and_come_back_with_a_live_dashboard(dem
     browser.save_screenshot(str(screenshots / "dashboard.png"))
     for name in ("demo-chat.png", "dashboard.png"):
         assert (screenshots / name).stat().st_size > 10_000
+
+
+# -- WebSockets over HTTP/2 (RFC 8441) -------------------------------------------------------
+
+H2_PAGE = """<!doctype html>
+<title>h2</title>
+<script>
+// Several WebSockets to this page's origin: Chromium opens them as streams of the HTTP/2
+// connection it loaded the page on, since the gateway advertised extended CONNECT.
+const count = 3;
+const echoed = [];
+for (let i = 0; i < count; i++) {
+  const ws = new WebSocket(`wss://${location.host}/`);
+  ws.onopen = () => ws.send(`hello ${i}`);
+  ws.onmessage = (event) => {
+    echoed.push(event.data);
+    document.body.dataset.echoed = echoed.slice().sort().join(",");
+    ws.close(1000, "done");
+  };
+  ws.onclose = (event) => {
+    document.body.dataset.closed = String(Number(document.body.dataset.closed || 0) + 1);
+  };
+}
+</script>
+<body data-echoed="" data-closed="0">h2</body>
+"""
+
+
+@pytest.fixture
+def tls_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
+    """Headless Chromium that accepts the test certificate (the gateway's, from trustme)."""
+
+    def no_downloads(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Selenium Manager ran: it would look for (and download) a browser")
+
+    monkeypatch.setattr(selenium_manager.SeleniumManager, "binary_paths", no_downloads)
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*CHROMIUM_FLAGS, "--ignore-certificate-errors"):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+async def test_chromium_opens_its_websockets_as_streams_of_the_page_s_http2_connection(
+    tls_browser, start_gateway_object, ws_backend, tmp_path
+):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text(H2_PAGE)
+    leaf = trustme.CA().issue_cert("127.0.0.1")
+    cert, key = tmp_path / "gateway.crt", tmp_path / "gateway.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    config = gateway_config([ws_backend.url], route={"static": str(site)})
+    config["listeners"][0].update(tls={"cert": str(cert), "key": str(key)}, http2=True)
+    gateway = await start_gateway_object(config)
+    port = gateway.addresses[0][1]
+
+    lines: list[dict[str, object]] = []
+    three_closed = asyncio.Event()
+
+    class Access(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.access)  # type: ignore[attr-defined]
+            if sum(line["status"] == 101 for line in lines) == 3:
+                three_closed.set()
+
+    access_logger = logging.getLogger("wsgate.access")
+    handler, level = Access(logging.INFO), access_logger.level
+    access_logger.setLevel(logging.INFO)
+    access_logger.addHandler(handler)
+    try:
+        def browse() -> tuple[str, str]:
+            tls_browser.get(f"https://127.0.0.1:{port}/")
+            wait(tls_browser, lambda: body(tls_browser, "closed") == "3", "the three WebSockets close")
+            protocol = tls_browser.execute_script(
+                "return performance.getEntriesByType('navigation')[0].nextHopProtocol"
+            )
+            return body(tls_browser, "echoed"), protocol
+
+        echoed, page_protocol = await asyncio.to_thread(browse)
+        assert echoed == "hello 0,hello 1,hello 2"
+        assert page_protocol == "h2"  # the page itself came over HTTP/2
+        async with asyncio.timeout(STEP):
+            await three_closed.wait()
+    finally:
+        access_logger.removeHandler(handler)
+        access_logger.setLevel(level)
+    upgraded = [line for line in lines if line["status"] == 101]
+    assert [line["protocol"] for line in upgraded] == ["h2"] * 3, lines
+    assert all(line["close_code"] == 1000 for line in upgraded), upgraded
+    value = gateway.registry.get_sample_value
+    assert value("wsgate_connections_total", {"route": "test", "outcome": "upgraded", "protocol": "h2"}) == 3
+    assert value("wsgate_connections_total",
+                 {"route": "test", "outcome": "upgraded", "protocol": "http/1.1"}) is None
+    assert ws_backend.connections == 3

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 CORE_TESTS = [
     "tests/test_config.py",
     "tests/test_explain.py",
+    "tests/test_extended_connect.py",
     "tests/test_forwarding.py",
     "tests/test_frames.py",
     "tests/test_frames_fuzz.py",

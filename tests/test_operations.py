@@ -198,7 +198,7 @@ async def test_metrics_after_traffic(start_admin, ws_backend, access_records):
         assert after.value("wsgate_message_size_bytes_bucket", direction=direction, le="64.0") == 0
         assert after.value("wsgate_message_size_bytes_bucket", direction=direction, le="256.0") == n
         assert after.value("wsgate_message_size_bytes_bucket", direction=direction, le="+Inf") == n
-    assert after.value("wsgate_connections_total", route="test", outcome="upgraded") == 2
+    assert after.value("wsgate_connections_total", route="test", outcome="upgraded", protocol="http/1.1") == 2
     assert after.value("wsgate_close_frames_total", code="1000", side="client") == 2
     assert after.value("wsgate_connection_duration_seconds_count", route="test") == 2
     assert after.value("wsgate_handshake_duration_seconds_count", route="test") == 2
@@ -344,7 +344,8 @@ async def test_a_handshake_s_counts_are_in_the_registry_as_it_happens_without_a_
         async with connect(admin.ws_url) as ws:
             await echo_messages(ws, 1)
             assert value("wsgate_active_connections", **on_backend) == 1
-            assert value("wsgate_connections_total", route="test", outcome="upgraded") == 1
+            assert value("wsgate_connections_total", route="test", outcome="upgraded",
+                         protocol="http/1.1") == 1
             assert value("wsgate_handshake_duration_seconds_count", route="test") == 1
             assert value("wsgate_backend_connect_duration_seconds_count", route="test") == 1
             assert value("wsgate_handshake_duration_seconds_bucket", route="test", le="+Inf") == 1
@@ -588,9 +589,10 @@ async def test_access_log_of_handshakes_that_time_out(start_admin, raw_backend, 
         # The time the client waited for its answer, not a constant.
         assert least <= entry["duration"] < STEP_TIMEOUT
     metrics = await admin.scrape()
-    assert metrics.value("wsgate_connections_total", route="", outcome="rejected") == 1
+    assert metrics.value("wsgate_connections_total", route="", outcome="rejected", protocol="http/1.1") == 1
     assert metrics.value("wsgate_handshake_rejections_total", reason="timeout") == 1
-    assert metrics.value("wsgate_connections_total", route="test", outcome="backend_failed") == 1
+    assert metrics.value("wsgate_connections_total", route="test", outcome="backend_failed",
+                         protocol="http/1.1") == 1
 
 
 class GatewayProcess:

@@ -467,7 +467,8 @@ async def test_counts_from_before_a_reload_stay_and_go_on_after_it(
         await access_records.next()
         metrics = await admin.scrape()
     assert metrics.value("wsgate_config_reloads_total", result="success") == 1
-    assert metrics.value("wsgate_connections_total", route="test", outcome="upgraded") == 3
+    assert metrics.value("wsgate_connections_total", route="test", outcome="upgraded",
+                         protocol="http/1.1") == 3
     assert metrics.value("wsgate_handshake_duration_seconds_count", route="test") == 3
     assert metrics.value("wsgate_connection_duration_seconds_count", route="test") == 3
     assert metrics.value("wsgate_close_frames_total", code="1000", side="client") == 3

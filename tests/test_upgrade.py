@@ -130,7 +130,8 @@ class FakeBooks:
         return None  # no route: the tests here end before any backend
 
     def log_access(self, client: str, route: str, backend: str, key: bytes, status: int,
-                   duration: float, reason: str, client_cert: str | None, relay: object = None) -> None:
+                   duration: float, reason: str, client_cert: str | None, relay: object = None,
+                   protocol: str = "http/1.1") -> None:
         self.access.append({"client": client, "status": status, "reason": reason})
 
     def count(self, name: str, **labels: str) -> float | None:

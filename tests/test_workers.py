@@ -301,11 +301,13 @@ async def test_metrics_are_summed_across_workers(supervised, ws_backend):
     for metrics in (during, after):
         for direction in (UP, DOWN):
             assert metrics.value("wsgate_messages_total", route="test", direction=direction) == messages
-        assert metrics.value("wsgate_connections_total", route="test", outcome="upgraded") == clients
+        assert metrics.value("wsgate_connections_total", route="test", outcome="upgraded",
+                             protocol="http/1.1") == clients
         assert metrics.value("wsgate_build_info", version=wsgate.__version__) == 1
         assert metrics.value("wsgate_backend_up", **labels) == 1
         # Times are not added up: a series was created when its first worker created it.
-        created = metrics.value("wsgate_connections_created", route="test", outcome="upgraded")
+        created = metrics.value("wsgate_connections_created", route="test", outcome="upgraded",
+                                protocol="http/1.1")
         assert launched <= created <= time.time()
         # (computed from /proc, whose boot time is whole seconds)
         assert launched - 2 <= metrics.value("process_start_time_seconds") <= time.time()
@@ -508,7 +510,7 @@ async def test_a_restarted_worker_serves_the_listeners_and_config_of_its_sibling
 async def test_counters_keep_a_dead_workers_counts_and_one_sighup_counts_one_reload(supervised, ws_backend):
     clients = 20
     gateway = await supervised(gateway_config([ws_backend.url]))
-    labels = {"route": "test", "outcome": "upgraded"}
+    labels = {"route": "test", "outcome": "upgraded", "protocol": "http/1.1"}
     async with asyncio.timeout(STEP_TIMEOUT), contextlib.AsyncExitStack() as stack:
         connections = await open_many(stack, gateway.ws_url, clients)
         assert all(await asyncio.gather(*(echoes(ws) for ws in connections)))

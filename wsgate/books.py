@@ -85,6 +85,7 @@ class Access(NamedTuple):
     reason: str
     client_cert: str | None
     relay: Relay | None = None
+    protocol: str = "http/1.1"  # what the client spoke: "http/1.1", or "h2" for a stream of HTTP/2
 
 
 def access_line(timestamp: float, access: Access) -> str:
@@ -93,7 +94,7 @@ def access_line(timestamp: float, access: Access) -> str:
     json.dumps builds its encoder and walks the dict on every call; the fields and
     their types are known here, so a template takes a third of the time.
     """
-    client, route, backend, key, status, duration, reason, client_cert, relay = access
+    client, route, backend, key, status, duration, reason, client_cert, relay, protocol = access
     relayed = ""
     if relay is not None:
         client_leg, backend_leg = relay.client, relay.backend
@@ -111,13 +112,14 @@ def access_line(timestamp: float, access: Access) -> str:
         f', "route": {_json_string(route)}, "backend": {_json_string(backend)}'
         f', "key_hash": "{key_hash(key) if key else ""}", "status": {status:d}'
         f', "duration": {round(duration, 3)!r}{relayed}, "reason": {_json_string(reason)}'
-        f', "client_cert": {"null" if client_cert is None else _json_string(client_cert)}}}'
+        f', "client_cert": {"null" if client_cert is None else _json_string(client_cert)}'
+        f', "protocol": {_json_string(protocol)}}}'
     )
 
 
 def access_entry(access: Access) -> dict[str, object]:
     """The access log's fields for one connection, relayed (with its counts) or not."""
-    client, route, backend, key, status, duration, reason, client_cert, relay = access
+    client, route, backend, key, status, duration, reason, client_cert, relay, protocol = access
     entry: dict[str, object] = {
         "client": client,
         "route": route,
@@ -139,6 +141,7 @@ def access_entry(access: Access) -> dict[str, object]:
         )
     entry["reason"] = reason
     entry["client_cert"] = client_cert
+    entry["protocol"] = protocol
     return entry
 
 
@@ -209,6 +212,12 @@ class OpenHandshake(Protocol):
 
     @property
     def transport(self) -> asyncio.BaseTransport: ...
+
+
+class OpenSession(Protocol):
+    """A client's HTTP/2 connection, as the books keep it: something to drain."""
+
+    def go_away(self) -> None: ...
 
 
 def relay_settings(config: Config, route: Route | None = None) -> RelaySettings:
@@ -293,6 +302,8 @@ class Books:
         self.handshake_turns = Turns(HANDSHAKE_STEPS_PER_TURN)
         self.bulk_turns = Turns(BULK_LEGS_PER_TURN)
         self.handshakes: set[OpenHandshake] = set()
+        # The clients' HTTP/2 connections (http2.py), each with its streams; drained by GOAWAY.
+        self.sessions: set[OpenSession] = set()
         # The sweeper's own set: leaving it is how a relay leaves the sweeper.
         self.relays = self.sweeper.relays
         self.all_closed = asyncio.Event()  # set whenever the last open relay ends
@@ -395,14 +406,20 @@ class Books:
         self.metrics.connection_opened(relay.route_name, member.identity)
 
     def relay_closed(
-        self, pool: Pool, client: str, client_cert: str | None, counted_ip: str | None, relay: Relay
+        self,
+        pool: Pool,
+        client: str,
+        client_cert: str | None,
+        counted_ip: str | None,
+        relay: Relay,
+        protocol: str = "http/1.1",
     ) -> None:
         """A relay's `on_closed`: its final counts and access log line, and its admission back."""
         self.relays.discard(relay)
         member = relay.member
         pool.closed(member, relay)
         self.metrics.connection_closed(relay.route_name, member.identity)
-        self._relay_finished(relay, member, client, client_cert)
+        self._relay_finished(relay, member, client, client_cert, protocol)
         if not self.relays:
             self.all_closed.set()
         self.release(counted_ip)
@@ -423,7 +440,9 @@ class Books:
 
     # -- what a finished connection leaves behind ----------------------------
 
-    def _relay_finished(self, relay: Relay, member: Member, client: str, client_cert: str | None) -> None:
+    def _relay_finished(
+        self, relay: Relay, member: Member, client: str, client_cert: str | None, protocol: str
+    ) -> None:
         """Final counts and the access log line of a connection that ended."""
         metrics = self.metrics
         metrics.flush_relays((relay,))
@@ -439,7 +458,7 @@ class Books:
             metrics.limit_closes.inc(relay.limit_exceeded)
         self.log_access(
             client, relay.route_name, member.identity, relay.key, 101, duration, relay.close_reason,
-            client_cert, relay,
+            client_cert, relay, protocol,
         )
 
     def log_access(
@@ -453,11 +472,12 @@ class Books:
         reason: str,
         client_cert: str | None,
         relay: Relay | None = None,
+        protocol: str = "http/1.1",
     ) -> None:
         """The access log's line for one connection, relayed (with its counts) or not."""
         if not access_log.isEnabledFor(logging.INFO):
             return
-        access = Access(client, route, backend, key, status, duration, reason, client_cert, relay)
+        access = Access(client, route, backend, key, status, duration, reason, client_cert, relay, protocol)
         handler = _direct_access_handler()
         if handler is not None:
             try:

@@ -216,6 +216,8 @@ class Gateway:
             server.close()
         for handshake in list(self.books.handshakes):
             handshake.transport.close()
+        for session in list(self.books.sessions):
+            session.go_away()
 
     async def _relays_ended(self, timeout: float) -> bool:
         """Wait up to `timeout` for the last open relay to end; whether none is left."""

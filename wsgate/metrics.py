@@ -237,8 +237,9 @@ class Metrics:
             "wsgate_active_connections", "Open proxied WebSocket connections.", r
         )
         self.connections = PlainCounter(
-            "wsgate_connections", "Client connections by how their handshake ended.",
-            ("route", "outcome"), r,
+            "wsgate_connections",
+            "Client connections by how their handshake ended, and the protocol spoken (http/1.1, h2).",
+            ("route", "outcome", "protocol"), r,
         )
         self.handshake_rejections = PlainCounter(
             "wsgate_handshake_rejections", "Handshakes answered with an HTTP error, by reason.",

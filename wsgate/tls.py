@@ -20,6 +20,8 @@ from .errors import ConfigError
 log = logging.getLogger("wsgate.tls")
 
 _ALPN = ["http/1.1"]
+# A listener with `http2: true` prefers HTTP/2, for WebSockets over it (RFC 8441; see http2.py).
+_ALPN_HTTP2 = ["h2", "http/1.1"]
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 # RFC 4514 short names for the subject attributes certificates commonly carry.
 _SUBJECT_NAMES = {
@@ -66,9 +68,10 @@ def _load_ca(context: ssl.SSLContext, cafile: str, path: str) -> None:
 class ListenerTls:
     """The TLS side of one listener; `context` is what the server is created with."""
 
-    def __init__(self, config: Tls, path: str) -> None:
+    def __init__(self, config: Tls, path: str, http2: bool = False) -> None:
         self.config = config
         self.path = path
+        self.alpn = _ALPN_HTTP2 if http2 else _ALPN
         self._default: ssl.SSLContext | None = None
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcards: list[tuple[str, ssl.SSLContext]] = []
@@ -83,7 +86,7 @@ class ListenerTls:
         context.minimum_version = _VERSIONS[config.min_version]
         # Compression invites CRIME; renegotiation invites a CPU denial of service.
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-        context.set_alpn_protocols(_ALPN)
+        context.set_alpn_protocols(self.alpn)
         if config.client_ca is not None:
             _load_ca(context, config.client_ca, f"{self.path}.client_ca")
             context.verify_mode = (
@@ -169,7 +172,7 @@ def backend_context(config: BackendTls | None, path: str) -> ssl.SSLContext:
 def listener_contexts(config: Config) -> dict[str, ListenerTls]:
     """Every TLS listener's context, by listener name; raises `ConfigError` for a bad file."""
     return {
-        listener.name: ListenerTls(listener.tls, f"listeners[{i}].tls")
+        listener.name: ListenerTls(listener.tls, f"listeners[{i}].tls", listener.http2)
         for i, listener in enumerate(config.listeners)
         if listener.tls is not None
     }

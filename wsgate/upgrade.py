@@ -38,6 +38,7 @@ from .handshake import (
     render_rejection,
     render_switching_protocols,
 )
+from .http2 import PROTOCOL as HTTP2, Http2Session
 from .heads import HeadReader, RequestHead, ResponseHead, parse_request_head
 from .member import Member
 from .pages import below_prefix, static_reply
@@ -99,7 +100,13 @@ class UpgradeProtocol(asyncio.Protocol):
         "proxy_buffer",
         "turn_data",
         "overdue",
+        "alpn_pending",
     )
+
+    # What the client speaks, for metrics and the access log; an HTTP/2 stream's is "h2".
+    protocol = "http/1.1"
+    # False where the connection this protocol runs on did TLS already (an HTTP/2 stream).
+    starts_tls = True
 
     def __init__(self, books: Books, listener: Listener) -> None:
         self.books = books
@@ -136,6 +143,9 @@ class UpgradeProtocol(asyncio.Protocol):
         # reading waits until their turn, and the handshake timeout waits for it too.
         self.turn_data: bytes | None = None
         self.overdue = False
+        # Decrypted bytes read while the TLS handshake finishes, on a listener that offers h2:
+        # which protocol reads them is known only once start_tls has returned.
+        self.alpn_pending: bytearray | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -168,7 +178,7 @@ class UpgradeProtocol(asyncio.Protocol):
     def _address_known(self) -> bool:
         """Admit the connection from `client_ip`, then start TLS or wait for the request."""
         books = self.books
-        tls = books.tls.get(self.listener.name)
+        tls = books.tls.get(self.listener.name) if self.starts_tls else None
         if not books.trusted_proxies.includes(self.client_ip):
             refusal = books.admit_address(self.client_ip)
             if refusal is not None:
@@ -241,6 +251,8 @@ class UpgradeProtocol(asyncio.Protocol):
         if early:
             # start_tls installs its protocol before it first waits; this runs after that.
             loop.call_soon(_feed_protocol, self.transport, bytes(early))
+        if self.listener.http2:
+            self.alpn_pending = bytearray()
         try:
             self.transport = await loop.start_tls(
                 self.transport,
@@ -258,7 +270,24 @@ class UpgradeProtocol(asyncio.Protocol):
             self.transport.close()
             self._finish()
             return
+        pending, self.alpn_pending = self.alpn_pending, None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if pending is not None and ssl_object.selected_alpn_protocol() == "h2":
+            self._serve_http2(bytes(pending))
+            return
         self._start_request_timer()
+        if pending:
+            self.data_received(bytes(pending))
+
+    def _serve_http2(self, early: bytes) -> None:
+        """Hand the connection to an HTTP/2 session, which keeps its admission until it ends."""
+        self.books.handshakes.discard(self)
+        self.admitted = False
+        session = Http2Session(
+            self.books, self.listener, self.transport, self.client_ip, self.client_address, self.counted_ip,
+            partial(StreamUpgrade, self.books, self.listener),
+        )
+        session.start(early)
 
     def _refuse_at_accept(self, refusal: Refusal, tls: bool) -> None:
         """Answer a connection the limits turn away, spending nothing more on it."""
@@ -288,6 +317,9 @@ class UpgradeProtocol(asyncio.Protocol):
             # TLS bytes that beat start_tls (uvloop); keep them for the TLS layer.
             self.tls_early += data
             self.transport.pause_reading()
+            return
+        if self.alpn_pending is not None:
+            self.alpn_pending += data
             return
         if self.task is not None:
             # The request is parsed; what follows is the client's first frames.
@@ -399,10 +431,11 @@ class UpgradeProtocol(asyncio.Protocol):
         """Count a handshake that ended without a relay, and log its access line."""
         route = self.route_name
         metrics = self.books.metrics
-        metrics.connections.inc(route, outcome)
+        metrics.connections.inc(route, outcome, self.protocol)
         duration = time.perf_counter() - self.accepted_at
         self.books.log_access(
-            self.client_address, route, backend, self.key, status, duration, reason, self.client_cert
+            self.client_address, route, backend, self.key, status, duration, reason, self.client_cert,
+            protocol=self.protocol,
         )
 
     def _name_client(self, request: RequestHead) -> list[str]:
@@ -551,7 +584,7 @@ class UpgradeProtocol(asyncio.Protocol):
             self.transport.write(render_switching_protocols(negotiated))
             handshake_seconds = time.perf_counter() - request_at
             metrics.handshake_duration.observe(pool.route.name, handshake_seconds)
-            metrics.connections.inc(pool.route.name, "upgraded")
+            metrics.connections.inc(pool.route.name, "upgraded", self.protocol)
             self._hand_off(backend_transport, answer, negotiated.deflate, pool, member, key)
             return
         raise failure or BackendUnavailable(503, "no backend available")
@@ -578,7 +611,10 @@ class UpgradeProtocol(asyncio.Protocol):
         books.handshakes.discard(self)
         # The admission passes to the relay, which gives it back when it ends.
         self.admitted = False
-        on_closed = partial(books.relay_closed, pool, self.client_address, self.client_cert, self.counted_ip)
+        on_closed = partial(
+            books.relay_closed, pool, self.client_address, self.client_cert, self.counted_ip,
+            protocol=self.protocol,
+        )
         relay = Relay(
             self.transport,
             backend_transport,
@@ -598,6 +634,22 @@ class UpgradeProtocol(asyncio.Protocol):
             # connections it had then were handled by the reload, this one is handled here.
             if pool.route.on_backend_removed != "keep":
                 books.spread_closes([relay], *gateway_close(Cause.BACKEND_REMOVED))
+
+
+class StreamUpgrade(UpgradeProtocol):
+    """The upgrade phase of one HTTP/2 stream (http2.py): TLS and any PROXY header were its connection's."""
+
+    __slots__ = ()
+    protocol = HTTP2
+    starts_tls = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.loop = asyncio.get_running_loop()
+        self.accepted_at = time.perf_counter()
+        self.client_ip, self.client_address = transport.get_extra_info("wsgate_client")
+        if self._admit():
+            self._address_known()
 
 
 def _feed_protocol(transport: asyncio.Transport, data: bytes) -> None:

@@ -105,6 +105,16 @@ class Listener(_Bound):
     proxy_protocol: Literal["v1", "v2", "any"] | None = None
     # The peers allowed to send that header (the balancers); None: any peer.
     proxy_protocol_from: list[Network] | None = Field(default=None, min_length=1)
+    # Offer HTTP/2 by ALPN as well as HTTP/1.1, for WebSockets over HTTP/2 (RFC 8441); TLS only.
+    http2: bool = False
+    # SETTINGS_MAX_CONCURRENT_STREAMS: the streams one HTTP/2 connection may have open at once.
+    http2_max_streams: Annotated[WholeNumber, between(1, 10_000)] = 100
+
+    @model_validator(mode="after")
+    def _http2_needs_tls(self) -> Listener:
+        if self.http2 and self.tls is None:
+            raise error_at(("http2",), "HTTP/2 is negotiated by TLS ALPN: this listener needs tls")
+        return self
 
     @model_validator(mode="after")
     def _proxy_protocol_from_needs_proxy_protocol(self) -> Listener:
