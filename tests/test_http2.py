@@ -24,6 +24,7 @@ from conftest import gateway_config
 from h2peer import H2Client
 from peers import STEP_TIMEOUT, until
 
+from wsgate.frames import Opcode
 from wsgate.gateway import Gateway
 
 Start = Callable[..., Awaitable[Gateway]]
@@ -549,3 +550,39 @@ async def test_a_stream_whose_client_reads_nothing_is_held_while_another_flows_w
 def fast_paused(session: Any, stream_id: int) -> bool:
     transport = session.streams[stream_id]
     return transport.writing_paused or not transport.is_reading()
+
+
+# -- routes and heartbeats per stream ---------------------------------------------------------
+
+
+async def test_streams_take_routes_by_their_conditions_with_the_route_s_shaping_and_heartbeat(
+    h2_gateway, client_context, clients, ws_backend
+):
+    gateway = await h2_gateway(
+        route={
+            "name": "chat", "match": {"path_prefix": "/chat", "subprotocol": "chat.v1"},
+            "strip_prefix": "/chat", "request_headers": {"set": {"X-Route": "chat"}},
+            "response_headers": {"set": {"X-Served-By": "chat"}},
+            "heartbeat": {"interval": "100ms", "timeout": "5s"},
+        },
+        extra_routes=[{"name": "plain", "backends": [{"url": ws_backend.url}]}],
+        heartbeat={"interval": "300s"},
+    )
+    client = await connect(gateway, client_context, clients)
+    chat = client.websocket("/chat/room?id=7", extra=[(b"sec-websocket-protocol", b"chat.v1")])
+    plain = client.websocket("/chat/room", extra=[(b"sec-websocket-protocol", b"chat.v2")])
+    chat_head, plain_head = await chat.headers(), await plain.headers()
+    assert (chat.status, plain.status) == (200, 200)
+    assert chat_head[b"x-served-by"] == b"chat" and b"x-served-by" not in plain_head
+    by_path = {request[":path"]: request for request in ws_backend.requests}
+    assert by_path["/room?id=7"]["x-route"] == "chat"
+    assert "x-route" not in by_path["/chat/room"]
+    # Only the chat route's stream is pinged by the gateway, every 100 ms.
+    assert (await chat.frame())[0] == Opcode.PING
+    await plain.send_message("no ping here")
+    assert await plain.message() == "no ping here"
+    await until(lambda: metric(gateway, "wsgate_connections_total", route="chat", outcome="upgraded",
+                               protocol="h2") == 1
+                and metric(gateway, "wsgate_connections_total", route="plain", outcome="upgraded",
+                           protocol="h2") == 1,
+                "one h2 connection counted on each route")
