@@ -118,8 +118,7 @@ def demo() -> Iterator[Demo]:
     started.stop()
 
 
-@pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
+def chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra_flags: str) -> Iterator[WebDriver]:
     """Headless Chromium with a fresh profile, from the system's paths only."""
 
     def no_downloads(*args: object, **kwargs: object) -> None:
@@ -129,7 +128,7 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriv
     monkeypatch.setenv("SE_OFFLINE", "true")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS:
+    for flag in (*CHROMIUM_FLAGS, *extra_flags):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
@@ -137,6 +136,11 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriv
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
+    yield from chromium(tmp_path, monkeypatch)
 
 
 @pytest.fixture
@@ -312,22 +316,7 @@ for (let i = 0; i < count; i++) {
 @pytest.fixture
 def tls_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
     """Headless Chromium that accepts the test certificate (the gateway's, from trustme)."""
-
-    def no_downloads(*args: object, **kwargs: object) -> None:
-        raise AssertionError("Selenium Manager ran: it would look for (and download) a browser")
-
-    monkeypatch.setattr(selenium_manager.SeleniumManager, "binary_paths", no_downloads)
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (*CHROMIUM_FLAGS, "--ignore-certificate-errors"):
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    yield from chromium(tmp_path, monkeypatch, "--ignore-certificate-errors")
 
 
 async def test_chromium_opens_its_websockets_as_streams_of_the_page_s_http2_connection(
